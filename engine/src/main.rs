@@ -1,0 +1,149 @@
+//! The `unlade` command line: a thin layer over the library. Each
+//! subcommand parses its arguments, calls one library function and prints
+//! its result; scripts rely on the last stdout line of each command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
+use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
+
+#[derive(Parser)]
+#[command(name = "unlade", version, about = "Unpack container image layers into overlayfs snapshots")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Decode {
+    /// Whole-buffer libdeflate when the layer fits the memory cap, else streaming.
+    Auto,
+    /// Always stream.
+    Streaming,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply one layer blob (tar, gzip or zstd; `-` for stdin) to DEST as an
+    /// overlay upper directory. The last stdout line is the diff ID.
+    Apply {
+        /// Layer blob, or `-` for standard input.
+        layer: PathBuf,
+        /// Target directory (created if missing).
+        dest: PathBuf,
+        /// Fail unless the uncompressed stream hashes to this.
+        #[arg(long, value_name = "sha256:HEX")]
+        diff_id: Option<String>,
+        /// Largest layer decoded in one buffer (e.g. 512M, 2G); larger
+        /// layers stream. Default 1G, or $UNLADE_MEMORY_CAP.
+        #[arg(long, value_name = "BYTES")]
+        memory_cap: Option<String>,
+        /// Decoding path.
+        #[arg(long, value_enum, default_value = "auto")]
+        decode: Decode,
+        /// Print nothing but the diff ID.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("invalid size {s:?}: unknown suffix")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    n.checked_mul(mult)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// Directory fds are cached while applying; let the process have as many
+/// open files as its hard limit allows.
+fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    raise_nofile();
+    match cli.cmd {
+        Cmd::Apply {
+            layer,
+            dest,
+            diff_id,
+            memory_cap,
+            decode,
+            quiet,
+        } => {
+            let diff_id = diff_id
+                .map(|d| d.parse::<Digest>().map_err(|e| e.to_string()))
+                .transpose()?;
+            let cap = match memory_cap.or_else(|| std::env::var("UNLADE_MEMORY_CAP").ok()) {
+                Some(s) => parse_size(&s)?,
+                None => DEFAULT_MEMORY_CAP,
+            };
+            let opts = ApplyOptions {
+                decode: DecodeOptions {
+                    strategy: match decode {
+                        Decode::Auto => DecodeStrategy::Auto,
+                        Decode::Streaming => DecodeStrategy::Streaming,
+                    },
+                    memory_cap: cap,
+                },
+                same_owner: None,
+                diff_id,
+            };
+            let input = if layer.as_os_str() == "-" {
+                LayerInput::Stdin
+            } else {
+                LayerInput::Path(layer)
+            };
+            let started = std::time::Instant::now();
+            let r = apply_layer(input, &dest, &opts).map_err(|e| e.to_string())?;
+            if !quiet {
+                let secs = started.elapsed().as_secs_f64();
+                println!(
+                    "applied {} entries ({} files, {} dirs, {} whiteouts), {} bytes uncompressed ({:?}, {}) in {:.3}s",
+                    r.counts.entries,
+                    r.counts.files,
+                    r.counts.dirs,
+                    r.counts.whiteouts,
+                    r.uncompressed_bytes,
+                    r.compression,
+                    if r.whole_buffer { "whole-buffer" } else { "streaming" },
+                    secs
+                );
+            }
+            println!("{}", r.diff_id);
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("unlade: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

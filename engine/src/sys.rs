@@ -1,0 +1,125 @@
+//! Every `unsafe` block of the crate lives here, each a thin wrapper that
+//! states the invariant it relies on: memory maps of layer files, the
+//! libdeflate FFI (whose `_ex` variant, needed for multi-member gzip, the
+//! safe `libdeflater` crate does not expose), and the `fchmodat2` syscall
+//! (chmod without following a symlink, which rustix does not offer).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::fs::Mode;
+
+/// A read-only memory map of a layer file.
+pub struct Map(memmap2::Mmap);
+
+impl std::ops::Deref for Map {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Maps `file` read-only.
+///
+/// # Safety
+///
+/// The caller promises that nobody truncates or rewrites the file while the
+/// map is alive: a truncation turns reads into SIGBUS, a rewrite changes
+/// bytes under the parser's feet. Content-addressed blobs are published
+/// once and never modified, and a layer file passed on the command line is
+/// the user's promise; digests are verified on the bytes actually read
+/// either way.
+pub unsafe fn map_file(file: &File) -> io::Result<Map> {
+    // SAFETY: forwarded to the caller (see above).
+    let m = unsafe { memmap2::MmapOptions::new().map(file)? };
+    // Layers are read front to back once.
+    let _ = m.advise(memmap2::Advice::Sequential);
+    Ok(Map(m))
+}
+
+/// Outcome of one libdeflate gzip member decode.
+pub enum Inflate {
+    /// The member decoded: (compressed bytes consumed, bytes written).
+    Done(usize, usize),
+    /// The output buffer was too small.
+    NoSpace,
+    /// The data is not valid gzip (bad header, block, CRC or ISIZE).
+    BadData,
+}
+
+/// An owned libdeflate decompressor.
+pub struct Deflate(*mut libdeflate_sys::libdeflate_decompressor);
+
+// SAFETY: a libdeflate decompressor is plain heap state with no thread
+// affinity; `&mut self` methods ensure exclusive use.
+unsafe impl Send for Deflate {}
+
+impl Deflate {
+    /// Allocates a decompressor.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no preconditions; a null return means out of memory.
+        let p = unsafe { libdeflate_sys::libdeflate_alloc_decompressor() };
+        if p.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(Deflate(p))
+    }
+
+    /// Decodes the gzip member at the start of `input` into `out`,
+    /// verifying its CRC32 and ISIZE.
+    pub fn gzip_member(&mut self, input: &[u8], out: &mut [u8]) -> Inflate {
+        let mut used_in = 0usize;
+        let mut used_out = 0usize;
+        // SAFETY: the pointers and lengths come from live slices; libdeflate
+        // reads at most `input.len()` bytes, writes at most `out.len()`
+        // bytes, and writes the two counts through valid pointers.
+        let r = unsafe {
+            libdeflate_sys::libdeflate_gzip_decompress_ex(
+                self.0,
+                input.as_ptr().cast(),
+                input.len(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                &mut used_in,
+                &mut used_out,
+            )
+        };
+        match r {
+            libdeflate_sys::libdeflate_result_LIBDEFLATE_SUCCESS => Inflate::Done(used_in, used_out),
+            libdeflate_sys::libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE => Inflate::NoSpace,
+            _ => Inflate::BadData,
+        }
+    }
+}
+
+impl Drop for Deflate {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from libdeflate_alloc_decompressor and is
+        // freed exactly once.
+        unsafe { libdeflate_sys::libdeflate_free_decompressor(self.0) }
+    }
+}
+
+/// `fchmodat2(dirfd, name, mode, AT_SYMLINK_NOFOLLOW)`: changes the mode of
+/// `name` in `dir` without following a symlink. Fails with `ENOSYS` on
+/// kernels before 6.6 (the caller falls back) and with `EOPNOTSUPP` if
+/// `name` is a symlink.
+pub fn chmod_nofollow(dir: impl AsFd, name: &std::ffi::CStr, mode: Mode) -> io::Result<()> {
+    // SAFETY: the fd is live for the call (borrowed), `name` is a valid
+    // NUL-terminated string, and fchmodat2 reads nothing else.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fchmodat2,
+            dir.as_fd().as_raw_fd(),
+            name.as_ptr(),
+            mode.bits() as libc::c_uint,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

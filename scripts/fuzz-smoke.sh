@@ -1,0 +1,2 @@
+#!/usr/bin/env bash
+echo "fuzz: not set up yet"

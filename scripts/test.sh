@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with only the Rust
+# toolchain: installs the real tools the tests drive (GNU tar, bsdtar, Go,
+# Python, pigz, zstd; as root), then format, lint, every test, and a short
+# fuzz run. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v tar     >/dev/null || need_pkgs+=(tar)
+command -v bsdtar  >/dev/null || need_pkgs+=(libarchive-tools)
+command -v go      >/dev/null || need_pkgs+=(golang-go)
+command -v python3 >/dev/null || need_pkgs+=(python3)
+command -v pigz    >/dev/null || need_pkgs+=(pigz)
+command -v zstd    >/dev/null || need_pkgs+=(zstd)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+if ((${#need_pkgs[@]})); then
+  if [[ $(id -u) != 0 ]]; then
+    echo "missing ${need_pkgs[*]}: run as root (the tests need root anyway)" >&2
+    exit 1
+  fi
+  echo "== apt-get install ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+if [[ $(id -u) != 0 ]]; then
+  echo "the tests chown, mknod and set trusted.* xattrs: run as root" >&2
+  exit 1
+fi
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== fuzz smoke run"
+scripts/fuzz-smoke.sh
