@@ -195,10 +195,13 @@ pub fn stream(input: impl Read, comp: Compression, tx: &Sender<BlockMsg>) -> Opt
     let result = match comp {
         Compression::Plain => pump(counting, &mut hasher, tx, comp, |c| c),
         Compression::Gzip => {
-            let dec = flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, counting));
+            let dec =
+                flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, counting));
             pump(dec, &mut hasher, tx, comp, |d| d.get_ref().get_ref())
         }
-        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(1 << 17, counting)) {
+        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(
+            BufReader::with_capacity(1 << 17, counting),
+        ) {
             Ok(dec) => pump(dec, &mut hasher, tx, comp, |d| d.get_ref().get_ref()),
             Err(e) => Err(DecodeError::Io(e)),
         },
@@ -264,12 +267,27 @@ mod tests {
 
     #[test]
     fn detects() {
-        assert_eq!(Compression::detect(&[0x1f, 0x8b, 8, 0]).unwrap(), Compression::Gzip);
-        assert_eq!(Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]).unwrap(), Compression::Zstd);
-        assert_eq!(Compression::detect(&[0x5e, 0x2a, 0x4d, 0x18]).unwrap(), Compression::Zstd);
-        assert_eq!(Compression::detect(b"etc/passwd\0").unwrap(), Compression::Plain);
+        assert_eq!(
+            Compression::detect(&[0x1f, 0x8b, 8, 0]).unwrap(),
+            Compression::Gzip
+        );
+        assert_eq!(
+            Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::detect(&[0x5e, 0x2a, 0x4d, 0x18]).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::detect(b"etc/passwd\0").unwrap(),
+            Compression::Plain
+        );
         assert_eq!(Compression::detect(b"").unwrap(), Compression::Plain);
         assert!(Compression::detect(&[0xfd, b'7', b'z', b'X', b'Z', 0]).is_err());
-        assert_eq!(Compression::detect(b"BZh9hello").unwrap(), Compression::Plain);
+        assert_eq!(
+            Compression::detect(b"BZh9hello").unwrap(),
+            Compression::Plain
+        );
     }
 }

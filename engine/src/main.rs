@@ -11,7 +11,11 @@ use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 
 #[derive(Parser)]
-#[command(name = "unlade", version, about = "Unpack container image layers into overlayfs snapshots")]
+#[command(
+    name = "unlade",
+    version,
+    about = "Unpack container image layers into overlayfs snapshots"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

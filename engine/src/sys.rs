@@ -86,7 +86,9 @@ impl Deflate {
             )
         };
         match r {
-            libdeflate_sys::libdeflate_result_LIBDEFLATE_SUCCESS => Inflate::Done(used_in, used_out),
+            libdeflate_sys::libdeflate_result_LIBDEFLATE_SUCCESS => {
+                Inflate::Done(used_in, used_out)
+            }
             libdeflate_sys::libdeflate_result_LIBDEFLATE_INSUFFICIENT_SPACE => Inflate::NoSpace,
             _ => Inflate::BadData,
         }

@@ -22,7 +22,10 @@ pub use tempfile::TempDir;
 
 /// A fresh temporary directory.
 pub fn tmp() -> TempDir {
-    tempfile::Builder::new().prefix("unlade-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("unlade-test-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// Path of the `unlade` binary, built once per test process with the same
@@ -32,12 +35,24 @@ pub fn bin() -> PathBuf {
     BIN.get_or_init(|| {
         // target/<profile>/deps/<test> → target/<profile>
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
         let target_dir = profile_dir.parent().expect("target root").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "unlade", "--bin", "unlade", "--target-dir"])
-            .arg(&target_dir);
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "unlade",
+            "--bin",
+            "unlade",
+            "--target-dir",
+        ])
+        .arg(&target_dir);
         if profile_dir.file_name() == Some(OsStr::new("release")) {
             cmd.arg("--release");
         }
@@ -169,26 +184,58 @@ pub fn snapshot(root: &Path) -> Tree {
     walk(root, root, &mut paths);
     paths.sort();
     for rel in paths {
-        let p = if rel.is_empty() { root.to_path_buf() } else { root.join(&rel) };
+        let p = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
         let md = fs::symlink_metadata(&p).expect("lstat");
         let ft = md.file_type();
         let (kind, content) = if ft.is_dir() {
             ('d', String::new())
         } else if ft.is_symlink() {
-            ('l', fs::read_link(&p).expect("readlink").to_string_lossy().into_owned())
+            (
+                'l',
+                fs::read_link(&p)
+                    .expect("readlink")
+                    .to_string_lossy()
+                    .into_owned(),
+            )
         } else if ft.is_file() {
-            ('f', format!("{} {}", md.len(), sha256(&fs::read(&p).expect("read"))))
+            (
+                'f',
+                format!("{} {}", md.len(), sha256(&fs::read(&p).expect("read"))),
+            )
         } else if ft.is_char_device() {
-            ('c', format!("{}:{}", rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())))
+            (
+                'c',
+                format!(
+                    "{}:{}",
+                    rustix::fs::major(md.rdev()),
+                    rustix::fs::minor(md.rdev())
+                ),
+            )
         } else if ft.is_block_device() {
-            ('b', format!("{}:{}", rustix::fs::major(md.rdev()), rustix::fs::minor(md.rdev())))
+            (
+                'b',
+                format!(
+                    "{}:{}",
+                    rustix::fs::major(md.rdev()),
+                    rustix::fs::minor(md.rdev())
+                ),
+            )
         } else if ft.is_fifo() {
             ('p', String::new())
         } else {
             ('s', String::new())
         };
         let link_group = if kind != 'd' && md.nlink() > 1 {
-            Some(inodes.entry((md.dev(), md.ino())).or_insert_with(|| rel.clone()).clone())
+            Some(
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone(),
+            )
         } else {
             None
         };
@@ -200,7 +247,9 @@ pub fn snapshot(root: &Path) -> Tree {
                 uid: md.uid(),
                 gid: md.gid(),
                 content,
-                mtime_ns: Some(i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec())),
+                mtime_ns: Some(
+                    i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+                ),
                 xattrs: xattrs(&p),
                 link_group,
             },
@@ -210,16 +259,28 @@ pub fn snapshot(root: &Path) -> Tree {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    let rel = dir.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+    let rel = dir
+        .strip_prefix(root)
+        .expect("prefix")
+        .to_string_lossy()
+        .into_owned();
     out.push(rel);
-    let mut ents: Vec<_> = fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry")).collect();
+    let mut ents: Vec<_> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry"))
+        .collect();
     ents.sort_by_key(|e| e.file_name());
     for e in ents {
         let p = e.path();
         if e.file_type().expect("file_type").is_dir() {
             walk(root, &p, out);
         } else {
-            out.push(p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned());
+            out.push(
+                p.strip_prefix(root)
+                    .expect("prefix")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
     }
 }
@@ -332,7 +393,9 @@ pub fn py_tar(src: &Path, out: &Path, format: &str) {
 pub fn gnu_tar(src: &Path, out: &Path, format: &str, extra: &[&str]) {
     let mut cmd = Command::new("tar");
     cmd.arg("-C").arg(src).arg("-cf").arg(out);
-    cmd.arg(format!("--format={format}")).arg("--sort=name").arg("--numeric-owner");
+    cmd.arg(format!("--format={format}"))
+        .arg("--sort=name")
+        .arg("--numeric-owner");
     if format == "posix" {
         cmd.args(["--xattrs", "--xattrs-include=*"]);
     }
@@ -343,7 +406,13 @@ pub fn gnu_tar(src: &Path, out: &Path, format: &str, extra: &[&str]) {
 /// Builds a tar of `src` with bsdtar (format: ustar, pax, gnutar, v7).
 pub fn bsd_tar(src: &Path, out: &Path, format: &str) {
     let mut cmd = Command::new("bsdtar");
-    cmd.arg("-C").arg(src).arg("-cf").arg(out).arg("--format").arg(format).arg("--numeric-owner");
+    cmd.arg("-C")
+        .arg(src)
+        .arg("-cf")
+        .arg(out)
+        .arg("--format")
+        .arg(format)
+        .arg("--numeric-owner");
     if format == "pax" {
         cmd.arg("--xattrs");
     }
@@ -355,7 +424,11 @@ pub fn bsd_tar(src: &Path, out: &Path, format: &str) {
 pub fn gzip_members(data: &[u8], members: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let step = data.len().div_ceil(members.max(1)).max(1);
-    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(step).collect() };
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(step).collect()
+    };
     for c in chunks {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
         enc.write_all(c).expect("gzip");
@@ -368,7 +441,11 @@ pub fn gzip_members(data: &[u8], members: usize) -> Vec<u8> {
 pub fn zstd_frames(data: &[u8], frames: usize) -> Vec<u8> {
     let mut out = Vec::new();
     let step = data.len().div_ceil(frames.max(1)).max(1);
-    let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[][..]] } else { data.chunks(step).collect() };
+    let chunks: Vec<&[u8]> = if data.is_empty() {
+        vec![&[][..]]
+    } else {
+        data.chunks(step).collect()
+    };
     for c in chunks {
         out.extend(zstd::encode_all(c, 3).expect("zstd"));
     }
@@ -490,25 +567,53 @@ impl RawTar {
 
     /// A regular file.
     pub fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
-        self.entry(H { name: name.as_bytes(), ..H::default() }, data)
+        self.entry(
+            H {
+                name: name.as_bytes(),
+                ..H::default()
+            },
+            data,
+        )
     }
 
     /// A directory.
     pub fn dir(&mut self, name: &str) -> &mut Self {
-        self.entry(H { name: name.as_bytes(), typ: b'5', mode: 0o755, ..H::default() }, b"")
+        self.entry(
+            H {
+                name: name.as_bytes(),
+                typ: b'5',
+                mode: 0o755,
+                ..H::default()
+            },
+            b"",
+        )
     }
 
     /// A symlink.
     pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
         self.entry(
-            H { name: name.as_bytes(), typ: b'2', mode: 0o777, link: target.as_bytes(), ..H::default() },
+            H {
+                name: name.as_bytes(),
+                typ: b'2',
+                mode: 0o777,
+                link: target.as_bytes(),
+                ..H::default()
+            },
             b"",
         )
     }
 
     /// A hard link.
     pub fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.entry(H { name: name.as_bytes(), typ: b'1', link: target.as_bytes(), ..H::default() }, b"")
+        self.entry(
+            H {
+                name: name.as_bytes(),
+                typ: b'1',
+                link: target.as_bytes(),
+                ..H::default()
+            },
+            b"",
+        )
     }
 
     /// A PAX extended header ('x', or 'g' for global) with records.
@@ -528,14 +633,29 @@ impl RawTar {
             data.extend_from_slice(v);
             data.push(b'\n');
         }
-        self.entry(H { name: b"PaxHeaders/x", typ, ..H::default() }, &data)
+        self.entry(
+            H {
+                name: b"PaxHeaders/x",
+                typ,
+                ..H::default()
+            },
+            &data,
+        )
     }
 
     /// A GNU long name ('L') or long link ('K') header.
     pub fn gnu_long(&mut self, typ: u8, value: &[u8]) -> &mut Self {
         let mut v = value.to_vec();
         v.push(0);
-        self.entry(H { name: b"././@LongLink", typ, gnu: true, ..H::default() }, &v)
+        self.entry(
+            H {
+                name: b"././@LongLink",
+                typ,
+                gnu: true,
+                ..H::default()
+            },
+            &v,
+        )
     }
 
     /// Two zero blocks.
@@ -559,7 +679,10 @@ pub fn write(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 
 /// Deterministic pseudo-random bytes.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -571,11 +694,17 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn set_mtime(p: &Path, secs: i64, nanos: i64) {
-    let t = rustix::fs::Timespec { tv_sec: secs, tv_nsec: nanos };
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
     rustix::fs::utimensat(
         rustix::fs::CWD,
         p,
-        &rustix::fs::Timestamps { last_access: t, last_modification: t },
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
     .expect("utimensat");
@@ -617,13 +746,19 @@ pub fn build_tree(root: &Path, extended: bool) {
     f("dir0755/setgid", b"#!/bin/sh\n", 0o2711);
     f("dir0755/mode0000", b"secret", 0o000);
     fs::hard_link(root.join("dir0755/setuid"), root.join("dir0755/hl-setuid")).expect("link");
-    fs::hard_link(root.join("dir0755/mode0000"), root.join("dir0755/hl-mode0000")).expect("link");
+    fs::hard_link(
+        root.join("dir0755/mode0000"),
+        root.join("dir0755/hl-mode0000"),
+    )
+    .expect("link");
     d("chain");
     f("chain/a", b"chain data", 0o644);
     fs::hard_link(root.join("chain/a"), root.join("chain/b")).expect("link");
     fs::hard_link(root.join("chain/b"), root.join("chain/c")).expect("link");
     d("links");
-    let sl = |target: &str, name: &str| std::os::unix::fs::symlink(target, root.join(name)).expect("symlink");
+    let sl = |target: &str, name: &str| {
+        std::os::unix::fs::symlink(target, root.join(name)).expect("symlink")
+    };
     sl("../dir0755/small.txt", "links/rel");
     sl("/etc/passwd", "links/abs");
     sl("nowhere/none", "links/dangling");
@@ -631,12 +766,28 @@ pub fn build_tree(root: &Path, extended: bool) {
     sl("../../../../../../etc/shadow", "links/escape");
     d("dev");
     let node = |name: &str, ft: rustix::fs::FileType, mode: u32, dev: u64| {
-        rustix::fs::mknodat(rustix::fs::CWD, &root.join(name), ft, rustix::fs::Mode::from_raw_mode(mode), dev)
-            .expect("mknod");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.join(name),
+            ft,
+            rustix::fs::Mode::from_raw_mode(mode),
+            dev,
+        )
+        .expect("mknod");
         chmod(&root.join(name), mode);
     };
-    node("dev/null", rustix::fs::FileType::CharacterDevice, 0o666, rustix::fs::makedev(1, 3));
-    node("dev/loop0", rustix::fs::FileType::BlockDevice, 0o660, rustix::fs::makedev(7, 0));
+    node(
+        "dev/null",
+        rustix::fs::FileType::CharacterDevice,
+        0o666,
+        rustix::fs::makedev(1, 3),
+    );
+    node(
+        "dev/loop0",
+        rustix::fs::FileType::BlockDevice,
+        0o660,
+        rustix::fs::makedev(7, 0),
+    );
     node("dev/fifo", rustix::fs::FileType::Fifo, 0o600, 0);
     d("ro0500");
     f("ro0500/inner.txt", b"in a read-only dir", 0o644);
@@ -656,19 +807,48 @@ pub fn build_tree(root: &Path, extended: bool) {
     f("utf8/name with spaces", b"spaces", 0o644);
     let long_dir = format!("long/{}", "d".repeat(60));
     d(&long_dir);
-    f(&format!("{long_dir}/{}", "f".repeat(80)), b"prefix split", 0o644);
+    f(
+        &format!("{long_dir}/{}", "f".repeat(80)),
+        b"prefix split",
+        0o644,
+    );
     if extended {
         d("ext");
-        f(&format!("ext/{}", "n".repeat(200)), b"long component", 0o644);
+        f(
+            &format!("ext/{}", "n".repeat(200)),
+            b"long component",
+            0o644,
+        );
         let big = f("ext/biguid", b"big ids", 0o644);
         lchown(&big, 3_000_000, 4_000_000);
         let x = f("ext/xattrs", b"with xattrs", 0o755);
-        rustix::fs::setxattr(&x, "user.test", b"value\0with nul", rustix::fs::XattrFlags::empty()).expect("xattr");
-        rustix::fs::setxattr(&x, "trusted.t", b"tv", rustix::fs::XattrFlags::empty()).expect("xattr");
+        rustix::fs::setxattr(
+            &x,
+            "user.test",
+            b"value\0with nul",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("xattr");
+        rustix::fs::setxattr(&x, "trusted.t", b"tv", rustix::fs::XattrFlags::empty())
+            .expect("xattr");
         // cap_net_raw+p, VFS_CAP_REVISION_2.
-        let cap = [0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        rustix::fs::setxattr(&x, "security.capability", &cap, rustix::fs::XattrFlags::empty()).expect("xattr");
-        rustix::fs::setxattr(&root.join("ext"), "user.dir", b"d", rustix::fs::XattrFlags::empty()).expect("xattr");
+        let cap = [
+            0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        rustix::fs::setxattr(
+            &x,
+            "security.capability",
+            &cap,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("xattr");
+        rustix::fs::setxattr(
+            root.join("ext"),
+            "user.dir",
+            b"d",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("xattr");
     }
     // Times last, deepest first, then modes of directories (a 0000 or 0500
     // directory must still have been writable above).
@@ -680,7 +860,11 @@ pub fn build_tree(root: &Path, extended: bool) {
             continue;
         }
         let p = root.join(rel);
-        set_mtime(&p, 1_500_000_000 + i as i64 * 3600, (i as i64 * 123_456_789) % 1_000_000_000);
+        set_mtime(
+            &p,
+            1_500_000_000 + i as i64 * 3600,
+            (i as i64 * 123_456_789) % 1_000_000_000,
+        );
     }
     for (rel, mode) in [
         ("sticky", 0o1777),

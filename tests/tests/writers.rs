@@ -20,7 +20,9 @@ fn check_archive(archive: &Path, what: &str) {
     // where the archive has one.
     let has_root = expected.get("").is_some_and(|_| {
         let out = sh(std::process::Command::new("tar").arg("-tf").arg(archive));
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "./" || l == ".")
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == "./" || l == ".")
     });
     if !has_root {
         expected.remove("");
@@ -29,12 +31,19 @@ fn check_archive(archive: &Path, what: &str) {
     let want_id = sha256(&tar);
     let gz = write(work.path(), "l.tar.gz", &gzip_members(&tar, 3));
     let zst = write(work.path(), "l.tar.zst", &zstd_frames(&tar, 2));
-    let runs: Vec<(&str, Box<dyn Fn(&Path) -> std::process::Output>)> = vec![
+    type Run<'a> = Box<dyn Fn(&Path) -> std::process::Output + 'a>;
+    let runs: Vec<(&str, Run)> = vec![
         ("plain file", Box::new(|d: &Path| apply(archive, d, &[]))),
         ("gzip whole-buffer", Box::new(|d: &Path| apply(&gz, d, &[]))),
-        ("gzip streaming", Box::new(|d: &Path| apply(&gz, d, &["--decode", "streaming"]))),
+        (
+            "gzip streaming",
+            Box::new(|d: &Path| apply(&gz, d, &["--decode", "streaming"])),
+        ),
         ("zstd", Box::new(|d: &Path| apply(&zst, d, &[]))),
-        ("plain stdin pipe", Box::new(|d: &Path| apply_stdin(&tar, d, &[]))),
+        (
+            "plain stdin pipe",
+            Box::new(|d: &Path| apply_stdin(&tar, d, &[])),
+        ),
     ];
     for (i, (how, run)) in runs.iter().enumerate() {
         let dest = work.path().join(format!("out{i}"));
@@ -91,7 +100,11 @@ fn bsdtar_formats() {
     let basic = tree(false);
     let ext = tree(true);
     let work = tmp();
-    for (fmt, src) in [("ustar", basic.path()), ("pax", ext.path()), ("gnutar", basic.path())] {
+    for (fmt, src) in [
+        ("ustar", basic.path()),
+        ("pax", ext.path()),
+        ("gnutar", basic.path()),
+    ] {
         let out = work.path().join(format!("{fmt}.tar"));
         bsd_tar(src, &out, fmt);
         check_archive(&out, &format!("bsdtar {fmt}"));
@@ -103,7 +116,11 @@ fn python_tarfile_formats() {
     let basic = tree(false);
     let ext = tree(true);
     let work = tmp();
-    for (fmt, src) in [("ustar", basic.path()), ("gnu", ext.path()), ("pax", ext.path())] {
+    for (fmt, src) in [
+        ("ustar", basic.path()),
+        ("gnu", ext.path()),
+        ("pax", ext.path()),
+    ] {
         let out = work.path().join(format!("{fmt}.tar"));
         py_tar(src, &out, fmt);
         check_archive(&out, &format!("Python tarfile {fmt}"));
@@ -117,7 +134,11 @@ fn go_archive_tar_formats() {
     let work = tmp();
     // Go's ustar writer refuses non-ASCII names (as the format says).
     fs::remove_dir_all(basic.path().join("utf8")).expect("rm utf8");
-    for (fmt, src) in [("ustar", basic.path()), ("gnu", ext.path()), ("pax", ext.path())] {
+    for (fmt, src) in [
+        ("ustar", basic.path()),
+        ("gnu", ext.path()),
+        ("pax", ext.path()),
+    ] {
         let out = work.path().join(format!("{fmt}.tar"));
         go_tar(src, &out, fmt);
         check_archive(&out, &format!("Go archive/tar {fmt}"));
@@ -154,6 +175,10 @@ fn gnu_sparse_every_version() {
         let md = fs::metadata(dest.join("sparse.img")).expect("stat");
         use std::os::unix::fs::MetadataExt;
         assert_eq!(md.len(), 8 << 20);
-        assert!(md.blocks() * 512 < 1 << 20, "{fmt} {extra:?}: sparse file not sparse ({} blocks)", md.blocks());
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "{fmt} {extra:?}: sparse file not sparse ({} blocks)",
+            md.blocks()
+        );
     }
 }

@@ -146,7 +146,15 @@ impl<'a, B: Backend> Applier<'a, B> {
         }
     }
 
-    fn push(&mut self, e: &Entry, path: Vec<u8>, dir: Arc<OwnedFd>, name: CString, op: Op<'a>, bytes: usize) {
+    fn push(
+        &mut self,
+        e: &Entry,
+        path: Vec<u8>,
+        dir: Arc<OwnedFd>,
+        name: CString,
+        op: Op<'a>,
+        bytes: usize,
+    ) {
         let id = self.ctx.len();
         self.ctx.push((e.path.clone(), e.offset));
         self.pending_paths.insert(path);
@@ -155,13 +163,28 @@ impl<'a, B: Backend> Applier<'a, B> {
     }
 
     /// Runs one job now (the batch must be empty); returns an opened fd.
-    fn run_now(&mut self, who: Who<'_>, dir: Arc<OwnedFd>, name: CString, op: Op<'a>) -> Result<Option<OwnedFd>, Error> {
+    fn run_now(
+        &mut self,
+        who: Who<'_>,
+        dir: Arc<OwnedFd>,
+        name: CString,
+        op: Op<'a>,
+    ) -> Result<Option<OwnedFd>, Error> {
         debug_assert!(self.pending.is_empty());
-        let mut jobs = vec![Job { id: 0, dir, name, op }];
+        let mut jobs = vec![Job {
+            id: 0,
+            dir,
+            name,
+            op,
+        }];
         self.backend.run(&mut jobs, &mut self.done);
-        let d = self.done.pop().ok_or_else(|| Error::fs("backend", Errno::IO.into()))?;
+        let d = self
+            .done
+            .pop()
+            .ok_or_else(|| Error::fs("backend", Errno::IO.into()))?;
         self.done.clear();
-        d.result.map_err(|oe| Error::fs(oe.op, oe.err).at(Some(who.0), who.1))
+        d.result
+            .map_err(|oe| Error::fs(oe.op, oe.err).at(Some(who.0), who.1))
     }
 
     /// The parent directory of `parent`, creating missing ones (0755,
@@ -231,7 +254,8 @@ impl<'a, B: Backend> Applier<'a, B> {
         }
         let (parent, base) = split(&path);
         let (parent, base) = (parent.to_vec(), base.to_vec());
-        let name = CString::new(base.clone()).map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in name".into()))))?;
+        let name = CString::new(base.clone())
+            .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in name".into()))))?;
 
         if let Some(wh) = base.strip_prefix(WH) {
             return self.whiteout(&e, &parent, &base, wh);
@@ -255,8 +279,11 @@ impl<'a, B: Backend> Applier<'a, B> {
             }
             Kind::File => self.sparse_file(r, &e, dir, name)?,
             Kind::Symlink => {
-                let target = CString::new(e.link.clone())
-                    .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in symlink target".into()))))?;
+                let target = CString::new(e.link.clone()).map_err(|_| {
+                    at(Error::new(ErrorKind::UnsafePath(
+                        "NUL in symlink target".into(),
+                    )))
+                })?;
                 let meta = self.meta(&e).map_err(at)?;
                 self.run_now(who(&e), dir, name, Op::Symlink { target, meta })?;
             }
@@ -274,7 +301,13 @@ impl<'a, B: Backend> Applier<'a, B> {
         Ok(())
     }
 
-    fn delay(&mut self, e: &Entry, path: Vec<u8>, meta: Option<Meta>, opaque: bool) -> Result<(), Error> {
+    fn delay(
+        &mut self,
+        e: &Entry,
+        path: Vec<u8>,
+        meta: Option<Meta>,
+        opaque: bool,
+    ) -> Result<(), Error> {
         if self.delayed.len() >= MAX_DELAYED_DIRS && !self.delayed.contains_key(&path) {
             return Err(Error::new(ErrorKind::Limit(format!(
                 "more than {MAX_DELAYED_DIRS} directories in one layer"
@@ -323,7 +356,8 @@ impl<'a, B: Backend> Applier<'a, B> {
         self.flush()?;
         self.replacing(&target)?;
         let dir = self.parent(e, parent)?;
-        let name = CString::new(wh).map_err(|_| at(Error::new(ErrorKind::Whiteout("NUL in name".into()))))?;
+        let name = CString::new(wh)
+            .map_err(|_| at(Error::new(ErrorKind::Whiteout("NUL in name".into()))))?;
         let meta = Meta {
             owner: self.same_owner.then_some((e.uid, e.gid)),
             ..Meta::default()
@@ -436,7 +470,9 @@ impl<'a, B: Backend> Applier<'a, B> {
         let Some(sp) = e.sparse.clone() else {
             return Ok(());
         };
-        let meta = self.meta(e).map_err(|err| err.at(Some(&e.path), e.offset))?;
+        let meta = self
+            .meta(e)
+            .map_err(|err| err.at(Some(&e.path), e.offset))?;
         let fd = self.open(e, dir, name)?;
         let max = r.max_chunk() as u64;
         for (off, len) in sp.extents {
@@ -474,11 +510,19 @@ impl<'a, B: Backend> Applier<'a, B> {
         Ok(())
     }
 
-    fn hardlink(&mut self, e: &Entry, path: &[u8], dir: Arc<OwnedFd>, name: CString) -> Result<(), Error> {
+    fn hardlink(
+        &mut self,
+        e: &Entry,
+        path: &[u8],
+        dir: Arc<OwnedFd>,
+        name: CString,
+    ) -> Result<(), Error> {
         let at = |err: Error| err.at(Some(&e.path), e.offset);
         let target = normalize(&e.link).map_err(at)?;
         if target.is_empty() {
-            return Err(at(Error::new(ErrorKind::UnsafePath("hard link to the layer root".into()))));
+            return Err(at(Error::new(ErrorKind::UnsafePath(
+                "hard link to the layer root".into(),
+            ))));
         }
         if target == path {
             // A link to itself: already there.
@@ -488,11 +532,14 @@ impl<'a, B: Backend> Applier<'a, B> {
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
             at(match err.kind {
-                ErrorKind::Fs { op, source } => Error::fs(format!("hard link target {link:?}: {op}"), source),
+                ErrorKind::Fs { op, source } => {
+                    Error::fs(format!("hard link target {link:?}: {op}"), source)
+                }
                 other => Error::new(other),
             })
         })?;
-        let tname = CString::new(tbase).map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in link".into()))))?;
+        let tname = CString::new(tbase)
+            .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in link".into()))))?;
         self.run_now(
             who(e),
             dir,
@@ -509,10 +556,13 @@ impl<'a, B: Backend> Applier<'a, B> {
     /// directories first, after everything else of the layer is written.
     pub fn finish(mut self) -> Result<Counts, Error> {
         self.flush()?;
-        let mut all: Vec<(Vec<u8>, Delayed)> = std::mem::take(&mut self.delayed).into_iter().collect();
+        let mut all: Vec<(Vec<u8>, Delayed)> =
+            std::mem::take(&mut self.delayed).into_iter().collect();
         // Deepest first, so a parent's mtime is set after its children's
         // last change.
-        all.sort_by_key(|(p, _)| std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + !p.is_empty() as usize));
+        all.sort_by_key(|(p, _)| {
+            std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + !p.is_empty() as usize)
+        });
         for (path, d) in all {
             let fd = if path.is_empty() {
                 self.dirs.root().clone()
@@ -522,7 +572,9 @@ impl<'a, B: Backend> Applier<'a, B> {
                     // Replaced by a non-directory later in the layer.
                     Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
                     Err(err) => {
-                        return Err(Error::fs("open directory", err.into()).at(Some(&d.name), d.offset));
+                        return Err(
+                            Error::fs("open directory", err.into()).at(Some(&d.name), d.offset)
+                        );
                     }
                 }
             };

@@ -52,7 +52,8 @@ fn lossy(p: &[u8]) -> String {
 }
 
 fn cstr(comp: &[u8]) -> Result<CString, Error> {
-    CString::new(comp).map_err(|_| Error::new(ErrorKind::UnsafePath("name contains a NUL byte".into())))
+    CString::new(comp)
+        .map_err(|_| Error::new(ErrorKind::UnsafePath("name contains a NUL byte".into())))
 }
 
 fn walk_err(op: &str, path: &[u8], e: Errno) -> Error {
@@ -113,7 +114,10 @@ impl Dirs {
         }
         let mut pos = start;
         while pos <= path.len() {
-            let comp_end = path[pos..].iter().position(|&b| b == b'/').map_or(path.len(), |i| pos + i);
+            let comp_end = path[pos..]
+                .iter()
+                .position(|&b| b == b'/')
+                .map_or(path.len(), |i| pos + i);
             let prefix = &path[..comp_end];
             let name = cstr(&path[pos..comp_end])?;
             let fd = match open_dir(cur.as_fd(), &name) {
@@ -121,7 +125,8 @@ impl Dirs {
                 Err(Errno::NOENT) => match missing {
                     Missing::Create(f) => {
                         f(&cur, &name)?;
-                        open_dir(cur.as_fd(), &name).map_err(|e| walk_err("open directory", prefix, e))?
+                        open_dir(cur.as_fd(), &name)
+                            .map_err(|e| walk_err("open directory", prefix, e))?
                     }
                     Missing::Fail => return Err(walk_err("open directory", prefix, Errno::NOENT)),
                 },
@@ -145,7 +150,12 @@ impl Dirs {
     /// Resolves `path`, whose prefix ending at `link_end` is a symlink, from
     /// the root with the kernel confining the walk; creates what is missing
     /// below the deepest existing prefix past the link. Not cached.
-    fn through_symlink(&mut self, path: &[u8], link_end: usize, missing: &mut Missing<'_>) -> Result<Arc<OwnedFd>, Error> {
+    fn through_symlink(
+        &mut self,
+        path: &[u8],
+        link_end: usize,
+        missing: &mut Missing<'_>,
+    ) -> Result<Arc<OwnedFd>, Error> {
         let mut ends: Vec<usize> = path[link_end..]
             .iter()
             .enumerate()
@@ -165,10 +175,17 @@ impl Dirs {
                         let name = cstr(&path[pos..next_end])?;
                         match missing {
                             Missing::Create(f) => f(&cur, &name)?,
-                            Missing::Fail => return Err(walk_err("open directory", &path[..next_end], Errno::NOENT)),
+                            Missing::Fail => {
+                                return Err(walk_err(
+                                    "open directory",
+                                    &path[..next_end],
+                                    Errno::NOENT,
+                                ))
+                            }
                         }
                         cur = Arc::new(
-                            open_dir(cur.as_fd(), &name).map_err(|e| walk_err("open directory", &path[..next_end], e))?,
+                            open_dir(cur.as_fd(), &name)
+                                .map_err(|e| walk_err("open directory", &path[..next_end], e))?,
                         );
                         pos = next_end + 1;
                     }

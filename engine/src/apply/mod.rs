@@ -70,7 +70,11 @@ pub struct ApplyReport {
 
 /// Applies one layer blob to `dest` (created if missing) as an overlay
 /// upper directory. `name` labels errors (a file name or a digest).
-pub fn apply_layer(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<ApplyReport, Error> {
+pub fn apply_layer(
+    input: LayerInput,
+    dest: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
     let name = match &input {
         LayerInput::Path(p) => p.display().to_string(),
         LayerInput::Stdin => "-".to_string(),
@@ -80,7 +84,8 @@ pub fn apply_layer(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Resul
 }
 
 fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<ApplyReport, Error> {
-    std::fs::create_dir_all(dest).map_err(|e| Error::fs(format!("create {}", dest.display()), e))?;
+    std::fs::create_dir_all(dest)
+        .map_err(|e| Error::fs(format!("create {}", dest.display()), e))?;
     let root = rfs::open(
         dest,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -96,7 +101,8 @@ fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<Ap
             from_file(f, root, same_owner, opts)?
         }
         LayerInput::Stdin => {
-            let fd = rustix::io::dup(std::io::stdin().as_fd()).map_err(|e| Error::fs("read stdin", e.into()))?;
+            let fd = rustix::io::dup(std::io::stdin().as_fd())
+                .map_err(|e| Error::fs("read stdin", e.into()))?;
             from_file(File::from(fd), root, same_owner, opts)?
         }
         LayerInput::Reader(r) => from_reader(r, root, same_owner, opts)?,
@@ -112,7 +118,12 @@ fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<Ap
     Ok(report)
 }
 
-fn from_file(f: File, root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Result<ApplyReport, Error> {
+fn from_file(
+    f: File,
+    root: OwnedFd,
+    same_owner: bool,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
     let st = rfs::fstat(&f).map_err(|e| Error::fs("stat layer", e.into()))?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return from_reader(Box::new(f), root, same_owner, opts);
@@ -127,15 +138,22 @@ fn from_file(f: File, root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> R
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     match (comp, opts.decode.strategy) {
         (Compression::Plain, DecodeStrategy::Auto) => whole(&map, comp, root, same_owner),
-        (Compression::Gzip, DecodeStrategy::Auto) => match decode::gunzip_whole(&map, opts.decode.memory_cap) {
-            Some(buf) => whole(&buf, comp, root, same_owner),
-            None => streaming(&map[..], comp, root, same_owner),
-        },
+        (Compression::Gzip, DecodeStrategy::Auto) => {
+            match decode::gunzip_whole(&map, opts.decode.memory_cap) {
+                Some(buf) => whole(&buf, comp, root, same_owner),
+                None => streaming(&map[..], comp, root, same_owner),
+            }
+        }
         _ => streaming(&map[..], comp, root, same_owner),
     }
 }
 
-fn from_reader(mut r: Box<dyn Read + Send>, root: OwnedFd, same_owner: bool, _opts: &ApplyOptions) -> Result<ApplyReport, Error> {
+fn from_reader(
+    mut r: Box<dyn Read + Send>,
+    root: OwnedFd,
+    same_owner: bool,
+    _opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
     // Peek the magic without losing it.
     let mut head = [0u8; 16];
     let mut n = 0;
@@ -153,11 +171,18 @@ fn from_reader(mut r: Box<dyn Read + Send>, root: OwnedFd, same_owner: bool, _op
 }
 
 /// Applies a fully decoded layer, hashing it on a second thread.
-fn whole(buf: &[u8], comp: Compression, root: OwnedFd, same_owner: bool) -> Result<ApplyReport, Error> {
+fn whole(
+    buf: &[u8],
+    comp: Compression,
+    root: OwnedFd,
+    same_owner: bool,
+) -> Result<ApplyReport, Error> {
     std::thread::scope(|s| {
         let hasher = s.spawn(|| decode::hash_whole(buf));
         let counts = drive(SliceSource::new(buf), root, same_owner);
-        let diff_id = hasher.join().map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
+        let diff_id = hasher
+            .join()
+            .map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
         Ok(ApplyReport {
             diff_id,
             compression: comp,
@@ -169,7 +194,12 @@ fn whole(buf: &[u8], comp: Compression, root: OwnedFd, same_owner: bool) -> Resu
 }
 
 /// Decodes on a second thread into a bounded channel while applying.
-fn streaming(input: impl Read + Send, comp: Compression, root: OwnedFd, same_owner: bool) -> Result<ApplyReport, Error> {
+fn streaming(
+    input: impl Read + Send,
+    comp: Compression,
+    root: OwnedFd,
+    same_owner: bool,
+) -> Result<ApplyReport, Error> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     std::thread::scope(|s| {
         let decoder = s.spawn(move || decode::stream(input, comp, &tx));
@@ -179,7 +209,8 @@ fn streaming(input: impl Read + Send, comp: Compression, root: OwnedFd, same_own
             .join()
             .map_err(|_| Error::fs("decode layer", io::Error::other("decoder panicked")))?;
         let counts = counts?;
-        let diff_id = digest.ok_or_else(|| Error::fs("decode layer", io::Error::other("decoder stopped early")))?;
+        let diff_id = digest
+            .ok_or_else(|| Error::fs("decode layer", io::Error::other("decoder stopped early")))?;
         Ok(ApplyReport {
             diff_id,
             compression: comp,
@@ -190,7 +221,12 @@ fn streaming(input: impl Read + Send, comp: Compression, root: OwnedFd, same_own
     })
 }
 
-fn drive_stream(src: StreamSource, root: OwnedFd, same_owner: bool, len: &mut u64) -> Result<Counts, Error> {
+fn drive_stream(
+    src: StreamSource,
+    root: OwnedFd,
+    same_owner: bool,
+    len: &mut u64,
+) -> Result<Counts, Error> {
     let mut r = Reader::new(src);
     let mut ap = Applier::new(root, Syscalls, same_owner);
     while let Some(e) = r.next_entry()? {

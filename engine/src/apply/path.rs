@@ -27,7 +27,9 @@ pub fn normalize(name: &[u8]) -> Result<Vec<u8>, Error> {
             }
             c => {
                 if c.contains(&0) {
-                    return Err(Error::new(ErrorKind::UnsafePath("name contains a NUL byte".into())));
+                    return Err(Error::new(ErrorKind::UnsafePath(
+                        "name contains a NUL byte".into(),
+                    )));
                 }
                 if !out.is_empty() {
                     out.push(b'/');

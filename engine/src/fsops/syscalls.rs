@@ -5,9 +5,9 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use rustix::fs::Timespec;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timestamps, XattrFlags};
 use rustix::io::Errno;
-use rustix::fs::Timespec;
 
 use super::{Backend, Done, Job, Meta, NodeKind, Op, OpError};
 use crate::tar::Time;
@@ -71,11 +71,14 @@ pub(crate) fn exec(job: Job<'_>) -> Result<Option<OwnedFd>, OpError> {
                 rfs::fchown(&fd, Some(rfs::Uid::ROOT), Some(rfs::Gid::ROOT))
                     .map_err(|e| OpError::new("chown directory", e))?;
             }
-            rfs::fchmod(&fd, Mode::from_raw_mode(0o755)).map_err(|e| OpError::new("chmod directory", e))?;
+            rfs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                .map_err(|e| OpError::new("chmod directory", e))?;
             Ok(None)
         }
         Op::Symlink { target, meta } => {
-            replacing(dir, name, "create symlink", || rfs::symlinkat(target.as_c_str(), dir, name))?;
+            replacing(dir, name, "create symlink", || {
+                rfs::symlinkat(target.as_c_str(), dir, name)
+            })?;
             set_meta_at(dir, name, &meta, false)?;
             Ok(None)
         }
@@ -84,14 +87,22 @@ pub(crate) fn exec(job: Job<'_>) -> Result<Option<OwnedFd>, OpError> {
             target_name,
         } => {
             replacing(dir, name, "create hard link", || {
-                rfs::linkat(&*target_dir, target_name.as_c_str(), dir, name, AtFlags::empty())
+                rfs::linkat(
+                    &*target_dir,
+                    target_name.as_c_str(),
+                    dir,
+                    name,
+                    AtFlags::empty(),
+                )
             })?;
             Ok(None)
         }
         Op::Node { kind, meta } => {
             let (ft, dev, mode) = match kind {
                 NodeKind::Fifo => (FileType::Fifo, 0, meta.mode),
-                NodeKind::Char(ma, mi) => (FileType::CharacterDevice, rfs::makedev(ma, mi), meta.mode),
+                NodeKind::Char(ma, mi) => {
+                    (FileType::CharacterDevice, rfs::makedev(ma, mi), meta.mode)
+                }
                 NodeKind::Block(ma, mi) => (FileType::BlockDevice, rfs::makedev(ma, mi), meta.mode),
                 NodeKind::Whiteout => (FileType::CharacterDevice, 0, 0),
             };
@@ -200,7 +211,8 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, depth: usize) -> Result<(), OpE
     };
     let mut names: Vec<CString> = Vec::new();
     {
-        let iter = rfs::Dir::read_from(&fd).map_err(|e| OpError::new("read existing directory", e))?;
+        let iter =
+            rfs::Dir::read_from(&fd).map_err(|e| OpError::new("read existing directory", e))?;
         for ent in iter {
             let ent = ent.map_err(|e| OpError::new("read existing directory", e))?;
             let n = ent.file_name();
@@ -216,7 +228,8 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, depth: usize) -> Result<(), OpE
             Err(e) => return Err(OpError::new("remove existing", e)),
         }
     }
-    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR).map_err(|e| OpError::new("remove existing directory", e))
+    rfs::unlinkat(dir, name, AtFlags::REMOVEDIR)
+        .map_err(|e| OpError::new("remove existing directory", e))
 }
 
 fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut off: u64) -> Result<(), OpError> {
@@ -253,7 +266,8 @@ fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, chmod: bool) -> Result<(), OpErr
         rfs::fchown(fd, Some(uid(u)), Some(gid(g))).map_err(|e| OpError::new("chown", e))?;
     }
     if chmod {
-        rfs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777)).map_err(|e| OpError::new("chmod", e))?;
+        rfs::fchmod(fd, Mode::from_raw_mode(meta.mode & 0o7777))
+            .map_err(|e| OpError::new("chmod", e))?;
     }
     for (k, v) in &meta.xattrs {
         rfs::fsetxattr(fd, k.as_c_str(), v, XattrFlags::empty())
@@ -271,8 +285,14 @@ fn gid(g: u32) -> rfs::Gid {
 }
 
 fn chown_at(dir: BorrowedFd<'_>, name: &CStr, u: u32, g: u32) -> Result<(), OpError> {
-    rfs::chownat(dir, name, Some(uid(u)), Some(gid(g)), AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(|e| OpError::new("chown", e))
+    rfs::chownat(
+        dir,
+        name,
+        Some(uid(u)),
+        Some(gid(g)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| OpError::new("chown", e))
 }
 
 /// Sets metadata of a non-openable object (symlink, FIFO, device) by name
@@ -289,9 +309,11 @@ fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, chmod: bool) -> Re
                 // Kernels before 6.6: plain fchmodat, after making sure the
                 // name is not a symlink (nothing else writes in the target
                 // while we do, so it cannot become one in between).
-                let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| OpError::new("stat", e))?;
+                let st = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| OpError::new("stat", e))?;
                 if FileType::from_raw_mode(st.st_mode) != FileType::Symlink {
-                    rfs::chmodat(dir, name, mode, AtFlags::empty()).map_err(|e| OpError::new("chmod", e))?;
+                    rfs::chmodat(dir, name, mode, AtFlags::empty())
+                        .map_err(|e| OpError::new("chmod", e))?;
                 }
             }
             Err(e) => return Err(OpError::new("chmod", e)),
@@ -310,5 +332,6 @@ fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, chmod: bool) -> Re
                 .map_err(|e| OpError::new(format!("set xattr {}", k.to_string_lossy()), e))?;
         }
     }
-    rfs::utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW).map_err(|e| OpError::new("set times", e))
+    rfs::utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| OpError::new("set times", e))
 }

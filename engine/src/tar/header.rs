@@ -45,17 +45,29 @@ pub fn parse_number(field: &[u8]) -> Result<i64, String> {
     }
     // Octal: optional leading spaces/NULs, digits, then spaces/NULs only.
     let s = field;
-    let start = s.iter().position(|&b| b != b' ' && b != 0).unwrap_or(s.len());
+    let start = s
+        .iter()
+        .position(|&b| b != b' ' && b != 0)
+        .unwrap_or(s.len());
     let s = &s[start..];
-    let end = s.iter().position(|&b| b == b' ' || b == 0).unwrap_or(s.len());
+    let end = s
+        .iter()
+        .position(|&b| b == b' ' || b == 0)
+        .unwrap_or(s.len());
     let (digits, rest) = s.split_at(end);
     if rest.iter().any(|&b| b != b' ' && b != 0) {
-        return Err(format!("invalid octal field {:?}", String::from_utf8_lossy(field)));
+        return Err(format!(
+            "invalid octal field {:?}",
+            String::from_utf8_lossy(field)
+        ));
     }
     let mut v: u64 = 0;
     for &d in digits {
         if !(b'0'..=b'7').contains(&d) {
-            return Err(format!("invalid octal field {:?}", String::from_utf8_lossy(field)));
+            return Err(format!(
+                "invalid octal field {:?}",
+                String::from_utf8_lossy(field)
+            ));
         }
         v = v
             .checked_mul(8)
@@ -115,7 +127,9 @@ impl<'b> Header<'b> {
         if stored == unsigned || stored == signed {
             Ok(())
         } else {
-            Err(format!("checksum mismatch: stored {stored}, computed {unsigned}"))
+            Err(format!(
+                "checksum mismatch: stored {stored}, computed {unsigned}"
+            ))
         }
     }
 
@@ -185,7 +199,10 @@ impl<'b> Header<'b> {
         if self.format() == Format::V7 {
             return Ok((0, 0));
         }
-        Ok((self.num(329..337, "devmajor")?, self.num(337..345, "devminor")?))
+        Ok((
+            self.num(329..337, "devmajor")?,
+            self.num(337..345, "devminor")?,
+        ))
     }
 
     /// GNU layout: access time (0 if absent).

@@ -169,7 +169,10 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             .data(want)
             .map_err(|e| Error::from(e).at(Some(&self.current), at))?;
         if c.is_empty() {
-            return Err(self.truncated(format!("{} more bytes of file data expected", self.remaining)));
+            return Err(self.truncated(format!(
+                "{} more bytes of file data expected",
+                self.remaining
+            )));
         }
         self.remaining -= c.len() as u64;
         Ok(c)
@@ -213,7 +216,9 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                 .data((size - out.len() as u64) as usize)
                 .map_err(|e| Error::from(e).at(None, pos))?;
             if c.is_empty() {
-                return Err(Error::new(ErrorKind::Truncated(format!("inside {what}"))).at(None, pos));
+                return Err(
+                    Error::new(ErrorKind::Truncated(format!("inside {what}"))).at(None, pos)
+                );
             }
             out.extend_from_slice(&c);
         }
@@ -254,7 +259,9 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             let got = self.skip_exact(want, &cur)?;
             self.current = cur;
             if got < want {
-                return Err(self.truncated(format!("{} more bytes of file data expected", want - got)));
+                return Err(
+                    self.truncated(format!("{} more bytes of file data expected", want - got))
+                );
             }
             self.remaining = 0;
         }
@@ -294,7 +301,8 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             match flag {
                 b'x' | b'g' | b'L' | b'K' | b'V' | b'N' => {
                     let size = h.size().map_err(herr)?;
-                    let size = u64::try_from(size).map_err(|_| herr(format!("negative size {size}")))?;
+                    let size =
+                        u64::try_from(size).map_err(|_| herr(format!("negative size {size}")))?;
                     let what = match flag {
                         b'x' => "PAX header",
                         b'g' => "PAX global header",
@@ -335,22 +343,31 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     }
                 }
                 b'M' => {
-                    return Err(herr("multi-volume continuation entries are not supported".into()));
+                    return Err(herr(
+                        "multi-volume continuation entries are not supported".into(),
+                    ));
                 }
                 _ => {
                     let e = self
                         .build(&h, flag, &locals, long_name, long_link, start)
-                        .map_err(|e| e.at(Some(&name_for_err), hdr_at))?;
+                        .map_err(|e| e.at(Some(&name_for_err), start))?;
                     return Ok(Some(e));
                 }
             }
         }
     }
 
-    fn merge_globals(&mut self, recs: Vec<(Vec<u8>, Vec<u8>)>, size: u64, at: u64) -> Result<(), Error> {
+    fn merge_globals(
+        &mut self,
+        recs: Vec<(Vec<u8>, Vec<u8>)>,
+        size: u64,
+        at: u64,
+    ) -> Result<(), Error> {
         self.globals_bytes += size;
         if self.globals_bytes > MAX_EXTENSION {
-            return Err(Error::new(ErrorKind::Limit("PAX global headers exceed 1 MiB".into())).at(None, at));
+            return Err(
+                Error::new(ErrorKind::Limit("PAX global headers exceed 1 MiB".into())).at(None, at),
+            );
         }
         for (k, v) in recs {
             if v.is_empty() {
@@ -413,7 +430,8 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             .globals
             .iter()
             .filter(|(k, _)| {
-                !matches!(k.as_slice(), b"path" | b"linkpath" | b"size") && !k.starts_with(b"GNU.sparse.")
+                !matches!(k.as_slice(), b"path" | b"linkpath" | b"size")
+                    && !k.starts_with(b"GNU.sparse.")
             })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
@@ -444,8 +462,12 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     let s = pax::parse_decimal(k, v).map_err(perr)?;
                     size = u64::try_from(s).map_err(|_| perr(format!("negative size {s}")))?;
                 }
-                b"uid" => e.uid = id(pax::parse_decimal(k, v).map_err(perr)?, "uid").map_err(perr)?,
-                b"gid" => e.gid = id(pax::parse_decimal(k, v).map_err(perr)?, "gid").map_err(perr)?,
+                b"uid" => {
+                    e.uid = id(pax::parse_decimal(k, v).map_err(perr)?, "uid").map_err(perr)?
+                }
+                b"gid" => {
+                    e.gid = id(pax::parse_decimal(k, v).map_err(perr)?, "gid").map_err(perr)?
+                }
                 b"mtime" => {
                     let (secs, nanos) = pax::parse_time(k, v).map_err(perr)?;
                     e.mtime = Time { secs, nanos };
@@ -454,8 +476,12 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     let (secs, nanos) = pax::parse_time(k, v).map_err(perr)?;
                     e.atime = Some(Time { secs, nanos });
                 }
-                b"SCHILY.devmajor" => e.dev.0 = dev(pax::parse_decimal(k, v).map_err(perr)?).map_err(perr)?,
-                b"SCHILY.devminor" => e.dev.1 = dev(pax::parse_decimal(k, v).map_err(perr)?).map_err(perr)?,
+                b"SCHILY.devmajor" => {
+                    e.dev.0 = dev(pax::parse_decimal(k, v).map_err(perr)?).map_err(perr)?
+                }
+                b"SCHILY.devminor" => {
+                    e.dev.1 = dev(pax::parse_decimal(k, v).map_err(perr)?).map_err(perr)?
+                }
                 b"GNU.sparse.major" => {
                     sp_seen = true;
                     sp_major = Some(pax::parse_decimal(k, v).map_err(perr)?);
@@ -467,7 +493,8 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                 b"GNU.sparse.size" | b"GNU.sparse.realsize" => {
                     sp_seen = true;
                     let s = pax::parse_decimal(k, v).map_err(perr)?;
-                    sp_realsize = Some(u64::try_from(s).map_err(|_| perr(format!("negative {s}")))?);
+                    sp_realsize =
+                        Some(u64::try_from(s).map_err(|_| perr(format!("negative {s}")))?);
                 }
                 b"GNU.sparse.name" => {
                     sp_seen = true;
@@ -485,7 +512,9 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     let n = pax::parse_decimal(k, v).map_err(perr)?;
                     sp_map.push(u64::try_from(n).map_err(|_| perr(format!("negative {n}")))?);
                     if sp_map.len() / 2 > MAX_SPARSE_EXTENTS {
-                        return Err(Error::new(ErrorKind::Limit("too many sparse extents".into())));
+                        return Err(Error::new(ErrorKind::Limit(
+                            "too many sparse extents".into(),
+                        )));
                     }
                 }
                 b"GNU.sparse.map" => {
@@ -494,7 +523,9 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                         let n = pax::parse_decimal(k, part).map_err(perr)?;
                         sp_map.push(u64::try_from(n).map_err(|_| perr(format!("negative {n}")))?);
                         if sp_map.len() / 2 > MAX_SPARSE_EXTENTS {
-                            return Err(Error::new(ErrorKind::Limit("too many sparse extents".into())));
+                            return Err(Error::new(ErrorKind::Limit(
+                                "too many sparse extents".into(),
+                            )));
                         }
                     }
                 }
@@ -542,30 +573,40 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             let real = h.num(483..495, "sparse realsize").map_err(herr)?;
             let real = u64::try_from(real).map_err(|_| herr("negative sparse realsize".into()))?;
             let mut extents = Vec::new();
-            let mut more = read_old_sparse(&h.0[386..482], &mut extents).map_err(herr)? && h.0[482] != 0;
+            let mut more =
+                read_old_sparse(&h.0[386..482], &mut extents).map_err(herr)? && h.0[482] != 0;
             let mut block = [0u8; BLOCK];
             while more {
                 let at = self.src.offset();
-                let n = self.src.read_block(&mut block).map_err(|e| Error::from(e).at(None, at))?;
+                let n = self
+                    .src
+                    .read_block(&mut block)
+                    .map_err(|e| Error::from(e).at(None, at))?;
                 if n < BLOCK {
                     return Err(self.truncated("inside a GNU sparse extension header".into()));
                 }
                 if extents.len() > MAX_SPARSE_EXTENTS {
-                    return Err(Error::new(ErrorKind::Limit("too many sparse extents".into())));
+                    return Err(Error::new(ErrorKind::Limit(
+                        "too many sparse extents".into(),
+                    )));
                 }
-                more = read_old_sparse(&block[..504], &mut extents).map_err(herr)? && block[504] != 0;
+                more =
+                    read_old_sparse(&block[..504], &mut extents).map_err(herr)? && block[504] != 0;
             }
             e.sparse = Some(Sparse {
                 real_size: real,
                 extents,
             });
         } else if sp_seen {
-            let real = sp_realsize.ok_or_else(|| Error::new(ErrorKind::Sparse("no GNU.sparse.size".into())))?;
+            let real = sp_realsize
+                .ok_or_else(|| Error::new(ErrorKind::Sparse("no GNU.sparse.size".into())))?;
             let extents = if sp_major == Some(1) {
                 self.read_sparse_1_0()?
             } else {
                 if sp_map.len() % 2 != 0 {
-                    return Err(Error::new(ErrorKind::Sparse("odd number of map values".into())));
+                    return Err(Error::new(ErrorKind::Sparse(
+                        "odd number of map values".into(),
+                    )));
                 }
                 sp_map.chunks(2).map(|c| (c[0], c[1])).collect()
             };
@@ -601,15 +642,22 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     break pos + i;
                 }
                 if buf.len() as u64 >= MAX_EXTENSION {
-                    return Err(Error::new(ErrorKind::Limit("sparse 1.0 map larger than 1 MiB".into())));
+                    return Err(Error::new(ErrorKind::Limit(
+                        "sparse 1.0 map larger than 1 MiB".into(),
+                    )));
                 }
                 let mut block = [0u8; BLOCK];
                 let want = self.remaining.min(BLOCK as u64) as usize;
                 if want < BLOCK {
-                    return Err(Error::new(ErrorKind::Sparse("map runs past the entry's data".into())));
+                    return Err(Error::new(ErrorKind::Sparse(
+                        "map runs past the entry's data".into(),
+                    )));
                 }
                 let at = self.src.offset();
-                let n = self.src.read_block(&mut block).map_err(|e| Error::from(e).at(None, at))?;
+                let n = self
+                    .src
+                    .read_block(&mut block)
+                    .map_err(|e| Error::from(e).at(None, at))?;
                 if n < BLOCK {
                     return Err(self.truncated("inside a sparse 1.0 map".into()));
                 }
@@ -617,13 +665,17 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                 buf.extend_from_slice(&block);
             };
             let line = &buf[pos..nl];
-            let n = pax::parse_decimal(b"GNU.sparse map", line).map_err(|e| Error::new(ErrorKind::Sparse(e)))?;
-            let n = u64::try_from(n).map_err(|_| Error::new(ErrorKind::Sparse("negative value".into())))?;
+            let n = pax::parse_decimal(b"GNU.sparse map", line)
+                .map_err(|e| Error::new(ErrorKind::Sparse(e)))?;
+            let n = u64::try_from(n)
+                .map_err(|_| Error::new(ErrorKind::Sparse("negative value".into())))?;
             pos = nl + 1;
             match count {
                 None => {
                     if n > MAX_SPARSE_EXTENTS as u64 {
-                        return Err(Error::new(ErrorKind::Limit("too many sparse extents".into())));
+                        return Err(Error::new(ErrorKind::Limit(
+                            "too many sparse extents".into(),
+                        )));
                     }
                     count = Some(n)
                 }
@@ -663,12 +715,17 @@ fn validate_sparse(sp: &Sparse, data: u64) -> Result<(), Error> {
             .checked_add(len)
             .ok_or_else(|| serr("extent end overflows".into()))?;
         if end > sp.real_size {
-            return Err(serr(format!("extent ends at {end}, past the file size {}", sp.real_size)));
+            return Err(serr(format!(
+                "extent ends at {end}, past the file size {}",
+                sp.real_size
+            )));
         }
         total += len;
     }
     if total != data {
-        return Err(serr(format!("extents hold {total} bytes but the entry has {data}")));
+        return Err(serr(format!(
+            "extents hold {total} bytes but the entry has {data}"
+        )));
     }
     Ok(())
 }
