@@ -9,6 +9,7 @@
 //! `write`), the streaming source copies out of its blocks.
 
 use std::ops::Deref;
+use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 
@@ -106,15 +107,18 @@ impl<'a> Source<'a> for SliceSource<'a> {
     }
 }
 
+/// A block of decoded bytes, shared between the parser and the hasher.
+pub type Block = Arc<Vec<u8>>;
+
 /// A block of decoded bytes sent by a decoder thread, or the error that
 /// stopped it.
-pub type BlockMsg = Result<Vec<u8>, DecodeError>;
+pub type BlockMsg = Result<Block, DecodeError>;
 
 /// A source fed by a decoder thread through a bounded channel, so memory
 /// stays at (channel capacity + 1) blocks however large the layer is.
 pub struct StreamSource {
     rx: Receiver<BlockMsg>,
-    cur: Vec<u8>,
+    cur: Block,
     pos: usize,
     offset: u64,
     eof: bool,
@@ -125,7 +129,7 @@ impl StreamSource {
     pub fn new(rx: Receiver<BlockMsg>) -> Self {
         StreamSource {
             rx,
-            cur: Vec::new(),
+            cur: Arc::new(Vec::new()),
             pos: 0,
             offset: 0,
             eof: false,
@@ -221,9 +225,9 @@ mod tests {
     #[test]
     fn stream_source_spans_blocks() {
         let (tx, rx) = crossbeam_channel::bounded(4);
-        tx.send(Ok(vec![1u8; 300])).unwrap();
-        tx.send(Ok(vec![2u8; 300])).unwrap();
-        tx.send(Ok(vec![3u8; 100])).unwrap();
+        tx.send(Ok(Arc::new(vec![1u8; 300]))).unwrap();
+        tx.send(Ok(Arc::new(vec![2u8; 300]))).unwrap();
+        tx.send(Ok(Arc::new(vec![3u8; 100]))).unwrap();
         drop(tx);
         let mut s = StreamSource::new(rx);
         let mut b = [0u8; 512];

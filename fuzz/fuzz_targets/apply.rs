@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let dest = w.join("dest");
     let layer = w.join("layer");
     fs::write(&layer, data).unwrap();
-    for strategy in [DecodeStrategy::Auto, DecodeStrategy::Streaming] {
+    for strategy in [DecodeStrategy::WholeBuffer, DecodeStrategy::Streaming] {
         let opts = ApplyOptions {
             decode: DecodeOptions {
                 strategy,

@@ -180,8 +180,14 @@ fn bad_pax_records() {
 fn corrupt_and_truncated_compression() {
     let l = layer();
     let gz = gzip_members(&l, 1);
-    let line = fails_with(&gz[..gz.len() / 2], &[], &["gzip data corrupt"]);
-    assert!(line.contains("compressed offset"), "{line}");
+    for decode in ["auto", "whole", "streaming"] {
+        let line = fails_with(
+            &gz[..gz.len() / 2],
+            &["--decode", decode],
+            &["gzip data corrupt"],
+        );
+        assert!(line.contains("compressed offset"), "{line}");
+    }
     let mut flipped = gz.clone();
     let mid = flipped.len() / 2;
     flipped[mid] ^= 0xff;
@@ -316,7 +322,11 @@ fn decompression_bomb_memory_stays_bounded() {
         liar.display(),
         liar.display()
     )));
-    let (rss, id) = peak_rss_kib(&liar, &w.path().join("e"), &["--memory-cap", "64M"]);
+    let (rss, id) = peak_rss_kib(
+        &liar,
+        &w.path().join("e"),
+        &["--memory-cap", "64M", "--decode", "whole"],
+    );
     assert!(id.starts_with("sha256:"), "{id}");
     assert!(
         rss < (64 + 100) * 1024,

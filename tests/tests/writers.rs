@@ -34,7 +34,10 @@ fn check_archive(archive: &Path, what: &str) {
     type Run<'a> = Box<dyn Fn(&Path) -> std::process::Output + 'a>;
     let runs: Vec<(&str, Run)> = vec![
         ("plain file", Box::new(|d: &Path| apply(archive, d, &[]))),
-        ("gzip whole-buffer", Box::new(|d: &Path| apply(&gz, d, &[]))),
+        (
+            "gzip whole-buffer",
+            Box::new(|d: &Path| apply(&gz, d, &["--decode", "whole"])),
+        ),
         (
             "gzip streaming",
             Box::new(|d: &Path| apply(&gz, d, &["--decode", "streaming"])),

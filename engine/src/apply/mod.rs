@@ -193,7 +193,8 @@ fn whole(
     })
 }
 
-/// Decodes on a second thread into a bounded channel while applying.
+/// Decodes, hashes and applies on three threads connected by bounded
+/// channels: memory stays at a few blocks, and two cores stay busy.
 fn streaming(
     input: impl Read + Send,
     comp: Compression,
@@ -201,16 +202,34 @@ fn streaming(
     same_owner: bool,
 ) -> Result<ApplyReport, Error> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
+    let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     std::thread::scope(|s| {
-        let decoder = s.spawn(move || decode::stream(input, comp, &tx));
+        let decoder = s.spawn(move || {
+            let r = decode::stream(input, comp, |b| {
+                htx.send(b.clone()).is_ok() && tx.send(Ok(b)).is_ok()
+            });
+            match r {
+                Ok(complete) => complete,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    false
+                }
+            }
+        });
+        let hasher = s.spawn(move || decode::hash_blocks(hrx));
         let mut src_len = 0u64;
         let counts = drive_stream(StreamSource::new(rx), root, same_owner, &mut src_len);
-        let digest = decoder
-            .join()
-            .map_err(|_| Error::fs("decode layer", io::Error::other("decoder panicked")))?;
+        let panicked =
+            |what: &str| Error::fs(what.to_string(), io::Error::other("thread panicked"));
+        let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
+        let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
         let counts = counts?;
-        let diff_id = digest
-            .ok_or_else(|| Error::fs("decode layer", io::Error::other("decoder stopped early")))?;
+        if !complete {
+            return Err(Error::fs(
+                "decode layer",
+                io::Error::other("decoder stopped early"),
+            ));
+        }
         Ok(ApplyReport {
             diff_id,
             compression: comp,
