@@ -814,6 +814,8 @@ pub fn build_tree(root: &Path, extended: bool) {
     );
     if extended {
         d("ext");
+        // A link target over 100 bytes: GNU 'K' headers or PAX linkpath.
+        sl(&format!("../{}/target", "t".repeat(120)), "ext/long-link");
         f(
             &format!("ext/{}", "n".repeat(200)),
             b"long component",

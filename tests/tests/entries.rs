@@ -448,3 +448,48 @@ fn overlay_mount_hides_what_the_layer_whites_out() {
     assert_eq!(etc, vec!["keep"]);
     assert_eq!(opq, vec!["new"]);
 }
+
+#[test]
+fn large_files_stream_piecewise() {
+    // Bigger than the streaming chunk (4 MiB): written in pieces.
+    let big = noise(9 << 20, 5);
+    let mut t = RawTar::default();
+    t.file("big", &big).file("after", b"after").end();
+    let tarball = t.bytes();
+    let w = tmp();
+    let gz = write(w.path(), "l.tar.gz", &gzip_members(&tarball, 1));
+    for decode in ["streaming", "whole", "auto"] {
+        let d = w.path().join(decode);
+        assert_eq!(
+            ok_diff_id(&apply(&gz, &d, &["--decode", decode])),
+            sha256(&tarball)
+        );
+        assert!(
+            fs::read(d.join("big")).unwrap() == big,
+            "{decode}: content differs"
+        );
+        assert_eq!(fs::read(d.join("after")).unwrap(), b"after");
+    }
+}
+
+#[test]
+fn stdin_from_a_file_and_from_a_pipe() {
+    let mut t = RawTar::default();
+    t.dir("etc").file("etc/hostname", b"unlade\n").end();
+    let tarball = t.bytes();
+    let w = tmp();
+    let f = write(w.path(), "l.tar.zst", &zstd_frames(&tarball, 3));
+    let out = std::process::Command::new(bin())
+        .args(["apply", "-"])
+        .arg(w.path().join("d"))
+        .stdin(fs::File::open(&f).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(ok_diff_id(&out), sha256(&tarball));
+    assert_eq!(
+        fs::read(w.path().join("d/etc/hostname")).unwrap(),
+        b"unlade\n"
+    );
+    let out = apply_stdin(&gzip_members(&tarball, 2), &w.path().join("e"), &[]);
+    assert_eq!(ok_diff_id(&out), sha256(&tarball));
+}

@@ -28,9 +28,11 @@ use crate::tar::{Entry, Kind, Reader};
 const BATCH_FILES: usize = 256;
 /// Most copied (streaming) bytes held by one batch.
 const BATCH_BYTES: usize = 32 << 20;
-/// Most directories whose metadata waits for the end of the layer; each
-/// costs its path and metadata in memory.
+/// Most directories whose metadata waits for the end of the layer.
 pub const MAX_DELAYED_DIRS: usize = 1 << 22;
+/// Most bytes of paths and xattrs held for delayed directories: a layer of
+/// many directories with large xattrs must not grow memory without bound.
+pub const MAX_DELAYED_BYTES: usize = 256 << 20;
 
 /// The opaque whiteout marker.
 const OPAQUE: &[u8] = b".wh..wh..opq";
@@ -78,6 +80,7 @@ pub struct Applier<'a, B: Backend> {
     pending_bytes: usize,
     done: Vec<Done>,
     delayed: BTreeMap<Vec<u8>, Delayed>,
+    delayed_bytes: usize,
     counts: Counts,
 }
 
@@ -95,6 +98,7 @@ impl<'a, B: Backend> Applier<'a, B> {
             pending_bytes: 0,
             done: Vec::new(),
             delayed: BTreeMap::new(),
+            delayed_bytes: 0,
             counts: Counts::default(),
         }
     }
@@ -308,9 +312,21 @@ impl<'a, B: Backend> Applier<'a, B> {
         meta: Option<Meta>,
         opaque: bool,
     ) -> Result<(), Error> {
-        if self.delayed.len() >= MAX_DELAYED_DIRS && !self.delayed.contains_key(&path) {
+        // Counted on every update, never given back: a bound, not a tally.
+        self.delayed_bytes += path.len()
+            + e.path.len()
+            + meta.as_ref().map_or(0, |m| {
+                m.xattrs
+                    .iter()
+                    .map(|(k, v)| k.as_bytes().len() + v.len())
+                    .sum::<usize>()
+            });
+        if (self.delayed.len() >= MAX_DELAYED_DIRS && !self.delayed.contains_key(&path))
+            || self.delayed_bytes > MAX_DELAYED_BYTES
+        {
             return Err(Error::new(ErrorKind::Limit(format!(
-                "more than {MAX_DELAYED_DIRS} directories in one layer"
+                "directory metadata held until the end of the layer exceeds {MAX_DELAYED_DIRS} \
+                 directories or {MAX_DELAYED_BYTES} bytes"
             )))
             .at(Some(&e.path), e.offset));
         }

@@ -15,7 +15,7 @@ mod applier;
 mod dirs;
 mod path;
 
-pub use applier::{Applier, Counts, MAX_DELAYED_DIRS};
+pub use applier::{Applier, Counts, MAX_DELAYED_BYTES, MAX_DELAYED_DIRS};
 pub use path::normalize;
 
 use std::fs::File;
