@@ -20,18 +20,19 @@ impl std::ops::Deref for Map {
     }
 }
 
-/// Maps `file` read-only.
+/// Maps a layer file read-only, the input of the whole-buffer paths.
 ///
-/// # Safety
-///
-/// The caller promises that nobody truncates or rewrites the file while the
-/// map is alive: a truncation turns reads into SIGBUS, a rewrite changes
-/// bytes under the parser's feet. Content-addressed blobs are published
-/// once and never modified, and a layer file passed on the command line is
-/// the user's promise; digests are verified on the bytes actually read
-/// either way.
-pub unsafe fn map_file(file: &File) -> io::Result<Map> {
-    // SAFETY: forwarded to the caller (see above).
+/// Mapping a file is `unsafe` because the bytes can change under the
+/// reader: a rewrite changes what the parser sees, a truncation turns
+/// reads into SIGBUS. This crate treats layer files as immutable inputs:
+/// content-store blobs are published once and never modified, and a layer
+/// file named on the command line is the user's; what a rewrite could do is
+/// no worse than a hostile layer (every byte is validated and the digest
+/// covers what was actually read), and a truncation during an apply is the
+/// one failure that is not reported as an error but kills the process.
+pub fn map_layer(file: &File) -> io::Result<Map> {
+    // SAFETY: see above: the file is an immutable input by this crate's
+    // contract, and no reference into the map outlives it.
     let m = unsafe { memmap2::MmapOptions::new().map(file)? };
     // Layers are read front to back once.
     let _ = m.advise(memmap2::Advice::Sequential);

@@ -370,8 +370,21 @@ fn whiteouts_become_overlay_whiteouts() {
             .file("opq-last/.wh..wh..opq", b"")
             .file(".wh..wh..opq", b"")
             .file(".wh.gone-dir", b"")
-            .file("x/.wh..wh.plnk", b"");
+            .file("x/.wh..wh.plnk", b"")
+            .file("opq-hdr/.wh..wh..opq", b"")
+            .entry(
+                H {
+                    name: b"opq-hdr/",
+                    typ: b'5',
+                    mode: 0o711,
+                    mtime: 77,
+                    ..H::default()
+                },
+                b"",
+            );
     }));
+    let md = fs::metadata(d.join("opq-hdr")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.mtime()), (0o711, 77));
     let md = fs::symlink_metadata(d.join("etc/issue")).unwrap();
     assert!(md.file_type().is_char_device());
     assert_eq!(
@@ -382,7 +395,7 @@ fn whiteouts_become_overlay_whiteouts() {
         .unwrap()
         .file_type()
         .is_char_device());
-    for p in ["opq-first", "opq-last", ""] {
+    for p in ["opq-first", "opq-last", "", "opq-hdr"] {
         let x = xattrs(&d.join(p));
         assert_eq!(
             x.get("trusted.overlay.opaque").map(Vec::as_slice),

@@ -269,9 +269,13 @@ impl<'a, B: Backend> Applier<'a, B> {
             return self.file(r, &e, path, &parent, name);
         }
 
-        // Everything else is structural: run alone, in order.
+        // Everything else is structural: run alone, in order. A directory
+        // over a directory merges (cached fds and an earlier opaque marker
+        // stay valid); anything else replaces what is there.
         self.flush()?;
-        self.replacing(&path)?;
+        if e.kind != Kind::Dir {
+            self.replacing(&path)?;
+        }
         let dir = self.parent(&e, &parent)?;
         match e.kind {
             Kind::Dir => {

@@ -131,10 +131,7 @@ fn from_file(
     if st.st_size == 0 {
         return whole(&[], Compression::Plain, root, same_owner);
     }
-    // SAFETY (of the promise map_file asks for): a layer file is not
-    // modified while it is applied; a content-store blob never is, and the
-    // digest check covers what was actually read.
-    let map = unsafe { crate::sys::map_file(&f) }.map_err(|e| Error::fs("map layer", e))?;
+    let map = crate::sys::map_layer(&f).map_err(|e| Error::fs("map layer", e))?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     match (comp, opts.decode.strategy) {
         (Compression::Plain, DecodeStrategy::Auto) => whole(&map, comp, root, same_owner),
