@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Side-by-side: `unlade apply` against `pigz -dc | tar -x` and `tar -xf` on the same
-# layer, in the same run, each tool in turn (A B C D A B C D ...) so drift hits all alike.
+# layer, in the same run, each tool once per round in a freshly shuffled order: on this
+# VM the run right after `tar -xf` is measurably slower, and a fixed or rotated order
+# pins that on one tool. Shuffling spreads it over all of them.
 #
 # Usage: perf/apply.sh LAYER.tar.gz [RUNS] [WORKDIR]
 #   LAYER.tar.gz  a gzip layer, e.g. the Debian base layer that
 #                 ../shared/testimages/build.sh writes to OUT/.layers/base.tar.gz
 #   RUNS          timed runs per tool (default 5), after one warm-up each
 #   WORKDIR       where outputs go (default /var/tmp/unlade-perf): the file system
-#                 measured. Every run writes a fresh directory; nothing is deleted until
-#                 the end (deleting between runs makes ext4 slow down the next creates).
+#                 measured. Each run writes a fresh directory, removed (and synced) right
+#                 after it is timed, so every tool starts from the same state: memory
+#                 reused rather than first-touched (on a VM, first touches of guest memory
+#                 are slow), and ext4 in the same after-delete state for all tools.
 # Needs: root, GNU tar, pigz, python3 (for medians). Prints a markdown table.
 # The input is read once first so every tool starts from the page cache.
 set -euo pipefail
@@ -22,9 +26,9 @@ rm -rf "$work"
 mkdir -p "$work"
 cat "$layer" > /dev/null
 # Layer facts from one unlade run.
-facts=$("$unlade" apply "$layer" "$work/facts" | head -1)
-entries=$(sed -E 's/applied ([0-9]+) entries.*/\1/' <<<"$facts")
-bytes=$(sed -E 's/.*, ([0-9]+) bytes uncompressed.*/\1/' <<<"$facts")
+facts=$("$unlade" apply "$layer" "$work/facts")
+entries=$(head -1 <<<"$facts" | sed -E 's/applied ([0-9]+) entries.*/\1/')
+bytes=$(head -1 <<<"$facts" | sed -E 's/.*, ([0-9]+) bytes uncompressed.*/\1/')
 rm -rf "$work/facts"
 tarflags=(--xattrs --xattrs-include='*' --same-owner --numeric-owner -p --delay-directory-restore)
 declare -A cmds=(
@@ -36,7 +40,7 @@ declare -A cmds=(
 order=(unlade unlade-whole pigz-tar tar-xf)
 declare -A times
 for r in $(seq 0 "$runs"); do
-  for t in "${order[@]}"; do
+  for t in $(printf '%s\n' "${order[@]}" | shuf); do
     out="$work/$t.$r"
     mkdir -p "$out"
     sync
@@ -45,6 +49,9 @@ for r in $(seq 0 "$runs"); do
     bash -c "$cmd" > /dev/null
     e=$(date +%s.%N)
     if ((r > 0)); then times[$t]+="$(python3 -c "print($e-$s)") "; fi
+    rm -rf "$out"
+    sync
+    sleep 1
   done
 done
 rm -rf "$work"

@@ -70,14 +70,16 @@ impl Compression {
 
 /// Which decoding path to take.
 ///
-/// Measured on a 2-core machine applying a 167 MB Debian rootfs layer
-/// (`perf/README.md`): libdeflate inflates about 40% faster than zlib-rs,
-/// but the whole-buffer path cannot start applying before the last byte is
-/// inflated, while the streaming path decodes, hashes and applies on three
-/// threads at once and finishes first (about 0.29 s against 0.36 s on
-/// tmpfs). When a caller already keeps every core busy with several layers
-/// at once, there is nothing to overlap and libdeflate's lower CPU cost
-/// wins: such callers ask for [`DecodeStrategy::WholeBuffer`].
+/// On the 2-CPU machine this was built on, applying the 167 MB Debian base
+/// layer (`perf/README.md`), the streaming path (zlib-rs decoding, sha256
+/// and applying on three threads at once) finished 11-19% before the
+/// whole-buffer path in the last series of shuffled and paired runs, and
+/// the two were even in some earlier ones; whole-buffer libdeflate always
+/// took about 6% less CPU. Streaming overlaps everything and does not
+/// depend on huge pages being available for a large buffer, and with more
+/// CPUs it can only gain; so `Auto` streams gzip when there are two CPUs or
+/// more. A caller that already keeps every CPU busy with several layers at
+/// once has nothing to overlap and asks for [`DecodeStrategy::WholeBuffer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DecodeStrategy {
     /// The fastest for one layer on this machine: a plain tar file is used

@@ -125,9 +125,10 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let started = std::time::Instant::now();
             let r = apply_layer(input, &dest, &opts).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
             if !quiet {
                 let secs = started.elapsed().as_secs_f64();
-                println!(
+                out.push(format!(
                     "applied {} entries ({} files, {} dirs, {} whiteouts), {} bytes uncompressed ({:?}, {}) in {:.3}s",
                     r.counts.entries,
                     r.counts.files,
@@ -137,12 +138,33 @@ fn run(cli: Cli) -> Result<(), String> {
                     r.compression,
                     if r.whole_buffer { "whole-buffer" } else { "streaming" },
                     secs
-                );
+                ));
             }
-            println!("{}", r.diff_id);
-            Ok(())
+            out.push(r.diff_id.to_string());
+            emit(&out)
         }
     }
+}
+
+/// Prints result lines. A reader that went away (`| head -1`) is not an
+/// error of the command: the work is done.
+fn emit(lines: &[String]) -> Result<(), String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    for l in lines {
+        match writeln!(stdout, "{l}") {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(format!("write stdout: {e}")),
+        }
+    }
+    stdout.flush().or_else(|e| {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(format!("write stdout: {e}"))
+        }
+    })
 }
 
 fn main() -> ExitCode {

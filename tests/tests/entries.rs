@@ -506,3 +506,28 @@ fn stdin_from_a_file_and_from_a_pipe() {
     let out = apply_stdin(&gzip_members(&tarball, 2), &w.path().join("e"), &[]);
     assert_eq!(ok_diff_id(&out), sha256(&tarball));
 }
+
+#[test]
+fn decode_choice_reaches_the_path_it_names() {
+    let mut t = RawTar::default();
+    t.file("f", b"data").end();
+    let w = tmp();
+    let gz = write(w.path(), "l.tar.gz", &gzip_members(&t.bytes(), 1));
+    let plain = write(w.path(), "l.tar", &t.bytes());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let auto = if cpus >= 2 { "streaming" } else { "whole-buffer" };
+    for (layer, flag, want) in [
+        (&gz, "auto", format!("(Gzip, {auto})")),
+        (&gz, "whole", "(Gzip, whole-buffer)".to_string()),
+        (&gz, "streaming", "(Gzip, streaming)".to_string()),
+        (&plain, "auto", "(Plain, whole-buffer)".to_string()),
+        (&plain, "whole", "(Plain, whole-buffer)".to_string()),
+        (&plain, "streaming", "(Plain, streaming)".to_string()),
+    ] {
+        let dest = w.path().join(format!("{flag}-{}", layer.display()).replace('/', "_"));
+        let out = apply(layer, &dest, &["--decode", flag]);
+        ok_diff_id(&out);
+        let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
+        assert!(first.contains(&want), "--decode {flag} on {}: {first}", layer.display());
+    }
+}

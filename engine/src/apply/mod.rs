@@ -133,9 +133,12 @@ fn from_file(
     }
     let map = crate::sys::map_layer(&f).map_err(|e| Error::fs("map layer", e))?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
-    match (comp, opts.decode.strategy) {
-        (Compression::Plain, DecodeStrategy::Auto) => whole(&map, comp, root, same_owner),
-        (Compression::Gzip, DecodeStrategy::Auto) => {
+    let strategy = opts.decode.strategy;
+    match comp {
+        Compression::Plain if strategy != DecodeStrategy::Streaming => {
+            whole(&map, comp, root, same_owner)
+        }
+        Compression::Gzip if strategy.gzip_whole() => {
             match decode::gunzip_whole(&map, opts.decode.memory_cap) {
                 Some(buf) => whole(&buf, comp, root, same_owner),
                 None => streaming(&map[..], comp, root, same_owner),
