@@ -29,6 +29,7 @@ cat "$layer" > /dev/null
 facts=$("$unlade" apply "$layer" "$work/facts")
 entries=$(head -1 <<<"$facts" | sed -E 's/applied ([0-9]+) entries.*/\1/')
 bytes=$(head -1 <<<"$facts" | sed -E 's/.*, ([0-9]+) bytes uncompressed.*/\1/')
+files=$(head -1 <<<"$facts" | sed -E 's/.*\(([0-9]+) files.*/\1/')
 rm -rf "$work/facts"
 tarflags=(--xattrs --xattrs-include='*' --same-owner --numeric-owner -p --delay-directory-restore)
 declare -A cmds=(
@@ -56,16 +57,16 @@ for r in $(seq 0 "$runs"); do
 done
 rm -rf "$work"
 fs=$(df -T "$(dirname "$work")" | awk 'NR==2{print $2}')
-echo "layer: $(basename "$layer"), $(du -h "$layer" | cut -f1) gzip, $bytes bytes uncompressed, $entries entries; target fs: $fs; $(nproc) CPUs; $runs runs each"
+echo "layer: $(basename "$layer"), $(du -h "$layer" | cut -f1) gzip, $bytes bytes uncompressed, $entries entries ($files regular files); target fs: $fs; $(nproc) CPUs; $runs runs each"
 echo
-echo "| tool | median s | min s | max s | MB/s (uncompressed) | entries/s |"
-echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+echo "| tool | median s | min s | max s | MB/s (uncompressed) | files/s | entries/s |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for t in "${order[@]}"; do
-  python3 - "$t" "$bytes" "$entries" ${times[$t]} <<'PY'
+  python3 - "$t" "$bytes" "$files" "$entries" ${times[$t]} <<'PY'
 import statistics, sys
-t, b, n, *xs = sys.argv[1:]
+t, b, f, n, *xs = sys.argv[1:]
 xs = [float(x) for x in xs]
 m = statistics.median(xs)
-print(f"| {t} | {m:.3f} | {min(xs):.3f} | {max(xs):.3f} | {int(b)/m/1e6:.0f} | {int(n)/m:.0f} |")
+print(f"| {t} | {m:.3f} | {min(xs):.3f} | {max(xs):.3f} | {int(b)/m/1e6:.0f} | {int(f)/m:.0f} | {int(n)/m:.0f} |")
 PY
 done

@@ -515,7 +515,11 @@ fn decode_choice_reaches_the_path_it_names() {
     let gz = write(w.path(), "l.tar.gz", &gzip_members(&t.bytes(), 1));
     let plain = write(w.path(), "l.tar", &t.bytes());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let auto = if cpus >= 2 { "streaming" } else { "whole-buffer" };
+    let auto = if cpus >= 2 {
+        "streaming"
+    } else {
+        "whole-buffer"
+    };
     for (layer, flag, want) in [
         (&gz, "auto", format!("(Gzip, {auto})")),
         (&gz, "whole", "(Gzip, whole-buffer)".to_string()),
@@ -524,10 +528,20 @@ fn decode_choice_reaches_the_path_it_names() {
         (&plain, "whole", "(Plain, whole-buffer)".to_string()),
         (&plain, "streaming", "(Plain, streaming)".to_string()),
     ] {
-        let dest = w.path().join(format!("{flag}-{}", layer.display()).replace('/', "_"));
+        let dest = w
+            .path()
+            .join(format!("{flag}-{}", layer.display()).replace('/', "_"));
         let out = apply(layer, &dest, &["--decode", flag]);
         ok_diff_id(&out);
-        let first = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or("").to_string();
-        assert!(first.contains(&want), "--decode {flag} on {}: {first}", layer.display());
+        let first = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        assert!(
+            first.contains(&want),
+            "--decode {flag} on {}: {first}",
+            layer.display()
+        );
     }
 }

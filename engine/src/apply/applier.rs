@@ -21,7 +21,7 @@ use super::dirs::{self, Dirs, Missing};
 use super::path::{normalize, split};
 use crate::error::{Error, ErrorKind};
 use crate::fsops::{Backend, Done, Job, Meta, NodeKind, Op};
-use crate::source::Source;
+use crate::source::{Chunk, Source};
 use crate::tar::{Entry, Kind, Reader};
 
 /// Most regular files in one batch.
@@ -414,8 +414,8 @@ impl<'a, B: Backend> Applier<'a, B> {
         if first.len() as u64 == e.size {
             // Whole file in hand: batch it.
             let owned = match &first {
-                crate::source::Chunk::Owned(v) => v.len(),
-                crate::source::Chunk::Borrowed(_) => 0,
+                Chunk::Owned(v) => v.len(),
+                Chunk::Borrowed(_) => 0,
             };
             let op = Op::File {
                 data: vec![(0, first)],
@@ -430,46 +430,56 @@ impl<'a, B: Backend> Applier<'a, B> {
         }
         // Larger than a chunk of a streaming source: write it piecewise.
         self.flush()?;
+        self.piecewise(r, e, dir, name, &[(0, e.size)], Some(first), e.size, meta)
+    }
+
+    /// Writes a file whose data arrive in several chunks: opens it, writes
+    /// each extent's bytes at its offset (holes between extents stay
+    /// holes), then sets its size and metadata. `first` is data already
+    /// read for the first extent.
+    #[allow(clippy::too_many_arguments)]
+    fn piecewise<S: Source<'a>>(
+        &mut self,
+        r: &mut Reader<'a, S>,
+        e: &Entry,
+        dir: Arc<OwnedFd>,
+        name: CString,
+        extents: &[(u64, u64)],
+        mut first: Option<Chunk<'a>>,
+        size: u64,
+        meta: Meta,
+    ) -> Result<(), Error> {
         let fd = self.open(e, dir, name)?;
-        let mut off = first.len() as u64;
-        self.run_now(
-            who(e),
-            fd.clone(),
-            CString::default(),
-            Op::Write {
-                file: fd.clone(),
-                offset: 0,
-                data: first,
-            },
-        )?;
-        loop {
-            let c = r.read(max)?;
-            if c.is_empty() {
-                break;
-            }
-            let n = c.len() as u64;
-            self.run_now(
-                who(e),
-                fd.clone(),
-                CString::default(),
-                Op::Write {
+        let max = r.max_chunk() as u64;
+        for &(off, len) in extents {
+            let (mut at, end) = (off, off + len);
+            while at < end {
+                let c = match first.take() {
+                    Some(c) => c,
+                    None => r.read((end - at).min(max) as usize)?,
+                };
+                if c.is_empty() {
+                    return Err(
+                        Error::new(ErrorKind::Truncated("file data ends early".into()))
+                            .at(Some(&e.path), e.offset),
+                    );
+                }
+                let n = c.len() as u64;
+                let op = Op::Write {
                     file: fd.clone(),
-                    offset: off,
+                    offset: at,
                     data: c,
-                },
-            )?;
-            off += n;
+                };
+                self.run_now(who(e), fd.clone(), CString::default(), op)?;
+                at += n;
+            }
         }
-        self.run_now(
-            who(e),
-            fd.clone(),
-            CString::default(),
-            Op::Finish {
-                file: fd,
-                size: e.size,
-                meta,
-            },
-        )?;
+        let op = Op::Finish {
+            file: fd.clone(),
+            size,
+            meta,
+        };
+        self.run_now(who(e), fd, CString::default(), op)?;
         Ok(())
     }
 
@@ -487,47 +497,15 @@ impl<'a, B: Backend> Applier<'a, B> {
         dir: Arc<OwnedFd>,
         name: CString,
     ) -> Result<(), Error> {
-        let Some(sp) = e.sparse.clone() else {
+        let Some(sp) = &e.sparse else {
             return Ok(());
         };
         let meta = self
             .meta(e)
             .map_err(|err| err.at(Some(&e.path), e.offset))?;
-        let fd = self.open(e, dir, name)?;
-        let max = r.max_chunk() as u64;
-        for (off, len) in sp.extents {
-            let mut o = off;
-            let mut left = len;
-            while left > 0 {
-                let c = r.read(left.min(max) as usize)?;
-                let n = c.len() as u64;
-                self.run_now(
-                    who(e),
-                    fd.clone(),
-                    CString::default(),
-                    Op::Write {
-                        file: fd.clone(),
-                        offset: o,
-                        data: c,
-                    },
-                )?;
-                o += n;
-                left -= n;
-            }
-        }
         self.counts.files += 1;
         self.counts.bytes += e.size;
-        self.run_now(
-            who(e),
-            fd.clone(),
-            CString::default(),
-            Op::Finish {
-                file: fd,
-                size: sp.real_size,
-                meta,
-            },
-        )?;
-        Ok(())
+        self.piecewise(r, e, dir, name, &sp.extents, None, sp.real_size, meta)
     }
 
     fn hardlink(

@@ -192,6 +192,19 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         Error::new(ErrorKind::Truncated(what)).at(Some(&self.current), self.src.offset())
     }
 
+    /// Reads one whole block of `what`; a short read is a truncation.
+    fn read_full_block(&mut self, block: &mut [u8; BLOCK], what: &str) -> Result<(), Error> {
+        let at = self.src.offset();
+        let n = self
+            .src
+            .read_block(block)
+            .map_err(|e| Error::from(e).at(Some(&self.current), at))?;
+        if n < BLOCK {
+            return Err(self.truncated(format!("inside {what}")));
+        }
+        Ok(())
+    }
+
     fn skip_exact(&mut self, n: u64, entry: &[u8]) -> Result<u64, Error> {
         let at = self.src.offset();
         self.src
@@ -577,14 +590,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                 read_old_sparse(&h.0[386..482], &mut extents).map_err(herr)? && h.0[482] != 0;
             let mut block = [0u8; BLOCK];
             while more {
-                let at = self.src.offset();
-                let n = self
-                    .src
-                    .read_block(&mut block)
-                    .map_err(|e| Error::from(e).at(None, at))?;
-                if n < BLOCK {
-                    return Err(self.truncated("inside a GNU sparse extension header".into()));
-                }
+                self.read_full_block(&mut block, "a GNU sparse extension header")?;
                 if extents.len() > MAX_SPARSE_EXTENTS {
                     return Err(Error::new(ErrorKind::Limit(
                         "too many sparse extents".into(),
@@ -653,14 +659,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                         "map runs past the entry's data".into(),
                     )));
                 }
-                let at = self.src.offset();
-                let n = self
-                    .src
-                    .read_block(&mut block)
-                    .map_err(|e| Error::from(e).at(None, at))?;
-                if n < BLOCK {
-                    return Err(self.truncated("inside a sparse 1.0 map".into()));
-                }
+                self.read_full_block(&mut block, "a sparse 1.0 map")?;
                 self.remaining -= BLOCK as u64;
                 buf.extend_from_slice(&block);
             };
