@@ -295,6 +295,28 @@ fn chown_at(dir: BorrowedFd<'_>, name: &CStr, u: u32, g: u32) -> Result<(), OpEr
     .map_err(|e| OpError::new("chown", e))
 }
 
+/// Sets an xattr of `name` in `dir` without following a symlink there:
+/// `setxattrat(AT_SYMLINK_NOFOLLOW)` on Linux 6.13 and later; before it,
+/// `lsetxattr` on the directory fd's /proc entry plus the name (the last
+/// component is not followed, and no path outside the fd is involved).
+fn set_xattr_at(dir: BorrowedFd<'_>, name: &CStr, key: &CStr, value: &[u8]) -> std::io::Result<()> {
+    match crate::sys::setxattr_nofollow(dir, name, key, value) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            let mut p =
+                format!("/proc/self/fd/{}/", std::os::fd::AsRawFd::as_raw_fd(&dir)).into_bytes();
+            p.extend_from_slice(name.to_bytes());
+            let p = CString::new(p).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+            Ok(rfs::lsetxattr(
+                p.as_c_str(),
+                key,
+                value,
+                XattrFlags::empty(),
+            )?)
+        }
+        r => r,
+    }
+}
+
 /// Sets metadata of a non-openable object (symlink, FIFO, device) by name
 /// in `dir`, never following a symlink at `name`.
 fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, chmod: bool) -> Result<(), OpError> {
@@ -319,18 +341,9 @@ fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, chmod: bool) -> Re
             Err(e) => return Err(OpError::new("chmod", e)),
         }
     }
-    if !meta.xattrs.is_empty() {
-        // No fd can be opened on a symlink for fsetxattr; go through the
-        // directory fd's /proc entry and lsetxattr the final component,
-        // which is not followed.
-        let path = format!("/proc/self/fd/{}/", std::os::fd::AsRawFd::as_raw_fd(&dir));
-        let mut p = path.into_bytes();
-        p.extend_from_slice(name.to_bytes());
-        let p = CString::new(p).map_err(|_| OpError::new("set xattr", Errno::INVAL))?;
-        for (k, v) in &meta.xattrs {
-            rfs::lsetxattr(p.as_c_str(), k.as_c_str(), v, XattrFlags::empty())
-                .map_err(|e| OpError::new(format!("set xattr {}", k.to_string_lossy()), e))?;
-        }
+    for (k, v) in &meta.xattrs {
+        set_xattr_at(dir, name, k, v)
+            .map_err(|e| OpError::new(format!("set xattr {}", k.to_string_lossy()), e))?;
     }
     rfs::utimensat(dir, name, &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)
         .map_err(|e| OpError::new("set times", e))
