@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod content;
 pub mod decode;
 pub mod digest;
 pub mod error;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use unlade::content::ContentStore;
 use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 
@@ -55,6 +56,89 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// The content store: blobs by digest under ROOT/content.
+    Content {
+        #[command(subcommand)]
+        cmd: ContentCmd,
+        /// The unlade root.
+        #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+    },
+}
+
+/// Where unlade keeps its state unless --root says otherwise.
+const DEFAULT_ROOT: &str = "/var/lib/unlade";
+
+#[derive(Subcommand)]
+enum ContentCmd {
+    /// List blobs: digest and size, one per line.
+    Ls,
+    /// Remove blobs.
+    Rm {
+        /// Digests to remove.
+        #[arg(required = true, value_name = "sha256:HEX")]
+        digests: Vec<String>,
+    },
+    /// Add a blob, verifying its digest before it becomes visible. The last
+    /// stdout line is the digest.
+    Ingest {
+        /// The digest the bytes must have.
+        #[arg(value_name = "sha256:HEX")]
+        digest: String,
+        /// File to read, or `-` for stdin.
+        file: PathBuf,
+        /// Make the blob durable (fsync) before it becomes visible.
+        #[arg(long)]
+        sync: bool,
+    },
+}
+
+fn digest(s: &str) -> Result<Digest, String> {
+    s.parse::<Digest>().map_err(|e| e.to_string())
+}
+
+fn content(root: &std::path::Path, cmd: ContentCmd) -> Result<(), String> {
+    let sync = matches!(cmd, ContentCmd::Ingest { sync: true, .. });
+    let store = ContentStore::open(root, sync).map_err(|e| e.to_string())?;
+    match cmd {
+        ContentCmd::Ls => {
+            let lines: Vec<String> = store
+                .list()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|(d, size)| format!("{d}\t{size}"))
+                .collect();
+            emit(&lines)
+        }
+        ContentCmd::Rm { digests } => {
+            for d in digests {
+                let d = digest(&d)?;
+                if !store.remove(&d).map_err(|e| e.to_string())? {
+                    return Err(format!("blob {d} not found"));
+                }
+            }
+            Ok(())
+        }
+        ContentCmd::Ingest {
+            digest: d, file, ..
+        } => {
+            let d = digest(&d)?;
+            let r = if file.as_os_str() == "-" {
+                store.ingest(&d, std::io::stdin().lock(), None)
+            } else {
+                let f = std::fs::File::open(&file)
+                    .map_err(|e| format!("open {}: {e}", file.display()))?;
+                store.ingest(&d, f, None)
+            }
+            .map_err(|e| e.to_string())?;
+            let how = if r.published {
+                "published"
+            } else {
+                "already present"
+            };
+            emit(&[format!("{} bytes, {how}", r.size), d.to_string()])
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -91,6 +175,7 @@ fn raise_nofile() {
 fn run(cli: Cli) -> Result<(), String> {
     raise_nofile();
     match cli.cmd {
+        Cmd::Content { cmd, root } => content(&root, cmd),
         Cmd::Apply {
             layer,
             dest,
