@@ -1,20 +1,20 @@
 //! Layer decompression: detection by magic bytes, the whole-buffer gzip
 //! path (libdeflate on a memory map) and the streaming path (zlib-rs for
-//! gzip, libzstd for zstd, a plain copy for tar) that feeds a bounded
-//! channel. Both hash the uncompressed bytes: the diff ID.
+//! gzip, libzstd for zstd, a plain copy for tar) that feeds bounded
+//! channels. The caller hashes the uncompressed bytes: the diff ID.
 //!
 //! Choosing between them is [`DecodeStrategy`]'s job: libdeflate decodes a
-//! whole member in one call, which is the fastest inflate there is, but it
-//! needs the whole input and an output buffer as large as the result. So
-//! the whole-buffer path is taken only for mappable input whose output fits
+//! whole member in one call, the fastest inflate there is, but it needs the
+//! whole input and an output buffer as large as the result, and nothing can
+//! be written before it is done. So the whole-buffer path is taken only when
+//! asked for (or on one CPU) for mappable input whose output fits
 //! [`DecodeOptions::memory_cap`]; anything else (stdin, a layer that
 //! inflates past the cap, a gzip ISIZE that lies) streams with memory
-//! bounded by the channel. The gzip trailer's ISIZE is only a hint: it is
+//! bounded by the channels. The gzip trailer's ISIZE is only a hint: it is
 //! the last member's size modulo 2^32, so it is never trusted to size
 //! anything, only to skip an attempt that is bound to fail.
 
 use std::io::{self, BufReader, Read};
-
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
