@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use unlade::content::ContentStore;
 use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
+use unlade::snapshot::Snapshotter;
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 
 #[derive(Parser)]
@@ -56,6 +57,14 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Committed overlay snapshots under ROOT/snapshots, keyed by chain ID.
+    Snapshots {
+        #[command(subcommand)]
+        cmd: SnapshotsCmd,
+        /// The unlade root.
+        #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+    },
     /// The content store: blobs by digest under ROOT/content.
     Content {
         #[command(subcommand)]
@@ -68,6 +77,45 @@ enum Cmd {
 
 /// Where unlade keeps its state unless --root says otherwise.
 const DEFAULT_ROOT: &str = "/var/lib/unlade";
+
+#[derive(Subcommand)]
+enum SnapshotsCmd {
+    /// List committed snapshots: chain ID and parent chain ID (or `-`).
+    Ls,
+    /// Remove committed snapshots (children first).
+    Rm {
+        /// Chain IDs to remove.
+        #[arg(required = true, value_name = "sha256:HEX")]
+        chain_ids: Vec<String>,
+    },
+}
+
+fn snapshots(root: &std::path::Path, cmd: SnapshotsCmd) -> Result<(), String> {
+    let snaps = Snapshotter::open(root).map_err(|e| e.to_string())?;
+    match cmd {
+        SnapshotsCmd::Ls => {
+            let lines: Vec<String> = snaps
+                .list()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|i| {
+                    format!(
+                        "{}\t{}",
+                        i.chain_id,
+                        i.parent.map_or("-".to_string(), |p| p.to_string())
+                    )
+                })
+                .collect();
+            emit(&lines)
+        }
+        SnapshotsCmd::Rm { chain_ids } => {
+            for c in chain_ids {
+                snaps.remove(&digest(&c)?).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
 
 #[derive(Subcommand)]
 enum ContentCmd {
@@ -176,6 +224,7 @@ fn run(cli: Cli) -> Result<(), String> {
     raise_nofile();
     match cli.cmd {
         Cmd::Content { cmd, root } => content(&root, cmd),
+        Cmd::Snapshots { cmd, root } => snapshots(&root, cmd),
         Cmd::Apply {
             layer,
             dest,

@@ -147,3 +147,38 @@ fn removal_respects_parents() {
     assert!(snaps.list().unwrap().is_empty());
     assert!(matches!(snaps.remove(&c0), Err(SnapshotError::NotFound(_))));
 }
+
+#[test]
+fn cli_lists_and_removes_snapshots() {
+    let root = tmp();
+    let snaps = Snapshotter::open(root.path()).unwrap();
+    let (c0, c1) = (Digest::of(b"0"), Digest::of(b"1"));
+    snaps.commit(snaps.prepare(None).unwrap(), &c0).unwrap();
+    snaps.commit(snaps.prepare(Some(c0)).unwrap(), &c1).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .arg("snapshots")
+            .args(args)
+            .arg("--root")
+            .arg(root.path())
+            .output()
+            .unwrap()
+    };
+    let ls = run(&["ls"]);
+    assert!(ls.status.success());
+    let mut want = vec![format!("{c0}\t-"), format!("{c1}\t{c0}")];
+    want.sort();
+    assert_eq!(
+        String::from_utf8_lossy(&ls.stdout)
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+        want
+    );
+    let line = err_line(&run(&["rm", &c0.to_string()]));
+    assert!(line.contains("is the parent of"), "{line}");
+    assert!(run(&["rm", &c1.to_string(), &c0.to_string()])
+        .status
+        .success());
+    assert!(run(&["ls"]).stdout.is_empty());
+}
