@@ -17,7 +17,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
@@ -80,16 +79,8 @@ pub struct ContentStore {
     sync: bool,
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
 fn open_dir(p: &Path) -> Result<OwnedFd, ContentError> {
-    std::fs::create_dir_all(p).map_err(|e| io_err("create directory", p, e))?;
-    rfs::open(
-        p,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("open directory", p, e.into()))
+    crate::statedir::open_dir(p).map_err(|e| io_err("open directory", p, e))
 }
 
 fn io_err(op: &'static str, path: &Path, source: io::Error) -> ContentError {
@@ -216,11 +207,7 @@ impl ContentStore {
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
             Err(e) => return Err(io_err("create ingest file", &ingest_path, e.into())),
         }
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::statedir::private_name();
         let name = CString::new(name)
             .map_err(|_| io_err("name ingest file", &ingest_path, Errno::INVAL.into()))?;
         let fd = rfs::openat(

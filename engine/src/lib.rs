@@ -17,6 +17,7 @@ pub mod error;
 pub mod fsops;
 pub mod snapshot;
 pub mod source;
+mod statedir;
 mod sys;
 pub mod tar;
 

@@ -21,7 +21,6 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
@@ -99,16 +98,8 @@ pub struct Snapshotter {
     trash: OwnedFd,
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
-
 fn open_dir(p: &Path) -> Result<OwnedFd, SnapshotError> {
-    fs::create_dir_all(p).map_err(|e| io_err("create directory", p, e))?;
-    rfs::open(
-        p,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("open directory", p, e.into()))
+    crate::statedir::open_dir(p).map_err(|e| io_err("open directory", p, e))
 }
 
 impl Snapshotter {
@@ -157,11 +148,7 @@ impl Snapshotter {
 
     /// Moves a directory into the trash and removes it there.
     fn discard(&self, p: &Path) {
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::statedir::private_name();
         let to = self.dir.join("trash").join(name);
         if fs::rename(p, &to).is_ok() {
             let _ = fs::remove_dir_all(&to);
@@ -194,11 +181,7 @@ impl Snapshotter {
         if let Some(p) = parent {
             self.stat(&p)?;
         }
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::statedir::private_name();
         let dir = self.dir.join("active").join(&name);
         fs::create_dir(&dir).map_err(|e| io_err("create active snapshot", &dir, e))?;
         let lock = rfs::open(
@@ -282,11 +265,7 @@ impl Snapshotter {
         if let Some(child) = self.list()?.into_iter().find(|i| i.parent == Some(*chain)) {
             return Err(SnapshotError::HasChildren(*chain, child.chain_id));
         }
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::statedir::private_name();
         rfs::renameat(&self.committed, chain.hex(), &self.trash, name.as_str())
             .map_err(|e| io_err("remove snapshot", &self.committed_dir(chain), e.into()))?;
         let to = self.dir.join("trash").join(name);
