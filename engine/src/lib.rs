@@ -15,6 +15,7 @@ pub mod decode;
 pub mod digest;
 pub mod error;
 pub mod fsops;
+pub mod image;
 pub mod snapshot;
 pub mod source;
 mod statedir;

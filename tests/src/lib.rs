@@ -882,3 +882,101 @@ pub fn build_tree(root: &Path, extended: bool) {
         set_mtime(&p, md.mtime(), md.mtime_nsec());
     }
 }
+
+/// Writes OCI image layouts for tests: blobs by digest, configs,
+/// manifests and an index, with any media types (hostile ones included).
+pub struct LayoutBuilder {
+    /// The layout directory.
+    pub dir: PathBuf,
+    manifests: Vec<serde_json::Value>,
+}
+
+impl LayoutBuilder {
+    /// An empty layout at `dir`.
+    pub fn new(dir: &Path) -> LayoutBuilder {
+        fs::create_dir_all(dir.join("blobs/sha256")).expect("mkdir");
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).expect("write");
+        LayoutBuilder {
+            dir: dir.to_path_buf(),
+            manifests: Vec::new(),
+        }
+    }
+
+    /// Stores a blob; returns (digest, size).
+    pub fn blob(&self, data: &[u8]) -> (String, u64) {
+        let d = sha256(data);
+        fs::write(self.dir.join("blobs/sha256").join(&d[7..]), data).expect("write blob");
+        (d, data.len() as u64)
+    }
+
+    /// Stores a config for `platform` ("os/arch[/variant]") with these diff
+    /// IDs and a manifest for these layer blobs (media type, data); returns
+    /// the manifest's descriptor (not yet in the index).
+    pub fn image(
+        &self,
+        platform: &str,
+        diff_ids: &[String],
+        layers: &[(&str, &[u8])],
+        docker: bool,
+    ) -> serde_json::Value {
+        let p: Vec<&str> = platform.split('/').collect();
+        let mut cfg = serde_json::json!({
+            "os": p[0], "architecture": p[1],
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        if let Some(v) = p.get(2) {
+            cfg["variant"] = serde_json::json!(v);
+        }
+        let (cd, cs) = self.blob(cfg.to_string().as_bytes());
+        let (mt, ct) = if docker {
+            (
+                "application/vnd.docker.distribution.manifest.v2+json",
+                "application/vnd.docker.container.image.v1+json",
+            )
+        } else {
+            (
+                "application/vnd.oci.image.manifest.v1+json",
+                "application/vnd.oci.image.config.v1+json",
+            )
+        };
+        let layers: Vec<serde_json::Value> = layers
+            .iter()
+            .map(|(t, data)| {
+                let (d, s) = self.blob(data);
+                serde_json::json!({"mediaType": t, "digest": d, "size": s})
+            })
+            .collect();
+        let m = serde_json::json!({
+            "schemaVersion": 2, "mediaType": mt,
+            "config": {"mediaType": ct, "digest": cd, "size": cs},
+            "layers": layers,
+        });
+        let (md, ms) = self.blob(m.to_string().as_bytes());
+        let mut desc = serde_json::json!({"mediaType": mt, "digest": md, "size": ms});
+        let mut plat = serde_json::json!({"os": p[0], "architecture": p[1]});
+        if let Some(v) = p.get(2) {
+            plat["variant"] = serde_json::json!(v);
+        }
+        desc["platform"] = plat;
+        desc
+    }
+
+    /// Adds a descriptor to the top-level index, with a tag if given.
+    pub fn add(&mut self, mut desc: serde_json::Value, tag: Option<&str>) -> &mut Self {
+        if let Some(t) = tag {
+            desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": t});
+        }
+        self.manifests.push(desc);
+        self
+    }
+
+    /// Writes index.json.
+    pub fn finish(&self) {
+        let idx = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": self.manifests,
+        });
+        fs::write(self.dir.join("index.json"), idx.to_string()).expect("write index");
+    }
+}

@@ -1,0 +1,507 @@
+//! Images in an OCI image layout: index → manifest (platform match) →
+//! config → layers, diff IDs and chain IDs, for OCI and Docker schema2
+//! media types.
+//!
+//! Everything read here may be hostile: every blob is read through its
+//! digest (and rejected if its bytes do not hash to it), JSON documents are
+//! bounded in size, nested indexes in depth, and layer and diff ID counts
+//! must agree.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::digest::{chain_ids, Digest};
+
+/// Largest index, manifest or config read (containerd uses 4 MiB).
+pub const MAX_JSON: u64 = 4 << 20;
+/// Deepest chain of nested indexes followed.
+const MAX_INDEX_DEPTH: usize = 4;
+
+/// Why an image could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// Reading the layout failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blob's bytes do not hash to the digest that names it.
+    #[error("blob {digest}: content hashes to {actual}")]
+    DigestMismatch {
+        /// The name.
+        digest: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+    },
+    /// A document is malformed, too large, or inconsistent.
+    #[error("{what}: {detail}")]
+    Invalid {
+        /// Which document (e.g. "manifest sha256:…").
+        what: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// Nothing in the index matches the tag or the platform.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// An OS/architecture/variant triple, as `--platform` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Platform {
+    /// e.g. "linux".
+    pub os: String,
+    /// e.g. "amd64" (Go's names).
+    pub architecture: String,
+    /// e.g. "v8" for arm64; `None` matches any.
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform this process runs on, in Go's (and OCI's) names.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            "loongarch64" => "loong64",
+            other => other,
+        };
+        Platform {
+            os: std::env::consts::OS.to_string(),
+            architecture: architecture.to_string(),
+            variant: None,
+        }
+    }
+
+    /// Parses `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, v] if !os.is_empty() && !arch.is_empty() && !v.is_empty() => Ok(Platform {
+                os: os.to_string(),
+                architecture: arch.to_string(),
+                variant: Some(v.to_string()),
+            }),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected os/arch[/variant]"
+            )),
+        }
+    }
+
+    fn matches(&self, p: &JsonPlatform) -> bool {
+        p.os == self.os
+            && p.architecture == self.architecture
+            && match (&self.variant, &p.variant) {
+                (Some(want), Some(have)) => want == have,
+                (Some(_), None) => false,
+                (None, _) => true,
+            }
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a layer blob is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// An ordinary layer (tar, gzip or zstd: the applier tells by magic).
+    Regular,
+    /// A foreign / non-distributable layer: applied like any other when
+    /// its blob is in the layout, as containerd does; its absence is an
+    /// error naming it.
+    NonDistributable,
+}
+
+/// One layer of a resolved image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The blob's digest.
+    pub digest: Digest,
+    /// The blob's size.
+    pub size: u64,
+    /// Its media type, verbatim.
+    pub media_type: String,
+    /// Regular or foreign.
+    pub kind: LayerKind,
+    /// The diff ID the config lists for it.
+    pub diff_id: Digest,
+    /// The chain ID of the stack up to and including it.
+    pub chain_id: Digest,
+}
+
+/// A resolved image: what unpacking needs.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// The manifest's digest.
+    pub manifest: Digest,
+    /// The config's digest.
+    pub config: Digest,
+    /// The config's platform.
+    pub platform: Platform,
+    /// Layers, bottom first.
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+    #[serde(default)]
+    size: u64,
+    #[serde(default)]
+    platform: Option<JsonPlatform>,
+    #[serde(default)]
+    annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+struct JsonPlatform {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Index {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(rename = "mediaType", default)]
+    media_type: Option<String>,
+    config: Descriptor,
+    layers: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    #[serde(rename = "type")]
+    kind: String,
+    diff_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Config {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+    #[serde(default)]
+    variant: Option<String>,
+    rootfs: RootFs,
+}
+
+const INDEX_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+const CONFIG_TYPES: &[&str] = &[
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+fn layer_kind(media_type: &str) -> Option<LayerKind> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some(LayerKind::Regular),
+        "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+            Some(LayerKind::NonDistributable)
+        }
+        _ => None,
+    }
+}
+
+fn invalid(what: impl Into<String>, detail: impl Into<String>) -> ImageError {
+    ImageError::Invalid {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+fn parse_digest(what: &str, s: &str) -> Result<Digest, ImageError> {
+    s.parse::<Digest>()
+        .map_err(|e| invalid(what, e.to_string()))
+}
+
+/// An OCI image layout directory: `oci-layout`, `index.json`, `blobs/`.
+pub struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    /// Opens a layout, checking its `oci-layout` marker.
+    pub fn open(dir: &Path) -> Result<Layout, ImageError> {
+        let marker = dir.join("oci-layout");
+        let text = std::fs::read_to_string(&marker).map_err(|source| ImageError::Io {
+            path: marker.clone(),
+            source,
+        })?;
+        if !text.contains("imageLayoutVersion") {
+            return Err(invalid(
+                marker.display().to_string(),
+                "not an OCI image layout marker",
+            ));
+        }
+        Ok(Layout {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Where blob `d` lives.
+    pub fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(d.hex())
+    }
+
+    /// Reads a JSON blob, bounded and verified against its digest.
+    fn read_json_blob(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
+        let p = self.blob_path(d);
+        let f = std::fs::File::open(&p).map_err(|source| ImageError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let mut buf = Vec::new();
+        f.take(MAX_JSON + 1)
+            .read_to_end(&mut buf)
+            .map_err(|source| ImageError::Io {
+                path: p.clone(),
+                source,
+            })?;
+        if buf.len() as u64 > MAX_JSON {
+            return Err(invalid(
+                format!("blob {d}"),
+                format!("larger than {MAX_JSON} bytes"),
+            ));
+        }
+        let actual = Digest::of(&buf);
+        if actual != *d {
+            return Err(ImageError::DigestMismatch { digest: *d, actual });
+        }
+        Ok(buf)
+    }
+
+    /// Resolves `tag` (the `org.opencontainers.image.ref.name` annotation;
+    /// `None`: the only image, or the one for the platform) for
+    /// `platform` (`None`: the host, and a config for another platform is
+    /// an error).
+    pub fn resolve(
+        &self,
+        tag: Option<&str>,
+        platform: Option<&Platform>,
+    ) -> Result<Image, ImageError> {
+        let index_path = self.dir.join("index.json");
+        let raw = std::fs::read(&index_path).map_err(|source| ImageError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        if raw.len() as u64 > MAX_JSON {
+            return Err(invalid(
+                "index.json",
+                format!("larger than {MAX_JSON} bytes"),
+            ));
+        }
+        let index: Index =
+            serde_json::from_slice(&raw).map_err(|e| invalid("index.json", e.to_string()))?;
+        let mut candidates: Vec<&Descriptor> = index.manifests.iter().collect();
+        if let Some(t) = tag {
+            candidates.retain(|d| {
+                d.annotations
+                    .as_ref()
+                    .and_then(|a| a.get("org.opencontainers.image.ref.name"))
+                    .is_some_and(|n| n == t)
+            });
+            if candidates.is_empty() {
+                return Err(ImageError::NotFound(format!(
+                    "no image tagged {t:?} in {}",
+                    self.dir.display()
+                )));
+            }
+        }
+        let want = platform.cloned().unwrap_or_else(Platform::host);
+        let desc = self.pick(&candidates, &want, "index.json")?;
+        let manifest = self.manifest(desc, &want, 0)?;
+        let (manifest_digest, m) = manifest;
+        self.image(manifest_digest, m, &want, platform.is_some())
+    }
+
+    /// Picks one descriptor from an index's list: the only one, or the one
+    /// for the platform.
+    fn pick<'d>(
+        &self,
+        list: &[&'d Descriptor],
+        want: &Platform,
+        what: &str,
+    ) -> Result<&'d Descriptor, ImageError> {
+        if let [one] = list {
+            return Ok(one);
+        }
+        list.iter()
+            .copied()
+            .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
+            .ok_or_else(|| ImageError::NotFound(format!("{what}: no manifest for platform {want}")))
+    }
+
+    /// Follows nested indexes down to one manifest.
+    fn manifest(
+        &self,
+        desc: &Descriptor,
+        want: &Platform,
+        depth: usize,
+    ) -> Result<(Digest, Manifest), ImageError> {
+        let d = parse_digest("descriptor", &desc.digest)?;
+        let what = format!("blob {d}");
+        if depth > MAX_INDEX_DEPTH {
+            return Err(invalid(what, "indexes nested too deep"));
+        }
+        let raw = self.read_json_blob(&d)?;
+        if INDEX_TYPES.contains(&desc.media_type.as_str()) {
+            let idx: Index =
+                serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
+            if let Some(mt) = &idx.media_type {
+                if !INDEX_TYPES.contains(&mt.as_str()) {
+                    return Err(invalid(&what, format!("media type {mt} is not an index")));
+                }
+            }
+            let list: Vec<&Descriptor> = idx.manifests.iter().collect();
+            let next = self.pick(&list, want, &what)?;
+            return self.manifest(next, want, depth + 1);
+        }
+        if !MANIFEST_TYPES.contains(&desc.media_type.as_str()) {
+            return Err(invalid(
+                &what,
+                format!("unknown media type {:?}", desc.media_type),
+            ));
+        }
+        let m: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
+        if let Some(mt) = &m.media_type {
+            if !MANIFEST_TYPES.contains(&mt.as_str()) {
+                return Err(invalid(&what, format!("media type {mt} is not a manifest")));
+            }
+        }
+        Ok((d, m))
+    }
+
+    fn image(
+        &self,
+        manifest: Digest,
+        m: Manifest,
+        want: &Platform,
+        explicit: bool,
+    ) -> Result<Image, ImageError> {
+        let config = parse_digest("config descriptor", &m.config.digest)?;
+        let cwhat = format!("config {config}");
+        if !CONFIG_TYPES.contains(&m.config.media_type.as_str()) {
+            return Err(invalid(
+                &cwhat,
+                format!("unknown media type {:?}", m.config.media_type),
+            ));
+        }
+        let c: Config = serde_json::from_slice(&self.read_json_blob(&config)?)
+            .map_err(|e| invalid(&cwhat, e.to_string()))?;
+        if c.rootfs.kind != "layers" {
+            return Err(invalid(
+                &cwhat,
+                format!("rootfs type {:?} is not \"layers\"", c.rootfs.kind),
+            ));
+        }
+        let platform = Platform {
+            os: c.os.clone(),
+            architecture: c.architecture.clone(),
+            variant: c.variant.clone(),
+        };
+        let jp = JsonPlatform {
+            os: c.os,
+            architecture: c.architecture,
+            variant: c.variant,
+        };
+        if !want.matches(&jp) {
+            let hint = if explicit {
+                ""
+            } else {
+                " (ask for it with --platform)"
+            };
+            return Err(ImageError::NotFound(format!(
+                "image is for {platform}, not {want}{hint}"
+            )));
+        }
+        let diff_ids = c
+            .rootfs
+            .diff_ids
+            .iter()
+            .map(|s| parse_digest(&cwhat, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if diff_ids.len() != m.layers.len() {
+            return Err(invalid(
+                format!("manifest {manifest}"),
+                format!(
+                    "{} layers but the config lists {} diff IDs",
+                    m.layers.len(),
+                    diff_ids.len()
+                ),
+            ));
+        }
+        let chains = chain_ids(&diff_ids);
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for ((l, diff_id), chain_id) in m.layers.iter().zip(diff_ids).zip(chains) {
+            let digest = parse_digest("layer descriptor", &l.digest)?;
+            let kind = layer_kind(&l.media_type).ok_or_else(|| {
+                invalid(
+                    format!("layer {digest}"),
+                    format!("unknown media type {:?}", l.media_type),
+                )
+            })?;
+            layers.push(Layer {
+                digest,
+                size: l.size,
+                media_type: l.media_type.clone(),
+                kind,
+                diff_id,
+                chain_id,
+            });
+        }
+        Ok(Image {
+            manifest,
+            config,
+            platform,
+            layers,
+        })
+    }
+}
