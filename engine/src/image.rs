@@ -112,6 +112,16 @@ impl Platform {
     }
 }
 
+impl From<&JsonPlatform> for Platform {
+    fn from(p: &JsonPlatform) -> Platform {
+        Platform {
+            os: p.os.clone(),
+            architecture: p.architecture.clone(),
+            variant: p.variant.clone(),
+        }
+    }
+}
+
 impl std::fmt::Display for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;
@@ -210,12 +220,8 @@ struct RootFs {
 
 #[derive(Deserialize)]
 struct Config {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
+    #[serde(flatten)]
+    platform: JsonPlatform,
     rootfs: RootFs,
 }
 
@@ -356,9 +362,8 @@ impl Layout {
         }
         let want = platform.cloned().unwrap_or_else(Platform::host);
         let desc = self.pick(&candidates, &want, "index.json")?;
-        let manifest = self.manifest(desc, &want, 0)?;
-        let (manifest_digest, m) = manifest;
-        self.image(manifest_digest, m, &want, platform.is_some())
+        let (manifest, m) = self.manifest(desc, &want, 0)?;
+        self.image(manifest, m, &want, platform.is_some())
     }
 
     /// Picks one descriptor from an index's list: the only one, or the one
@@ -442,17 +447,8 @@ impl Layout {
                 format!("rootfs type {:?} is not \"layers\"", c.rootfs.kind),
             ));
         }
-        let platform = Platform {
-            os: c.os.clone(),
-            architecture: c.architecture.clone(),
-            variant: c.variant.clone(),
-        };
-        let jp = JsonPlatform {
-            os: c.os,
-            architecture: c.architecture,
-            variant: c.variant,
-        };
-        if !want.matches(&jp) {
+        if !want.matches(&c.platform) {
+            let platform = Platform::from(&c.platform);
             let hint = if explicit {
                 ""
             } else {
@@ -500,7 +496,7 @@ impl Layout {
         Ok(Image {
             manifest,
             config,
-            platform,
+            platform: Platform::from(&c.platform),
             layers,
         })
     }

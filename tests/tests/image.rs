@@ -136,42 +136,28 @@ fn hostile_layouts_are_refused() {
     let (tars, diff_ids) = two_layers();
     let host = Platform::host().to_string();
     let plat = Some(Platform::host());
+    // Resolving a one-image layout with these diff IDs and layers fails
+    // with this message.
+    let refused = |diff_ids: &[String], layers: &[(&str, &[u8])]| {
+        let w = tmp();
+        let mut b = LayoutBuilder::new(w.path());
+        let m = b.image(&host, diff_ids, layers, false);
+        b.add(m, None);
+        b.finish();
+        Layout::open(w.path())
+            .unwrap()
+            .resolve(None, plat.as_ref())
+            .unwrap_err()
+            .to_string()
+    };
     // Count mismatch between layers and diff IDs.
-    let w = tmp();
-    let mut b = LayoutBuilder::new(w.path());
-    let m = b.image(
-        &host,
-        &diff_ids[..1],
-        &[(GZ, &tars[0]), (GZ, &tars[1])],
-        false,
-    );
-    b.add(m, None);
-    b.finish();
-    let e = Layout::open(w.path())
-        .unwrap()
-        .resolve(None, plat.as_ref())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&diff_ids[..1], &[(GZ, &tars[0]), (GZ, &tars[1])]);
     assert!(
         e.contains("2 layers but the config lists 1 diff IDs"),
         "{e}"
     );
     // Unknown layer media type.
-    let w = tmp();
-    let mut b = LayoutBuilder::new(w.path());
-    let m = b.image(
-        &host,
-        &diff_ids[..1],
-        &[("application/x-evil", &tars[0])],
-        false,
-    );
-    b.add(m, None);
-    b.finish();
-    let e = Layout::open(w.path())
-        .unwrap()
-        .resolve(None, plat.as_ref())
-        .unwrap_err()
-        .to_string();
+    let e = refused(&diff_ids[..1], &[("application/x-evil", &tars[0])]);
     assert!(
         e.contains("unknown media type \"application/x-evil\""),
         "{e}"
