@@ -82,6 +82,9 @@ pub enum ErrorKind {
     /// A caller-supplied argument is invalid (e.g. a malformed digest).
     #[error("{0}")]
     Invalid(String),
+    /// The caller's [`crate::cancel::Cancel`] token was tripped.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// An error of one layer apply: what went wrong and where.
@@ -128,6 +131,12 @@ impl Error {
         if self.layer.is_empty() {
             self.layer = layer.to_string();
         }
+        self
+    }
+
+    /// Names the layer, replacing any name it had.
+    pub fn relabel(mut self, layer: &str) -> Self {
+        self.layer = layer.to_string();
         self
     }
 

@@ -291,6 +291,11 @@ impl Layout {
         })
     }
 
+    /// The layout directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where blob `d` lives.
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.dir.join("blobs/sha256").join(d.hex())

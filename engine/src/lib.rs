@@ -10,17 +10,23 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod cancel;
 pub mod content;
 pub mod decode;
 pub mod digest;
 pub mod error;
+pub mod flight;
 pub mod fsops;
+pub mod gc;
 pub mod image;
+pub mod images;
+pub mod root;
 pub mod snapshot;
 pub mod source;
 mod statedir;
 mod sys;
 pub mod tar;
+pub mod unpack;
 
 pub use apply::{apply_layer, ApplyOptions, ApplyReport, LayerInput};
 pub use digest::Digest;

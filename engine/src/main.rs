@@ -7,9 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use unlade::cancel::Cancel;
 use unlade::content::ContentStore;
 use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
-use unlade::snapshot::Snapshotter;
+use unlade::flight::Role;
+use unlade::image::{Layout, Platform};
+use unlade::root::{Root, RootOptions};
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 
 #[derive(Parser)]
@@ -57,7 +60,68 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Committed overlay snapshots under ROOT/snapshots, keyed by chain ID.
+    /// Unpack an image from an OCI image-layout directory into committed
+    /// snapshots, one per layer. The last stdout line is the image's top
+    /// chain ID, for `unlade mounts`.
+    Unpack {
+        /// The layout directory, optionally with `:TAG` (the
+        /// org.opencontainers.image.ref.name annotation).
+        layout: String,
+        /// The unlade root.
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Unpack this platform's image (os/arch[/variant]) instead of the
+        /// host's.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Record the image under this name (default: LAYOUT:TAG, or the
+        /// layout with the manifest digest).
+        #[arg(long)]
+        name: Option<String>,
+        /// Make every file of every snapshot durable before its commit,
+        /// and the commit itself.
+        #[arg(long)]
+        sync: bool,
+        /// Most layers applied at once.
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Print nothing but the chain ID.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Print, as the last stdout line, the `mount` command that mounts
+    /// committed snapshot CHAINID read-only at TARGET, or with --rw a new
+    /// writable snapshot KEY on top of it (as `ctr snapshots mounts`).
+    Mounts {
+        /// Where the mount command mounts.
+        target: PathBuf,
+        /// The committed snapshot (an image's top chain ID).
+        #[arg(value_name = "sha256:HEX")]
+        chain_id: String,
+        /// The unlade root.
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Create writable snapshot KEY on top and mount that.
+        #[arg(long, value_name = "KEY")]
+        rw: Option<String>,
+    },
+    /// Image records: name, manifest, top chain ID.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+        /// The unlade root.
+        #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+    },
+    /// Remove snapshots and blobs that no image and no writable snapshot
+    /// references. Waits for running unpacks.
+    Gc {
+        /// The unlade root.
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+    },
+    /// Snapshots under ROOT/snapshots: committed ones keyed by chain ID,
+    /// writable ones by key.
     Snapshots {
         #[command(subcommand)]
         cmd: SnapshotsCmd,
@@ -80,41 +144,189 @@ const DEFAULT_ROOT: &str = "/var/lib/unlade";
 
 #[derive(Subcommand)]
 enum SnapshotsCmd {
-    /// List committed snapshots: chain ID and parent chain ID (or `-`).
+    /// List snapshots: name (chain ID or key), parent chain ID (or `-`),
+    /// kind (`committed` or `writable`), tab-separated.
     Ls,
-    /// Remove committed snapshots (children first).
+    /// Remove committed snapshots (children first) or writable ones (by
+    /// key; unmount them first).
     Rm {
-        /// Chain IDs to remove.
-        #[arg(required = true, value_name = "sha256:HEX")]
-        chain_ids: Vec<String>,
+        /// Chain IDs or keys to remove.
+        #[arg(required = true, value_name = "sha256:HEX|KEY")]
+        names: Vec<String>,
     },
 }
 
+fn open_root(root: &std::path::Path) -> Result<Root, String> {
+    Root::open(root, RootOptions::default()).map_err(|e| e.to_string())
+}
+
+fn or_dash(d: Option<Digest>) -> String {
+    d.map_or("-".to_string(), |p| p.to_string())
+}
+
 fn snapshots(root: &std::path::Path, cmd: SnapshotsCmd) -> Result<(), String> {
-    let snaps = Snapshotter::open(root).map_err(|e| e.to_string())?;
+    let root = open_root(root)?;
+    let snaps = root.snapshots();
     match cmd {
         SnapshotsCmd::Ls => {
-            let lines: Vec<String> = snaps
+            let mut lines: Vec<String> = snaps
                 .list()
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .map(|i| {
+                .map(|i| format!("{}\t{}\tcommitted", i.chain_id, or_dash(i.parent)))
+                .collect();
+            lines.extend(
+                snaps
+                    .list_rw()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|i| format!("{}\t{}\twritable", i.key, or_dash(i.parent))),
+            );
+            emit(&lines)
+        }
+        SnapshotsCmd::Rm { names } => {
+            for n in names {
+                if n.starts_with("sha256:") {
+                    snaps.remove(&digest(&n)?).map_err(|e| e.to_string())?;
+                } else {
+                    root.remove_rw(&n).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum ImagesCmd {
+    /// List images: name, manifest digest, top chain ID, platform.
+    Ls,
+    /// Forget images (gc then removes what only they used).
+    Rm {
+        /// Image names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+fn images(root: &std::path::Path, cmd: ImagesCmd) -> Result<(), String> {
+    let root = open_root(root)?;
+    match cmd {
+        ImagesCmd::Ls => {
+            let lines: Vec<String> = root
+                .list_images()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|r| {
                     format!(
-                        "{}\t{}",
-                        i.chain_id,
-                        i.parent.map_or("-".to_string(), |p| p.to_string())
+                        "{}\t{}\t{}\t{}",
+                        r.name,
+                        r.manifest,
+                        or_dash(r.top_chain),
+                        r.platform
                     )
                 })
                 .collect();
             emit(&lines)
         }
-        SnapshotsCmd::Rm { chain_ids } => {
-            for c in chain_ids {
-                snaps.remove(&digest(&c)?).map_err(|e| e.to_string())?;
+        ImagesCmd::Rm { names } => {
+            for n in names {
+                root.remove_image(&n).map_err(|e| e.to_string())?;
             }
             Ok(())
         }
     }
+}
+
+/// Splits `LAYOUT[:TAG]`: a suffix after the last `:` is a tag unless the
+/// whole string names a directory or the suffix has a `/`.
+fn split_layout(s: &str) -> (PathBuf, Option<String>) {
+    if std::path::Path::new(s).is_dir() {
+        return (PathBuf::from(s), None);
+    }
+    match s.rsplit_once(':') {
+        Some((dir, tag)) if !tag.is_empty() && !tag.contains('/') => {
+            (PathBuf::from(dir), Some(tag.to_string()))
+        }
+        _ => (PathBuf::from(s), None),
+    }
+}
+
+struct UnpackArgs {
+    layout: String,
+    root: PathBuf,
+    platform: Option<String>,
+    name: Option<String>,
+    sync: bool,
+    parallel: Option<usize>,
+    quiet: bool,
+}
+
+fn unpack(a: UnpackArgs) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let (dir, tag) = split_layout(&a.layout);
+    let platform = a.platform.as_deref().map(Platform::parse).transpose()?;
+    let layout = Layout::open(&dir).map_err(|e| e.to_string())?;
+    let image = layout
+        .resolve(tag.as_deref(), platform.as_ref())
+        .map_err(|e| e.to_string())?;
+    let mut opts = RootOptions {
+        sync: a.sync,
+        ..RootOptions::default()
+    };
+    if let Some(n) = a.parallel {
+        opts.parallel_layers = n.max(1);
+    }
+    let root = Root::open(&a.root, opts).map_err(|e| e.to_string())?;
+    let name = a.name.unwrap_or_else(|| match &tag {
+        Some(t) => format!("{}:{t}", dir.display()),
+        None => format!("{}@{}", dir.display(), image.manifest),
+    });
+    let cancel = Cancel::new();
+    let r = root
+        .unpack(std::sync::Arc::new(layout), &image, &name, &cancel)
+        .map_err(|e| e.to_string())?;
+    let stats = root.stats();
+    let mut out = Vec::new();
+    if !a.quiet {
+        for (chain, role) in &r.roles {
+            let how = match role {
+                Role::Led => "applied",
+                Role::TookOver => "applied (took over)",
+                Role::Waited => "done by another",
+            };
+            out.push(format!("layer {chain}: {how}"));
+        }
+        out.push(format!(
+            "unpacked {name}: {} layers, {} committed before, {} applied here, {} blobs imported, in {:.3}s",
+            r.chain_ids.len(),
+            r.already,
+            stats.layers_applied,
+            stats.blobs_ingested,
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    match r.top_chain {
+        Some(c) => out.push(c.to_string()),
+        None => return Err(format!("image {name} has no layers: nothing to mount")),
+    }
+    emit(&out)
+}
+
+fn mounts(
+    target: PathBuf,
+    chain: &str,
+    root: &std::path::Path,
+    rw: Option<String>,
+) -> Result<(), String> {
+    let root = open_root(root)?;
+    let chain = digest(chain)?;
+    let m = match rw {
+        None => root.mounts(&chain),
+        Some(key) => root.prepare_rw(&key, Some(&chain), &Cancel::new()),
+    }
+    .map_err(|e| e.to_string())?;
+    emit(&[m.command_line(&target)])
 }
 
 #[derive(Subcommand)]
@@ -225,6 +437,41 @@ fn run(cli: Cli) -> Result<(), String> {
     match cli.cmd {
         Cmd::Content { cmd, root } => content(&root, cmd),
         Cmd::Snapshots { cmd, root } => snapshots(&root, cmd),
+        Cmd::Images { cmd, root } => images(&root, cmd),
+        Cmd::Gc { root } => {
+            let r = open_root(&root)?
+                .gc(&Cancel::new())
+                .map_err(|e| e.to_string())?;
+            let freed: u64 = r.blobs.iter().map(|(_, s)| s).sum();
+            emit(&[format!(
+                "removed {} snapshots, {} blobs ({freed} bytes)",
+                r.snapshots.len(),
+                r.blobs.len()
+            )])
+        }
+        Cmd::Mounts {
+            target,
+            chain_id,
+            root,
+            rw,
+        } => mounts(target, &chain_id, &root, rw),
+        Cmd::Unpack {
+            layout,
+            root,
+            platform,
+            name,
+            sync,
+            parallel,
+            quiet,
+        } => unpack(UnpackArgs {
+            layout,
+            root,
+            platform,
+            name,
+            sync,
+            parallel,
+            quiet,
+        }),
         Cmd::Apply {
             layer,
             dest,
@@ -251,6 +498,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 },
                 same_owner: None,
                 diff_id,
+                ..ApplyOptions::default()
             };
             let input = if layer.as_os_str() == "-" {
                 LayerInput::Stdin

@@ -11,6 +11,9 @@
 //!   with one `renameat2(RENAME_NOREPLACE)`: it exists whole or not at all,
 //!   and when two producers race for one chain ID the loser's copy is
 //!   discarded (same chain ID, same content).
+//! - `rw/<key>/` are named writable snapshots (a container's rootfs,
+//!   `unlade mounts --rw KEY`): `fs/` and `work/` for overlay, `parent`.
+//!   They persist until removed and keep their parent chain from GC.
 //! - Removal renames a committed snapshot into `trash/` first, so a
 //!   half-removed snapshot never keeps its name.
 //!
@@ -35,7 +38,23 @@ pub enum SnapshotError {
     NotFound(Digest),
     /// A committed snapshot is the parent of others and cannot go first.
     #[error("snapshot {0} is the parent of {1}: remove that first")]
-    HasChildren(Digest, Digest),
+    HasChildren(Digest, String),
+    /// A commit whose parent is not committed (yet).
+    #[error("snapshot {chain}: parent {parent} is not committed")]
+    ParentMissing {
+        /// What was being committed.
+        chain: Digest,
+        /// The missing parent.
+        parent: Digest,
+    },
+    /// A writable snapshot key is malformed, taken or unknown.
+    #[error("writable snapshot {key:?}: {detail}")]
+    Key {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        detail: &'static str,
+    },
     /// A file-system operation failed.
     #[error("snapshots {path}: {op}: {source}")]
     Io {
@@ -95,7 +114,64 @@ pub struct Snapshotter {
     dir: PathBuf,
     committed: OwnedFd,
     active: OwnedFd,
+    rw: OwnedFd,
     trash: OwnedFd,
+}
+
+/// How to mount a snapshot: the arguments of mount(2) / mount(8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// `overlay` or `bind`.
+    pub kind: &'static str,
+    /// The source (`overlay`, or the directory bound).
+    pub source: PathBuf,
+    /// Mount options (`ro`, `lowerdir=…`, `rbind`).
+    pub options: Vec<String>,
+}
+
+impl Mount {
+    /// The `mount` command line that mounts this at `target`, in the form
+    /// `ctr snapshots mounts` prints: `mount -t TYPE SOURCE TARGET -o OPTS`.
+    pub fn command_line(&self, target: &Path) -> String {
+        format!(
+            "mount -t {} {} {} -o {}",
+            self.kind,
+            shell_quote(&self.source.to_string_lossy()),
+            shell_quote(&target.to_string_lossy()),
+            shell_quote(&self.options.join(","))
+        )
+    }
+}
+
+/// Quotes a word for sh when it needs it.
+fn shell_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-:=,+@%".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// A named writable snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RwInfo {
+    /// Its key.
+    pub key: String,
+    /// The committed snapshot it stacks on.
+    pub parent: Option<Digest>,
+}
+
+/// Whether `key` may name a writable snapshot: a plain file name.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 200
+        && !key.starts_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-@+".contains(&b))
 }
 
 fn open_dir(p: &Path) -> Result<OwnedFd, SnapshotError> {
@@ -110,6 +186,7 @@ impl Snapshotter {
         let s = Snapshotter {
             committed: open_dir(&dir.join("committed"))?,
             active: open_dir(&dir.join("active"))?,
+            rw: open_dir(&dir.join("rw"))?,
             trash: open_dir(&dir.join("trash"))?,
             dir,
         };
@@ -181,6 +258,13 @@ impl Snapshotter {
         if let Some(p) = parent {
             self.stat(&p)?;
         }
+        self.prepare_on(parent)
+    }
+
+    /// Starts a private snapshot on top of `parent`, which may still be
+    /// being applied: layers are applied in parallel, and [`Self::commit`]
+    /// refuses until the parent is committed.
+    pub fn prepare_on(&self, parent: Option<Digest>) -> Result<Active, SnapshotError> {
         let name = crate::statedir::private_name();
         let dir = self.dir.join("active").join(&name);
         fs::create_dir(&dir).map_err(|e| io_err("create active snapshot", &dir, e))?;
@@ -209,6 +293,15 @@ impl Snapshotter {
     /// rename. Returns false if `chain` was committed already (by anyone):
     /// then this copy is discarded.
     pub fn commit(&self, active: Active, chain: &Digest) -> Result<bool, SnapshotError> {
+        if let Some(parent) = active.parent {
+            if self.stat(&parent).is_err() {
+                self.discard(&active.dir);
+                return Err(SnapshotError::ParentMissing {
+                    chain: *chain,
+                    parent,
+                });
+            }
+        }
         let name = active
             .dir
             .file_name()
@@ -230,6 +323,19 @@ impl Snapshotter {
             }
             Err(e) => Err(io_err("commit", &active.dir, e.into())),
         }
+    }
+
+    /// Makes everything written into `active` durable: one `syncfs` of
+    /// the file system holding it (the baseline containerd offers).
+    pub fn sync_active(&self, active: &Active) -> Result<(), SnapshotError> {
+        let fd = open_dir(&active.fs())?;
+        rfs::syncfs(&fd).map_err(|e| io_err("sync", &active.fs(), e.into()))
+    }
+
+    /// Makes a commit's rename durable: fsync of `committed/`.
+    pub fn sync_commits(&self) -> Result<(), SnapshotError> {
+        rfs::fsync(&self.committed)
+            .map_err(|e| io_err("sync", &self.dir.join("committed"), e.into()))
     }
 
     /// Throws an active snapshot away.
@@ -263,7 +369,20 @@ impl Snapshotter {
     pub fn remove(&self, chain: &Digest) -> Result<(), SnapshotError> {
         self.stat(chain)?;
         if let Some(child) = self.list()?.into_iter().find(|i| i.parent == Some(*chain)) {
-            return Err(SnapshotError::HasChildren(*chain, child.chain_id));
+            return Err(SnapshotError::HasChildren(
+                *chain,
+                child.chain_id.to_string(),
+            ));
+        }
+        if let Some(rw) = self
+            .list_rw()?
+            .into_iter()
+            .find(|i| i.parent == Some(*chain))
+        {
+            return Err(SnapshotError::HasChildren(
+                *chain,
+                format!("writable snapshot {:?}", rw.key),
+            ));
         }
         let name = crate::statedir::private_name();
         rfs::renameat(&self.committed, chain.hex(), &self.trash, name.as_str())
@@ -291,6 +410,154 @@ impl Snapshotter {
         }
         Ok(out)
     }
+}
+
+impl Snapshotter {
+    /// How to mount committed snapshot `chain` read-only: a bind mount of
+    /// its one directory, or an overlay of all of them (overlayfs needs two
+    /// lower directories when it has no upper one).
+    pub fn mounts(&self, chain: &Digest) -> Result<Mount, SnapshotError> {
+        let lowers = self.lower_dirs(chain)?;
+        if let [one] = lowers.as_slice() {
+            return Ok(Mount {
+                kind: "bind",
+                source: one.clone(),
+                options: vec!["rbind".into(), "ro".into()],
+            });
+        }
+        Ok(Mount {
+            kind: "overlay",
+            source: "overlay".into(),
+            options: vec!["ro".into(), lowerdir_option(&lowers)],
+        })
+    }
+
+    /// Creates the named writable snapshot `key` on top of `parent` (a
+    /// committed chain ID; `None`: empty) and says how to mount it. The
+    /// key must be new.
+    pub fn create_rw(&self, key: &str, parent: Option<&Digest>) -> Result<Mount, SnapshotError> {
+        if !valid_key(key) {
+            return Err(SnapshotError::Key {
+                key: key.into(),
+                detail: "use letters, digits and ._-@+ (not first .), at most 200",
+            });
+        }
+        let active = match parent {
+            Some(p) => self.prepare(Some(*p))?,
+            None => self.prepare(None)?,
+        };
+        let name = active
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match rfs::renameat_with(
+            &self.active,
+            name.as_str(),
+            &self.rw,
+            key,
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(Errno::EXIST | Errno::NOTEMPTY) => {
+                self.discard(&active.dir);
+                return Err(SnapshotError::Key {
+                    key: key.into(),
+                    detail: "exists already",
+                });
+            }
+            Err(e) => return Err(io_err("create writable snapshot", &active.dir, e.into())),
+        }
+        let _ = fs::remove_file(self.rw_dir(key).join("lock"));
+        self.rw_mounts(key)
+    }
+
+    fn rw_dir(&self, key: &str) -> PathBuf {
+        self.dir.join("rw").join(key)
+    }
+
+    /// How to mount writable snapshot `key`: an overlay whose upper
+    /// directory is the snapshot's own.
+    pub fn rw_mounts(&self, key: &str) -> Result<Mount, SnapshotError> {
+        let dir = self.rw_dir(key);
+        if !valid_key(key) || !dir.join("fs").is_dir() {
+            return Err(SnapshotError::Key {
+                key: key.into(),
+                detail: "not found",
+            });
+        }
+        let mut options = vec![
+            "index=off".to_string(),
+            format!("workdir={}", dir.join("work").display()),
+            format!("upperdir={}", dir.join("fs").display()),
+        ];
+        match read_parent(&dir)? {
+            Some(p) => options.push(lowerdir_option(&self.lower_dirs(&p)?)),
+            None => {
+                // overlayfs needs a lower directory: an empty one.
+                let empty = self.dir.join("empty");
+                fs::create_dir_all(&empty).map_err(|e| io_err("create", &empty, e))?;
+                options.push(format!("lowerdir={}", empty.display()));
+            }
+        }
+        Ok(Mount {
+            kind: "overlay",
+            source: "overlay".into(),
+            options,
+        })
+    }
+
+    /// Every named writable snapshot, sorted by key.
+    pub fn list_rw(&self) -> Result<Vec<RwInfo>, SnapshotError> {
+        let p = self.dir.join("rw");
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&p)
+            .map_err(|e| io_err("list writable snapshots", &p, e))?
+            .flatten()
+        {
+            let key = ent.file_name().to_string_lossy().into_owned();
+            out.push(RwInfo {
+                parent: read_parent(&ent.path())?,
+                key,
+            });
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Removes writable snapshot `key` (unmount it first).
+    pub fn remove_rw(&self, key: &str) -> Result<(), SnapshotError> {
+        if !valid_key(key) {
+            return Err(SnapshotError::Key {
+                key: key.into(),
+                detail: "not found",
+            });
+        }
+        let name = crate::statedir::private_name();
+        match rfs::renameat(&self.rw, key, &self.trash, name.as_str()) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => {
+                return Err(SnapshotError::Key {
+                    key: key.into(),
+                    detail: "not found",
+                })
+            }
+            Err(e) => {
+                return Err(io_err(
+                    "remove writable snapshot",
+                    &self.rw_dir(key),
+                    e.into(),
+                ))
+            }
+        }
+        let to = self.dir.join("trash").join(name);
+        fs::remove_dir_all(&to).map_err(|e| io_err("remove writable snapshot", &to, e))
+    }
+}
+
+fn lowerdir_option(lowers: &[PathBuf]) -> String {
+    let list: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+    format!("lowerdir={}", list.join(":"))
 }
 
 fn read_parent(dir: &Path) -> Result<Option<Digest>, SnapshotError> {

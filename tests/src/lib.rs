@@ -980,3 +980,204 @@ impl LayoutBuilder {
         fs::write(self.dir.join("index.json"), idx.to_string()).expect("write index");
     }
 }
+
+/// OCI media type of a gzip layer.
+pub const MT_GZ: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// OCI media type of a zstd layer.
+pub const MT_ZST: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
+/// OCI media type of an uncompressed layer.
+pub const MT_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A layer for [`image_layout`]: its uncompressed tar and media type
+/// (which decides the compression).
+pub struct TestLayer {
+    /// The uncompressed tar.
+    pub tar: Vec<u8>,
+    /// One of [`MT_GZ`], [`MT_ZST`], [`MT_TAR`].
+    pub media_type: &'static str,
+}
+
+impl TestLayer {
+    /// The blob as stored.
+    pub fn blob(&self) -> Vec<u8> {
+        match self.media_type {
+            MT_GZ => gzip_members(&self.tar, 1),
+            MT_ZST => zstd_frames(&self.tar, 1),
+            _ => self.tar.clone(),
+        }
+    }
+
+    /// The diff ID.
+    pub fn diff_id(&self) -> String {
+        sha256(&self.tar)
+    }
+}
+
+/// A GNU tar (posix, xattrs) of a directory tree, as a layer.
+pub fn tar_of(src: &Path, media_type: &'static str) -> TestLayer {
+    let out = src.with_extension("tar");
+    gnu_tar(src, &out, "posix", &[]);
+    TestLayer {
+        tar: fs::read(&out).expect("read tar"),
+        media_type,
+    }
+}
+
+/// Writes an OCI layout at `dir` holding one linux/amd64 image per
+/// `(tag, layers)`; returns each image's chain IDs.
+pub fn image_layout(dir: &Path, images: &[(&str, &[&TestLayer])]) -> Vec<Vec<String>> {
+    let mut b = LayoutBuilder::new(dir);
+    let mut chains = Vec::new();
+    for (tag, layers) in images {
+        let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id()).collect();
+        let blobs: Vec<Vec<u8>> = layers.iter().map(|l| l.blob()).collect();
+        let descs: Vec<(&str, &[u8])> = layers
+            .iter()
+            .zip(&blobs)
+            .map(|(l, b)| (l.media_type, b.as_slice()))
+            .collect();
+        let desc = b.image("linux/amd64", &diff_ids, &descs, false);
+        b.add(desc, Some(tag));
+        chains.push(chain_ids_of(&diff_ids));
+    }
+    b.finish();
+    chains
+}
+
+/// Chain IDs as the OCI image spec defines them, computed here
+/// independently of the engine.
+pub fn chain_ids_of(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+fn set_times_of(p: &Path, md: &fs::Metadata) {
+    use rustix::fs::{Timespec, Timestamps};
+    let ts = Timestamps {
+        last_access: Timespec {
+            tv_sec: md.atime(),
+            tv_nsec: md.atime_nsec() as _,
+        },
+        last_modification: Timespec {
+            tv_sec: md.mtime(),
+            tv_nsec: md.mtime_nsec() as _,
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &ts,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .expect("utimensat");
+}
+
+/// Removes `p` (anything) keeping its parent's times.
+fn remove_keeping_parent_times(p: &Path) {
+    let parent = p.parent().expect("parent");
+    let Ok(pmd) = fs::symlink_metadata(parent) else {
+        return;
+    };
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(p).expect("rm -r"),
+        Ok(_) => fs::remove_file(p).expect("rm"),
+        Err(_) => return,
+    }
+    set_times_of(parent, &pmd);
+}
+
+/// The tree a sequential unpacker gives for `layers` applied in order:
+/// each layer's OCI whiteouts remove what the layers below put there, then
+/// GNU tar extracts the layer over the result (hard links to lower files
+/// work because everything is one directory). An expectation computed
+/// without the engine.
+pub fn expected_merge(layers: &[&TestLayer], work: &Path) -> Tree {
+    let merged = work.join("expected");
+    fs::create_dir_all(&merged).expect("mkdir");
+    for (i, l) in layers.iter().enumerate() {
+        let f = work.join(format!("expected-layer{i}.tar"));
+        fs::write(&f, &l.tar).expect("write");
+        let list = sh(Command::new("tar").arg("-tf").arg(&f));
+        let names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .map(|n| n.trim_start_matches("./").trim_end_matches('/').to_string())
+            .filter(|n| !n.is_empty() && n != ".")
+            .collect();
+        let whiteouts: Vec<&String> = names
+            .iter()
+            .filter(|n| n.rsplit('/').next().is_some_and(|b| b.starts_with(".wh.")))
+            .collect();
+        for n in &whiteouts {
+            let (dir, base) = n.rsplit_once('/').unwrap_or(("", n.as_str()));
+            let dir = merged.join(dir);
+            if base == ".wh..wh..opq" {
+                if let Ok(rd) = fs::read_dir(&dir) {
+                    for e in rd.flatten() {
+                        remove_keeping_parent_times(&e.path());
+                    }
+                }
+            } else {
+                remove_keeping_parent_times(&dir.join(&base[4..]));
+            }
+        }
+        gnu_extract(&f, &merged);
+        for n in &whiteouts {
+            remove_keeping_parent_times(&merged.join(n));
+        }
+    }
+    snapshot(&merged)
+}
+
+/// Runs `unlade unpack LAYOUT_REF --root ROOT` plus `extra`.
+pub fn unpack(layout_ref: &str, root: &Path, extra: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("unpack")
+        .arg(layout_ref)
+        .arg("--root")
+        .arg(root)
+        .args(extra)
+        .output()
+        .expect("run unlade unpack")
+}
+
+/// The last stdout line of a successful command.
+pub fn last_line(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Mounts `chain` of `root` read-only with the command `unlade mounts`
+/// prints, snapshots the merged tree, and unmounts.
+pub fn mounted_tree(root: &Path, chain: &str, work: &Path) -> Tree {
+    let target = work.join(format!("mnt-{}", &chain[7..19]));
+    fs::create_dir_all(&target).expect("mkdir");
+    let out = Command::new(bin())
+        .arg("mounts")
+        .arg(&target)
+        .arg(chain)
+        .arg("--root")
+        .arg(root)
+        .output()
+        .expect("run unlade mounts");
+    let line = last_line(&out);
+    assert!(line.starts_with("mount "), "{line}");
+    sh(Command::new("sh").arg("-c").arg(&line));
+    let tree = snapshot(&target);
+    sh(Command::new("umount").arg(&target));
+    tree
+}

@@ -136,7 +136,7 @@ fn removal_respects_parents() {
     let b = snaps.prepare(Some(c0)).unwrap();
     snaps.commit(b, &c1).unwrap();
     assert!(
-        matches!(snaps.remove(&c0), Err(SnapshotError::HasChildren(p, c)) if p == c0 && c == c1)
+        matches!(snaps.remove(&c0), Err(SnapshotError::HasChildren(p, c)) if p == c0 && c == c1.to_string())
     );
     assert!(matches!(
         snaps.prepare(Some(Digest::of(b"missing"))),
@@ -166,7 +166,10 @@ fn cli_lists_and_removes_snapshots() {
     };
     let ls = run(&["ls"]);
     assert!(ls.status.success());
-    let mut want = vec![format!("{c0}\t-"), format!("{c1}\t{c0}")];
+    let mut want = vec![
+        format!("{c0}\t-\tcommitted"),
+        format!("{c1}\t{c0}\tcommitted"),
+    ];
     want.sort();
     assert_eq!(
         String::from_utf8_lossy(&ls.stdout)

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use rustix::io::Errno;
 
 use super::dirs::{self, Dirs, Missing};
+use super::lower::{copy_up, LowerLayers};
 use super::path::{normalize, split};
+use crate::cancel::Cancel;
 use crate::error::{Error, ErrorKind};
 use crate::fsops::{Backend, Done, Job, Meta, NodeKind, Op};
 use crate::source::{Chunk, Source};
@@ -82,6 +84,8 @@ pub struct Applier<'a, B: Backend> {
     delayed: BTreeMap<Vec<u8>, Delayed>,
     delayed_bytes: usize,
     counts: Counts,
+    cancel: Option<Cancel>,
+    lower: Option<Arc<dyn LowerLayers>>,
 }
 
 impl<'a, B: Backend> Applier<'a, B> {
@@ -100,7 +104,22 @@ impl<'a, B: Backend> Applier<'a, B> {
             delayed: BTreeMap::new(),
             delayed_bytes: 0,
             counts: Counts::default(),
+            cancel: None,
+            lower: None,
         }
+    }
+
+    /// Stops at the next entry once `cancel` is tripped.
+    pub fn with_cancel(mut self, cancel: Option<Cancel>) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// Resolves hard links to files of the layers below through `lower`
+    /// (see [`super::lower`]).
+    pub fn with_lower(mut self, lower: Option<Arc<dyn LowerLayers>>) -> Self {
+        self.lower = lower;
+        self
     }
 
     /// What was done so far.
@@ -245,6 +264,9 @@ impl<'a, B: Backend> Applier<'a, B> {
     pub fn entry<S: Source<'a>>(&mut self, r: &mut Reader<'a, S>, e: Entry) -> Result<(), Error> {
         self.counts.entries += 1;
         let at = |err: Error| err.at(Some(&e.path), e.offset);
+        if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Err(at(Error::new(ErrorKind::Cancelled)));
+        }
         let path = normalize(&e.path).map_err(at)?;
         if path.is_empty() {
             if e.kind != Kind::Dir {
@@ -526,7 +548,30 @@ impl<'a, B: Backend> Applier<'a, B> {
             // A link to itself: already there.
             return Ok(());
         }
-        let (tparent, tbase) = split(&target);
+        match self.link_in_layer(e, &target, dir.clone(), name.clone()) {
+            Err(err) if self.lower.is_some() && is_missing(&err) => {}
+            r => return r,
+        }
+        // The target is not in this layer: copy it up from the layers
+        // below, once they are complete, and link to the copy.
+        let Some(lower) = self.lower.clone() else {
+            return Ok(());
+        };
+        self.flush()?;
+        let dirs = lower.dirs().map_err(at)?;
+        copy_up(self.dirs.root(), &dirs, &target, self.same_owner).map_err(at)?;
+        self.link_in_layer(e, &target, dir, name)
+    }
+
+    fn link_in_layer(
+        &mut self,
+        e: &Entry,
+        target: &[u8],
+        dir: Arc<OwnedFd>,
+        name: CString,
+    ) -> Result<(), Error> {
+        let at = |err: Error| err.at(Some(&e.path), e.offset);
+        let (tparent, tbase) = split(target);
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
             at(match err.kind {
@@ -584,4 +629,9 @@ impl<'a, B: Backend> Applier<'a, B> {
         }
         Ok(self.counts)
     }
+}
+
+/// Whether an error says a hard link's target does not exist.
+fn is_missing(err: &Error) -> bool {
+    matches!(&err.kind, ErrorKind::Fs { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
 }

@@ -13,9 +13,11 @@
 
 mod applier;
 mod dirs;
+mod lower;
 mod path;
 
 pub use applier::{Applier, Counts, MAX_DELAYED_BYTES, MAX_DELAYED_DIRS};
+pub use lower::LowerLayers;
 pub use path::normalize;
 
 use std::fs::File;
@@ -51,6 +53,10 @@ pub struct ApplyOptions {
     pub same_owner: Option<bool>,
     /// The diff ID the layer must hash to.
     pub diff_id: Option<Digest>,
+    /// Stops the apply at the next entry when tripped.
+    pub cancel: Option<crate::cancel::Cancel>,
+    /// The layers below, for hard links to their files (parallel apply).
+    pub lower: Option<std::sync::Arc<dyn LowerLayers>>,
 }
 
 /// What an apply did.
@@ -129,22 +135,22 @@ fn from_file(
         return from_reader(Box::new(f), root, same_owner, opts);
     }
     if st.st_size == 0 {
-        return whole(&[], Compression::Plain, root, same_owner);
+        return whole(&[], Compression::Plain, root, same_owner, opts);
     }
     let map = crate::sys::map_layer(&f).map_err(|e| Error::fs("map layer", e))?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     let strategy = opts.decode.strategy;
     match comp {
         Compression::Plain if strategy != DecodeStrategy::Streaming => {
-            whole(&map, comp, root, same_owner)
+            whole(&map, comp, root, same_owner, opts)
         }
         Compression::Gzip if strategy.gzip_whole() => {
             match decode::gunzip_whole(&map, opts.decode.memory_cap) {
-                Some(buf) => whole(&buf, comp, root, same_owner),
-                None => streaming(&map[..], comp, root, same_owner),
+                Some(buf) => whole(&buf, comp, root, same_owner, opts),
+                None => streaming(&map[..], comp, root, same_owner, opts),
             }
         }
-        _ => streaming(&map[..], comp, root, same_owner),
+        _ => streaming(&map[..], comp, root, same_owner, opts),
     }
 }
 
@@ -152,7 +158,7 @@ fn from_reader(
     mut r: Box<dyn Read + Send>,
     root: OwnedFd,
     same_owner: bool,
-    _opts: &ApplyOptions,
+    opts: &ApplyOptions,
 ) -> Result<ApplyReport, Error> {
     // Peek the magic without losing it.
     let mut head = [0u8; 16];
@@ -167,7 +173,7 @@ fn from_reader(
     }
     let comp = Compression::detect(&head[..n])?;
     let input = Cursor::new(head[..n].to_vec()).chain(r);
-    streaming(input, comp, root, same_owner)
+    streaming(input, comp, root, same_owner, opts)
 }
 
 /// Applies a fully decoded layer, hashing it on a second thread.
@@ -176,10 +182,11 @@ fn whole(
     comp: Compression,
     root: OwnedFd,
     same_owner: bool,
+    opts: &ApplyOptions,
 ) -> Result<ApplyReport, Error> {
     std::thread::scope(|s| {
         let hasher = s.spawn(|| decode::hash_whole(buf));
-        let counts = drive(SliceSource::new(buf), root, same_owner);
+        let counts = drive(SliceSource::new(buf), applier(root, same_owner, opts));
         let diff_id = hasher
             .join()
             .map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
@@ -200,6 +207,7 @@ fn streaming(
     comp: Compression,
     root: OwnedFd,
     same_owner: bool,
+    opts: &ApplyOptions,
 ) -> Result<ApplyReport, Error> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
@@ -218,7 +226,11 @@ fn streaming(
         });
         let hasher = s.spawn(move || decode::hash_blocks(hrx));
         let mut src_len = 0u64;
-        let counts = drive_stream(StreamSource::new(rx), root, same_owner, &mut src_len);
+        let counts = drive_stream(
+            StreamSource::new(rx),
+            applier(root, same_owner, opts),
+            &mut src_len,
+        );
         let panicked =
             |what: &str| Error::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
@@ -240,14 +252,18 @@ fn streaming(
     })
 }
 
+fn applier<'a>(root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Applier<'a, Syscalls> {
+    Applier::new(root, Syscalls, same_owner)
+        .with_cancel(opts.cancel.clone())
+        .with_lower(opts.lower.clone())
+}
+
 fn drive_stream(
     src: StreamSource,
-    root: OwnedFd,
-    same_owner: bool,
+    mut ap: Applier<'_, Syscalls>,
     len: &mut u64,
 ) -> Result<Counts, Error> {
     let mut r = Reader::new(src);
-    let mut ap = Applier::new(root, Syscalls, same_owner);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
     }
@@ -257,9 +273,8 @@ fn drive_stream(
     Ok(counts)
 }
 
-fn drive<'a, S: Source<'a>>(src: S, root: OwnedFd, same_owner: bool) -> Result<Counts, Error> {
+fn drive<'a, S: Source<'a>>(src: S, mut ap: Applier<'a, Syscalls>) -> Result<Counts, Error> {
     let mut r = Reader::new(src);
-    let mut ap = Applier::new(root, Syscalls, same_owner);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
     }

@@ -1,0 +1,461 @@
+//! The unpack pipeline: a resolved image → one committed snapshot per
+//! layer, each blob read once and each layer applied once however many
+//! callers ask at the same time.
+//!
+//! For an image of layers `0..n` with chain IDs `c0..cn-1`:
+//!
+//! 1. The highest committed chain ID is found; nothing at or below it is
+//!    read again (its blobs are not even opened).
+//! 2. Every missing layer `i` gets a thread that joins the flight
+//!    `Snapshot(ci)`. Its leader takes the lock file of `ci` (so a second
+//!    process waits for it), re-checks that `ci` is still missing, prepares
+//!    an active snapshot on `ci-1` (which may itself still be in progress),
+//!    and applies the blob into it — from the content store if the blob is
+//!    there, otherwise from the source while a second thread copies the
+//!    same bytes into the content store (flight `Blob(digest)`), verifying
+//!    the digest. Up to `parallel_layers` applies run at once.
+//! 3. After its apply, layer `i` waits for `ci-1` — the same flight, so it
+//!    waits for whoever does it — and commits with one rename. Commits
+//!    therefore happen in chain order while applies overlap.
+//! 4. A hard link to a file of a lower layer waits the same way, then
+//!    copies the file up (see `apply::lower`).
+//! 5. The diff ID is checked against the config before the commit; on any
+//!    failure the active snapshot is removed and nothing is committed. The
+//!    first failure of an unpack cancels its other layers (work that other
+//!    callers share is taken over by one of them).
+//! 6. When the top layer is committed the image record is written.
+//!
+//! The whole unpack holds `gc.lock` shared, so gc never removes a snapshot
+//! committed before the record that references it exists.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::flight::{FlightError, Key, Role};
+use crate::image::{Image, Layer, LayerKind};
+use crate::images::{ImageRecord, LayerRecord};
+use crate::root::{Root, UnpackError};
+
+/// Where an image's blobs come from when they are not in the content
+/// store yet (an OCI layout directory; a registry in `pull`).
+pub trait BlobSource: Send + Sync {
+    /// The file holding blob `d`, if the source has it.
+    fn blob_path(&self, d: &Digest) -> Option<PathBuf>;
+    /// Names the source in errors.
+    fn describe(&self) -> String;
+}
+
+impl BlobSource for crate::image::Layout {
+    fn blob_path(&self, d: &Digest) -> Option<PathBuf> {
+        let p = crate::image::Layout::blob_path(self, d);
+        p.is_file().then_some(p)
+    }
+
+    fn describe(&self) -> String {
+        format!("the layout {}", self.dir().display())
+    }
+}
+
+/// What an unpack did.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    /// The image's top chain ID (None for an image without layers).
+    pub top_chain: Option<Digest>,
+    /// Chain IDs of every layer, bottom first.
+    pub chain_ids: Vec<Digest>,
+    /// Layers that were committed already when the unpack started.
+    pub already: usize,
+    /// Per layer above those: how this call got it.
+    pub roles: Vec<(Digest, Role)>,
+}
+
+/// Limits how many applies of one unpack run at once.
+struct Permits {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Permits {
+    fn acquire(&self, cancel: &Cancel) -> Result<PermitGuard<'_>, UnpackError> {
+        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *g == 0 {
+            if cancel.is_cancelled() {
+                return Err(UnpackError::Cancelled);
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        *g -= 1;
+        Ok(PermitGuard(self))
+    }
+
+    fn wake_all(&self) {
+        let _g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+struct PermitGuard<'a>(&'a Permits);
+
+impl Drop for PermitGuard<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        self.0.cv.notify_one();
+    }
+}
+
+/// One unpack in progress: what its layer threads share.
+struct Job {
+    root: Root,
+    image: Image,
+    source: Arc<dyn BlobSource>,
+    cancel: Cancel,
+    permits: Permits,
+}
+
+/// The layers below layer `index` of a job, for hard links into them.
+struct Below {
+    job: Arc<Job>,
+    index: usize,
+}
+
+impl std::fmt::Debug for Below {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layers below {}", self.index)
+    }
+}
+
+impl LowerLayers for Below {
+    fn dirs(&self) -> Result<Vec<PathBuf>, crate::Error> {
+        let Some(parent) = self.index.checked_sub(1) else {
+            return Ok(Vec::new());
+        };
+        ensure_layer(&self.job, parent).map_err(|e| {
+            crate::Error::fs(
+                "wait for the layers below",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let chain = self.job.image.layers[parent].chain_id;
+        self.job
+            .root
+            .0
+            .snapshots
+            .lower_dirs(&chain)
+            .map_err(|e| crate::Error::fs("list the layers below", std::io::Error::other(e)))
+    }
+}
+
+impl Root {
+    /// Unpacks `image` (resolved from `source`) into committed snapshots
+    /// and records it as `name`. Safe to call from many threads and many
+    /// processes at once for the same or overlapping images: each layer is
+    /// applied once, and the others wait for it.
+    pub fn unpack(
+        &self,
+        source: Arc<dyn BlobSource>,
+        image: &Image,
+        name: &str,
+        cancel: &Cancel,
+    ) -> Result<Unpacked, UnpackError> {
+        let _gc = self.gc_lock(false, cancel)?;
+        for d in [image.manifest, image.config] {
+            self.import_small(source.as_ref(), &d)?;
+        }
+        let chain_ids: Vec<Digest> = image.layers.iter().map(|l| l.chain_id).collect();
+        let already = image
+            .layers
+            .iter()
+            .rposition(|l| self.0.snapshots.stat(&l.chain_id).is_ok())
+            .map_or(0, |i| i + 1);
+        let job = Arc::new(Job {
+            root: self.clone(),
+            image: image.clone(),
+            source,
+            cancel: Cancel::new(),
+            permits: Permits {
+                free: Mutex::new(self.0.opts.parallel_layers.max(1)),
+                cv: Condvar::new(),
+            },
+        });
+        let results = std::thread::scope(|s| {
+            let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+            // The caller's cancel stops this job's layers.
+            let watcher = {
+                let job = job.clone();
+                let outer = cancel.clone();
+                s.spawn(move || {
+                    crossbeam_channel::select! {
+                        recv(outer.signal()) -> _ => {
+                            job.cancel.cancel();
+                            job.permits.wake_all();
+                        }
+                        recv(done_rx) -> _ => {}
+                    }
+                })
+            };
+            let handles: Vec<_> = (already..image.layers.len())
+                .map(|i| {
+                    let job = job.clone();
+                    s.spawn(move || {
+                        let r = ensure_layer(&job, i);
+                        if r.is_err() {
+                            job.cancel.cancel();
+                            job.permits.wake_all();
+                        }
+                        r
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled))))
+                .collect();
+            drop(done_tx);
+            let _ = watcher.join();
+            results
+        });
+        let mut roles = Vec::new();
+        let mut first_err: Option<Arc<UnpackError>> = None;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(role) => roles.push((image.layers[already + i].chain_id, role)),
+                Err(e) => {
+                    // The cause, not the cancellations it caused.
+                    let better = match &first_err {
+                        None => true,
+                        Some(f) => is_cancel(f) && !is_cancel(&e),
+                    };
+                    if better {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            if cancel.is_cancelled() {
+                return Err(UnpackError::Cancelled);
+            }
+            return Err(unshare(e));
+        }
+        let record = ImageRecord {
+            name: name.to_string(),
+            manifest: image.manifest,
+            config: image.config,
+            platform: image.platform.to_string(),
+            layers: image
+                .layers
+                .iter()
+                .map(|l| LayerRecord {
+                    digest: l.digest,
+                    size: l.size,
+                    media_type: l.media_type.clone(),
+                    diff_id: l.diff_id,
+                    chain_id: l.chain_id,
+                })
+                .collect(),
+            top_chain: chain_ids.last().copied(),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        self.0.images.put(&record, self.0.opts.sync)?;
+        Ok(Unpacked {
+            top_chain: chain_ids.last().copied(),
+            chain_ids,
+            already,
+            roles,
+        })
+    }
+
+    /// Copies a small blob (manifest, config) into the content store.
+    fn import_small(&self, source: &dyn BlobSource, d: &Digest) -> Result<(), UnpackError> {
+        if self.0.content.contains(d) {
+            return Ok(());
+        }
+        let path = source
+            .blob_path(d)
+            .ok_or_else(|| UnpackError::MissingBlob {
+                digest: *d,
+                place: source.describe(),
+                hint: "",
+            })?;
+        let f = std::fs::File::open(&path).map_err(|e| {
+            UnpackError::Content(crate::content::ContentError::Io {
+                op: "open source blob",
+                path,
+                source: e,
+            })
+        })?;
+        self.0.content.ingest(d, f, Some(crate::image::MAX_JSON))?;
+        Ok(())
+    }
+}
+
+fn is_cancel(e: &UnpackError) -> bool {
+    match e {
+        UnpackError::Cancelled => true,
+        UnpackError::Apply(a) => matches!(a.kind, crate::ErrorKind::Cancelled),
+        UnpackError::Shared(s) => is_cancel(s),
+        _ => false,
+    }
+}
+
+/// An error this caller owns alone becomes a plain error again.
+fn unshare(e: Arc<UnpackError>) -> UnpackError {
+    Arc::try_unwrap(e).unwrap_or_else(UnpackError::Shared)
+}
+
+/// Makes sure layer `i` of the job is committed: joins (or leads) its
+/// flight.
+fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<UnpackError>> {
+    let layer = &job.image.layers[i];
+    let root = &job.root.0;
+    if root.snapshots.stat(&layer.chain_id).is_ok() {
+        return Ok(Role::Waited);
+    }
+    let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
+    match root
+        .flights
+        .run(Key::Snapshot(layer.chain_id), &job.cancel, adopt, || {
+            lead_layer(job, i).map_err(Arc::new)
+        }) {
+        Ok(((), role)) => Ok(role),
+        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
+        Err(FlightError::Failed(e)) => Err(e),
+    }
+}
+
+/// The leader's work for layer `i`: apply into a fresh active snapshot,
+/// wait for the parent, commit.
+fn lead_layer(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
+    let layer = &job.image.layers[i];
+    let root = &job.root;
+    let _lock = root.file_lock(&Key::Snapshot(layer.chain_id).lock_name(), &job.cancel)?;
+    if root.0.snapshots.stat(&layer.chain_id).is_ok() {
+        // Another process committed it while we waited for its lock.
+        return Ok(());
+    }
+    let parent = i.checked_sub(1).map(|p| job.image.layers[p].chain_id);
+    let active = root.0.snapshots.prepare_on(parent)?;
+    let applied = (|| {
+        apply_blob(job, i, active.fs())?;
+        if let Some(p) = i.checked_sub(1) {
+            ensure_layer(job, p).map_err(unshare)?;
+        }
+        Ok(())
+    })();
+    match applied {
+        Ok(()) => {
+            if root.0.opts.sync {
+                root.0.snapshots.sync_active(&active)?;
+            }
+            root.0.snapshots.commit(active, &layer.chain_id)?;
+            if root.0.opts.sync {
+                root.0.snapshots.sync_commits()?;
+            }
+            root.0.stats.layers_applied.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            root.0.snapshots.remove_active(active);
+            Err(e)
+        }
+    }
+}
+
+/// Applies layer `i`'s blob into `dest`, checking its diff ID; if the blob
+/// is not in the content store yet, copies it there at the same time and
+/// fails unless it matches its digest.
+fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError> {
+    let layer = &job.image.layers[i];
+    let root = &job.root;
+    let (path, ingest) = if root.0.content.contains(&layer.digest) {
+        (root.0.content.path(&layer.digest), false)
+    } else {
+        let p = job
+            .source
+            .blob_path(&layer.digest)
+            .ok_or_else(|| missing(job, layer))?;
+        (p, true)
+    };
+    let opts = ApplyOptions {
+        decode: root.0.opts.decode,
+        same_owner: None,
+        diff_id: Some(layer.diff_id),
+        cancel: Some(job.cancel.clone()),
+        lower: Some(Arc::new(Below {
+            job: job.clone(),
+            index: i,
+        })),
+    };
+    let permit = job.permits.acquire(&job.cancel)?;
+    let (applied, ingested) = std::thread::scope(|s| {
+        let ing = ingest.then(|| s.spawn(|| ensure_blob(job, layer, &path)));
+        let applied = apply_layer(LayerInput::Path(path.clone()), &dest, &opts)
+            .map_err(|e| e.relabel(&layer.digest.to_string()));
+        let ingested = ing.map_or(Ok(()), |h| {
+            h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled)))
+        });
+        (applied, ingested)
+    });
+    drop(permit);
+    // A blob that does not match its digest is the root cause of anything
+    // the apply said about it.
+    ingested.map_err(unshare)?;
+    applied?;
+    Ok(())
+}
+
+fn missing(job: &Job, layer: &Layer) -> UnpackError {
+    UnpackError::MissingBlob {
+        digest: layer.digest,
+        place: job.source.describe(),
+        hint: if layer.kind == LayerKind::NonDistributable {
+            " (a foreign layer: put its blob in the layout; unlade does not fetch foreign URLs)"
+        } else {
+            ""
+        },
+    }
+}
+
+/// Copies a layer blob into the content store once (flight `Blob`).
+fn ensure_blob(
+    job: &Arc<Job>,
+    layer: &Layer,
+    path: &std::path::Path,
+) -> Result<(), Arc<UnpackError>> {
+    let root = &job.root;
+    let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
+    let r = root
+        .0
+        .flights
+        .run(Key::Blob(layer.digest), &job.cancel, adopt, || {
+            (|| {
+                let _lock = root.file_lock(&Key::Blob(layer.digest).lock_name(), &job.cancel)?;
+                if root.0.content.contains(&layer.digest) {
+                    return Ok(());
+                }
+                let f = std::fs::File::open(path).map_err(|e| {
+                    UnpackError::Content(crate::content::ContentError::Io {
+                        op: "open source blob",
+                        path: path.to_path_buf(),
+                        source: e,
+                    })
+                })?;
+                root.0.content.ingest(&layer.digest, f, Some(layer.size))?;
+                root.0.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            })()
+            .map_err(Arc::new)
+        });
+    match r {
+        Ok(_) => Ok(()),
+        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
+        Err(FlightError::Failed(e)) => Err(e),
+    }
+}
