@@ -70,6 +70,16 @@ pub enum UnpackError {
         /// Why.
         source: std::io::Error,
     },
+    /// An environment failure (I/O, space, locks) while working on one
+    /// layer.
+    #[error("layer {digest}: {source}")]
+    Layer {
+        /// The layer's blob.
+        digest: Digest,
+        /// What failed.
+        #[source]
+        source: Box<UnpackError>,
+    },
     /// Another operation failed; this one adopted its outcome (the same
     /// blob, which would fail the same way).
     #[error(transparent)]
@@ -98,6 +108,7 @@ impl UnpackError {
                 _ => e.layer.parse().ok(),
             },
             UnpackError::Shared(e) => e.content_fault(),
+            UnpackError::Layer { source, .. } => source.content_fault(),
             _ => None,
         }
     }

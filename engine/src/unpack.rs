@@ -301,6 +301,7 @@ fn is_cancel(e: &UnpackError) -> bool {
         UnpackError::Cancelled => true,
         UnpackError::Apply(a) => matches!(a.kind, crate::ErrorKind::Cancelled),
         UnpackError::Shared(s) => is_cancel(s),
+        UnpackError::Layer { source, .. } => is_cancel(source),
         _ => false,
     }
 }
@@ -333,6 +334,23 @@ fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<UnpackError>> {
 /// The leader's work for layer `i`: apply into a fresh active snapshot,
 /// wait for the parent, commit.
 fn lead_layer(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
+    let digest = job.image.layers[i].digest;
+    lead_layer_inner(job, i).map_err(|e| match e {
+        // These name the layer already, or are not about it.
+        UnpackError::Apply(_)
+        | UnpackError::MissingBlob { .. }
+        | UnpackError::Content(crate::content::ContentError::DigestMismatch { .. })
+        | UnpackError::Shared(_)
+        | UnpackError::Layer { .. }
+        | UnpackError::Cancelled => e,
+        other => UnpackError::Layer {
+            digest,
+            source: Box::new(other),
+        },
+    })
+}
+
+fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
     let layer = &job.image.layers[i];
     let root = &job.root;
     let _lock = root.file_lock(&Key::Snapshot(layer.chain_id).lock_name(), &job.cancel)?;

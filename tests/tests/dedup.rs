@@ -1,0 +1,305 @@
+//! Duplicate suppression: many unpacks of one image (or of images sharing
+//! layers) at once, in one process through the library and as separate
+//! `unlade unpack` processes on one root. Each layer must be applied once
+//! and each blob imported once (counted by the engine's own counters and
+//! reported per process), and when a leader is cancelled or killed
+//! mid-apply a waiter takes over.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use unlade::cancel::Cancel;
+use unlade::flight::Role;
+use unlade::image::Layout;
+use unlade::root::{Root, RootOptions, UnpackError};
+use unlade_tests::*;
+
+/// A layer of `n` small files in directories of 100, slow enough to apply
+/// (hundreds of ms in a debug build) to be caught in the middle.
+fn many_files(n: usize, seed: u64, media_type: &'static str) -> TestLayer {
+    let mut t = RawTar::default();
+    t.dir("./");
+    for d in 0..n.div_ceil(100) {
+        t.dir(&format!("s{seed}-d{d}/"));
+    }
+    for i in 0..n {
+        t.file(
+            &format!("s{seed}-d{}/f{i}", i / 100),
+            &noise(512, seed * 1_000_000 + i as u64),
+        );
+    }
+    t.end();
+    TestLayer {
+        tar: t.bytes(),
+        media_type,
+    }
+}
+
+fn three_layers() -> Vec<TestLayer> {
+    vec![
+        many_files(3000, 1, MT_GZ),
+        many_files(2000, 2, MT_ZST),
+        many_files(1000, 3, MT_TAR),
+    ]
+}
+
+fn open(root: &Path) -> Root {
+    Root::open(root, RootOptions::default()).unwrap()
+}
+
+/// Counts of "N applied here, M blobs imported" summed over outputs.
+fn summed(outputs: &[std::process::Output]) -> (u64, u64) {
+    let mut applied = 0;
+    let mut imported = 0;
+    for o in outputs {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("unpacked "))
+            .unwrap_or_else(|| panic!("no summary: {text}"));
+        let num = |after: &str| -> u64 {
+            let i = line.find(after).unwrap();
+            line[..i].rsplit(' ').nth(1).unwrap().parse().unwrap()
+        };
+        applied += num("applied here");
+        imported += num("blobs imported");
+    }
+    (applied, imported)
+}
+
+#[test]
+fn twenty_library_unpacks_apply_each_layer_once() {
+    let w = tmp();
+    let layers = three_layers();
+    let refs: Vec<&TestLayer> = layers.iter().collect();
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("t", &refs)]);
+    let layout = Arc::new(Layout::open(&dir).unwrap());
+    let image = layout.resolve(Some("t"), None).unwrap();
+    let root = open(&w.path().join("root"));
+    let barrier = Barrier::new(20);
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    root.unpack(layout.clone(), &image, "t", &Cancel::new())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut workers: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &results {
+        let u = r.as_ref().unwrap();
+        assert_eq!(u.top_chain.unwrap().to_string(), chains[0][2]);
+        for (chain, role) in &u.roles {
+            if *role != Role::Waited {
+                *workers.entry(chain.to_string()).or_default() += 1;
+            }
+        }
+    }
+    let s = root.stats();
+    assert_eq!((s.layers_applied, s.blobs_ingested), (3, 3));
+    // Each chain had exactly one caller doing the work.
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    assert!(workers.values().all(|&n| n == 1), "{workers:?}");
+    let expected = expected_merge(&refs, w.path());
+    assert_same(
+        &expected,
+        &mounted_tree(root.dir(), &chains[0][2], w.path()),
+        "after 20 unpacks",
+    );
+}
+
+#[test]
+fn twenty_processes_apply_each_layer_once() {
+    let w = tmp();
+    let layers = three_layers();
+    let refs: Vec<&TestLayer> = layers.iter().collect();
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("t", &refs)]);
+    let root = w.path().join("root");
+    let r = format!("{}:t", dir.display());
+    let children: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new(bin())
+                .args(["unpack", &r, "--root"])
+                .arg(&root)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outs {
+        assert_eq!(last_line(o), chains[0][2]);
+    }
+    assert_eq!(summed(&outs), (3, 3));
+    assert_same(
+        &expected_merge(&refs, w.path()),
+        &mounted_tree(&root, &chains[0][2], w.path()),
+        "after 20 processes",
+    );
+}
+
+#[test]
+fn images_sharing_layers_share_the_work() {
+    let w = tmp();
+    let base = many_files(2000, 7, MT_GZ);
+    let a = many_files(300, 8, MT_GZ);
+    let b = many_files(300, 9, MT_ZST);
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("a", &[&base, &a]), ("b", &[&base, &b])]);
+    let layout = Arc::new(Layout::open(&dir).unwrap());
+    let ia = layout.resolve(Some("a"), None).unwrap();
+    let ib = layout.resolve(Some("b"), None).unwrap();
+    let root = open(&w.path().join("root"));
+    let barrier = Barrier::new(10);
+    std::thread::scope(|s| {
+        for k in 0..10 {
+            let (img, name) = if k % 2 == 0 { (&ia, "a") } else { (&ib, "b") };
+            let (root, layout, barrier) = (&root, &layout, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                root.unpack(layout.clone(), img, name, &Cancel::new())
+                    .unwrap()
+            });
+        }
+    });
+    // base + a + b: three layers applied, three blobs imported.
+    let s = root.stats();
+    assert_eq!((s.layers_applied, s.blobs_ingested), (3, 3));
+    for (i, (tag, layers)) in [("a", [&base, &a]), ("b", [&base, &b])]
+        .into_iter()
+        .enumerate()
+    {
+        assert_same(
+            &expected_merge(&layers, &w.path().join(tag)),
+            &mounted_tree(root.dir(), &chains[i][1], w.path()),
+            tag,
+        );
+    }
+}
+
+/// Waits until some active snapshot of `root` holds at least `dirs`
+/// directories: a leader is in the middle of an apply.
+fn wait_mid_apply(root: &Path, dirs: usize) {
+    let started = Instant::now();
+    loop {
+        let active = root.join("snapshots/active");
+        let busy = fs::read_dir(&active)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                fs::read_dir(e.path().join("fs"))
+                    .map(|rd| rd.count() >= dirs)
+                    .unwrap_or(false)
+            });
+        if busy {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no apply started"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn cancelled_leader_is_taken_over_by_a_waiter() {
+    let w = tmp();
+    let big = many_files(20_000, 4, MT_GZ);
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("t", &[&big])]);
+    let layout = Arc::new(Layout::open(&dir).unwrap());
+    let image = layout.resolve(Some("t"), None).unwrap();
+    let root = open(&w.path().join("root"));
+    let leader_cancel = Cancel::new();
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| root.unpack(layout.clone(), &image, "t", &leader_cancel));
+        wait_mid_apply(root.dir(), 3);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| root.unpack(layout.clone(), &image, "t", &Cancel::new())))
+            .collect();
+        // Let the waiters join the flight, then pull the leader out.
+        std::thread::sleep(Duration::from_millis(50));
+        leader_cancel.cancel();
+        let lr = leader.join().unwrap();
+        assert!(matches!(lr, Err(UnpackError::Cancelled)), "{lr:?}");
+        let roles: Vec<Role> = waiters
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap().roles[0].1)
+            .collect();
+        assert_eq!(
+            roles.iter().filter(|r| **r == Role::TookOver).count(),
+            1,
+            "{roles:?}"
+        );
+    });
+    assert_eq!(root.stats().layers_applied, 1);
+    let tree = mounted_tree(root.dir(), &chains[0][0], w.path());
+    assert_same(&expected_merge(&[&big], w.path()), &tree, "after takeover");
+    assert_eq!(
+        fs::read_dir(root.dir().join("snapshots/active"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+fn unpack_child(r: &str, root: &PathBuf) -> std::process::Child {
+    Command::new(bin())
+        .args(["unpack", r, "--root"])
+        .arg(root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn killed_leader_process_is_taken_over_by_a_waiting_process() {
+    let w = tmp();
+    let big = many_files(20_000, 5, MT_GZ);
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("t", &[&big])]);
+    let root = w.path().join("root");
+    let r = format!("{}:t", dir.display());
+    let mut leader = unpack_child(&r, &root);
+    wait_mid_apply(&root, 3);
+    let waiters: Vec<_> = (0..3).map(|_| unpack_child(&r, &root)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    leader.kill().unwrap(); // SIGKILL
+    leader.wait().unwrap();
+    let outs: Vec<_> = waiters
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for o in &outs {
+        assert_eq!(last_line(o), chains[0][0]);
+    }
+    // The dead leader's attempt is not counted; one waiter redid it.
+    assert_eq!(summed(&outs).0, 1);
+    assert_same(
+        &expected_merge(&[&big], w.path()),
+        &mounted_tree(&root, &chains[0][0], w.path()),
+        "after the leader was killed",
+    );
+    // The dead leader's active snapshot went when a root was opened.
+    let _ = open(&root);
+    assert_eq!(
+        fs::read_dir(root.join("snapshots/active")).unwrap().count(),
+        0
+    );
+}
