@@ -31,6 +31,7 @@ use crate::flight::{FileLock, Flights, LockError};
 use crate::image::ImageError;
 use crate::images::{ImageRecord, ImageStore, ImagesError};
 use crate::snapshot::{Mount, SnapshotError, Snapshotter};
+use crate::task::Task;
 
 /// Why a root operation failed. Displays as one line naming the layer,
 /// blob or snapshot concerned.
@@ -314,6 +315,24 @@ impl Root {
     /// Removes writable snapshot `key` (unmount it first).
     pub fn remove_rw(&self, key: &str) -> Result<(), UnpackError> {
         Ok(self.0.snapshots.remove_rw(key)?)
+    }
+
+    /// [`Root::unpack`] on its own thread: a [`Task`] to `.await` or
+    /// [`Task::wait`] for; dropping it cancels the unpack.
+    pub fn unpack_task(
+        &self,
+        source: Arc<dyn crate::unpack::BlobSource>,
+        image: crate::image::Image,
+        name: String,
+    ) -> Task<Result<crate::unpack::Unpacked, UnpackError>> {
+        let root = self.clone();
+        crate::task::spawn(move |cancel| root.unpack(source, &image, &name, cancel))
+    }
+
+    /// [`Root::gc`] on its own thread, as a [`Task`].
+    pub fn gc_task(&self) -> Task<Result<crate::gc::GcReport, UnpackError>> {
+        let root = self.clone();
+        crate::task::spawn(move |cancel| root.gc(cancel))
     }
 
     /// Image records, sorted by name.

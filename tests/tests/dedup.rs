@@ -303,3 +303,55 @@ fn killed_leader_process_is_taken_over_by_a_waiting_process() {
         0
     );
 }
+
+/// A minimal executor: polls a future, parking the thread between wakes.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+#[test]
+fn unpack_task_is_awaitable_and_dropping_it_cancels() {
+    let w = tmp();
+    let small = many_files(50, 10, MT_GZ);
+    let big = many_files(20_000, 11, MT_GZ);
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("s", &[&small]), ("b", &[&big])]);
+    let layout = Arc::new(Layout::open(&dir).unwrap());
+    let root = open(&w.path().join("root"));
+    let s = layout.resolve(Some("s"), None).unwrap();
+    let done = block_on(root.unpack_task(layout.clone(), s, "s".into())).unwrap();
+    assert_eq!(done.top_chain.unwrap().to_string(), chains[0][0]);
+
+    let b = layout.resolve(Some("b"), None).unwrap();
+    let task = root.unpack_task(layout.clone(), b, "b".into());
+    wait_mid_apply(root.dir(), 3);
+    drop(task);
+    // The cancelled apply removes its active snapshot and commits nothing.
+    let started = Instant::now();
+    while fs::read_dir(root.dir().join("snapshots/active"))
+        .unwrap()
+        .count()
+        > 0
+    {
+        assert!(started.elapsed() < Duration::from_secs(30), "not cancelled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(root
+        .snapshots()
+        .stat(&chains[1][0].parse().unwrap())
+        .is_err());
+}

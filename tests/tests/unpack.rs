@@ -324,3 +324,52 @@ fn foreign_layers_apply_when_present_and_fail_clearly_when_not() {
         "{line}"
     );
 }
+
+/// README's first command: the bundled image unpacks, mounts as a
+/// container rootfs with the printed command, and its programs run.
+#[test]
+fn bundled_demo_image_unpacks_mounts_and_runs() {
+    let w = tmp();
+    let layout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-image");
+    let root = w.path().join("root");
+    let top = last_line(&unpack(
+        &format!("{}:latest", layout.display()),
+        &root,
+        &["-q"],
+    ));
+    let rootfs = w.path().join("rootfs");
+    fs::create_dir_all(&rootfs).unwrap();
+    let line = last_line(
+        &Command::new(bin())
+            .arg("mounts")
+            .arg(&rootfs)
+            .arg(&top)
+            .arg("--root")
+            .arg(&root)
+            .args(["--rw", "demo"])
+            .output()
+            .unwrap(),
+    );
+    sh(Command::new("sh").arg("-c").arg(&line));
+    let out = Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/bin/sh", "-c", "cat /etc/motd; hello; ls /usr/share/doc"])
+        .output()
+        .unwrap();
+    sh(Command::new("umount").arg(&rootfs));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("unpacked by unlade\nHello, world!\n"),
+        "{text}"
+    );
+    // Layer 3's whiteout hid hello's docs; tree's are still there.
+    assert!(
+        !text.lines().any(|l| l == "hello") && text.lines().any(|l| l == "tree"),
+        "{text}"
+    );
+}
