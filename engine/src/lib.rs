@@ -41,6 +41,7 @@ pub mod cancel;
 pub mod content;
 pub mod decode;
 pub mod digest;
+pub mod durable;
 pub mod error;
 pub mod flight;
 pub mod fsops;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use unlade::cancel::Cancel;
 use unlade::content::ContentStore;
 use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
+use unlade::durable::Durability;
 use unlade::flight::Role;
 use unlade::image::{Layout, Platform};
 use unlade::root::{Root, RootOptions};
@@ -35,6 +36,14 @@ enum Decode {
     Whole,
     /// Always stream.
     Streaming,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SyncMode {
+    /// fsync what each layer wrote, overlapped with the next layers.
+    Written,
+    /// syncfs of the file system holding the snapshot, per layer.
+    Syncfs,
 }
 
 #[derive(Subcommand)]
@@ -79,9 +88,13 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
         /// Make every file of every snapshot durable before its commit,
-        /// and the commit itself.
+        /// and the commit itself (also blobs and the image record).
         #[arg(long)]
         sync: bool,
+        /// How --sync syncs: `written` (the files and directories each
+        /// layer wrote) or `syncfs` (the whole file system per layer).
+        #[arg(long, value_enum, default_value = "written", requires = "sync")]
+        sync_mode: SyncMode,
         /// Most layers applied at once.
         #[arg(long, value_name = "N")]
         parallel: Option<usize>,
@@ -257,7 +270,7 @@ struct UnpackArgs {
     root: PathBuf,
     platform: Option<String>,
     name: Option<String>,
-    sync: bool,
+    sync: Option<SyncMode>,
     parallel: Option<usize>,
     quiet: bool,
 }
@@ -271,7 +284,11 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
         .resolve(tag.as_deref(), platform.as_ref())
         .map_err(|e| e.to_string())?;
     let mut opts = RootOptions {
-        sync: a.sync,
+        durability: match a.sync {
+            None => Durability::None,
+            Some(SyncMode::Written) => Durability::Written,
+            Some(SyncMode::Syncfs) => Durability::Syncfs,
+        },
         ..RootOptions::default()
     };
     if let Some(n) = a.parallel {
@@ -461,6 +478,7 @@ fn run(cli: Cli) -> Result<(), String> {
             platform,
             name,
             sync,
+            sync_mode,
             parallel,
             quiet,
         } => unpack(UnpackArgs {
@@ -468,7 +486,7 @@ fn run(cli: Cli) -> Result<(), String> {
             root,
             platform,
             name,
-            sync,
+            sync: sync.then_some(sync_mode),
             parallel,
             quiet,
         }),

@@ -125,9 +125,9 @@ impl UnpackError {
 /// How a root works.
 #[derive(Debug, Clone)]
 pub struct RootOptions {
-    /// Make blobs, snapshots and records durable before they become
-    /// visible (see ARCHITECTURE.md, "Durability").
-    pub sync: bool,
+    /// Whether and how blobs, snapshots and records are made durable
+    /// before they become visible (README, "Durability").
+    pub durability: crate::durable::Durability,
     /// How layers are decoded.
     pub decode: DecodeOptions,
     /// Most layers of one unpack applied at the same time.
@@ -137,7 +137,7 @@ pub struct RootOptions {
 impl Default for RootOptions {
     fn default() -> Self {
         RootOptions {
-            sync: false,
+            durability: crate::durable::Durability::None,
             decode: DecodeOptions::default(),
             parallel_layers: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
@@ -198,7 +198,7 @@ impl Root {
     /// Opens (creating) the root at `dir`, cleaning what crashed processes
     /// left behind (unheld active snapshots, trash, stale ingest files).
     pub fn open(dir: &Path, opts: RootOptions) -> Result<Root, UnpackError> {
-        let content = ContentStore::open(dir, opts.sync)?;
+        let content = ContentStore::open(dir, opts.durability != crate::durable::Durability::None)?;
         let snapshots = Snapshotter::open(dir)?;
         let images = ImageStore::open(dir)?;
         let locks_dir = dir.join("locks");

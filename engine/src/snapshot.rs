@@ -88,6 +88,11 @@ pub struct Active {
 }
 
 impl Active {
+    /// The snapshot's directory (`fs/`, `work/`, `parent`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The upper directory to write into.
     pub fn fs(&self) -> PathBuf {
         self.dir.join("fs")

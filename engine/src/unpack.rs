@@ -35,6 +35,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
 use crate::cancel::Cancel;
 use crate::digest::Digest;
+use crate::durable::Durability;
 use crate::flight::{FlightError, Key, Role};
 use crate::image::{Image, Layer, LayerKind};
 use crate::images::{ImageRecord, LayerRecord};
@@ -263,7 +264,9 @@ impl Root {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
         };
-        self.0.images.put(&record, self.0.opts.sync)?;
+        self.0
+            .images
+            .put(&record, self.0.opts.durability != Durability::None)?;
         Ok(Unpacked {
             top_chain: chain_ids.last().copied(),
             chain_ids,
@@ -360,8 +363,23 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
     }
     let parent = i.checked_sub(1).map(|p| job.image.layers[p].chain_id);
     let active = root.0.snapshots.prepare_on(parent)?;
+    let durability = root.0.opts.durability;
     let applied = (|| {
         apply_blob(job, i, active.fs())?;
+        // Outside the apply permit: overlaps the next layers' applies.
+        match durability {
+            Durability::None => {}
+            Durability::Syncfs => root.0.snapshots.sync_active(&active)?,
+            Durability::Written => {
+                crate::durable::sync_tree(active.dir()).map_err(|e| {
+                    UnpackError::Snapshot(crate::snapshot::SnapshotError::Io {
+                        op: "sync",
+                        path: active.dir().to_path_buf(),
+                        source: e,
+                    })
+                })?;
+            }
+        }
         if let Some(p) = i.checked_sub(1) {
             ensure_layer(job, p).map_err(unshare)?;
         }
@@ -369,11 +387,8 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
     })();
     match applied {
         Ok(()) => {
-            if root.0.opts.sync {
-                root.0.snapshots.sync_active(&active)?;
-            }
             root.0.snapshots.commit(active, &layer.chain_id)?;
-            if root.0.opts.sync {
+            if durability != Durability::None {
                 root.0.snapshots.sync_commits()?;
             }
             root.0.stats.layers_applied.fetch_add(1, Ordering::Relaxed);
