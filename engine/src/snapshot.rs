@@ -76,6 +76,11 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
     }
 }
 
+/// An active snapshot without a lock file is a crash leftover only when it
+/// is older than this: a live prepare creates the file right after the
+/// directory.
+const UNLOCKED_GRACE_SECS: u64 = 600;
+
 /// A private snapshot being filled. Its `fs` directory is the overlay
 /// upper directory to apply a layer into. Dropping it without
 /// [`Snapshotter::commit`] leaves it to [`Snapshotter::remove_active`] or
@@ -208,12 +213,25 @@ impl Snapshotter {
             let p = ent.path();
             let lock = match File::open(p.join("lock")) {
                 Ok(f) => f,
-                // No lock file: a prepare that died before taking it.
+                // No lock file: a prepare that died before making it — or
+                // one that is making it right now. Only an old one is a
+                // leftover.
                 Err(_) => {
-                    self.discard(&p);
+                    let old = ent
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() >= UNLOCKED_GRACE_SECS);
+                    if old {
+                        self.discard(&p);
+                    }
                     continue;
                 }
             };
+            // Holding the lock while the directory goes: a prepare that
+            // opened this lock file just before waits, then sees that its
+            // directory is gone and starts over (see `prepare_on`).
             if rfs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
                 self.discard(&p);
             }
@@ -270,17 +288,41 @@ impl Snapshotter {
     /// being applied: layers are applied in parallel, and [`Self::commit`]
     /// refuses until the parent is committed.
     pub fn prepare_on(&self, parent: Option<Digest>) -> Result<Active, SnapshotError> {
-        let name = crate::statedir::private_name();
-        let dir = self.dir.join("active").join(&name);
-        fs::create_dir(&dir).map_err(|e| io_err("create active snapshot", &dir, e))?;
-        let lock = rfs::open(
-            dir.join("lock"),
-            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| io_err("create lock", &dir, e.into()))?;
-        rfs::flock(&lock, FlockOperation::LockExclusive)
-            .map_err(|e| io_err("lock", &dir, e.into()))?;
+        // Another process opening the root cleans active snapshots whose
+        // lock it can take; one it takes between our mkdir and our flock
+        // is gone when we look again, and we start over with a new name.
+        let mut tries = 0;
+        let (dir, lock) = loop {
+            tries += 1;
+            let name = crate::statedir::private_name();
+            let dir = self.dir.join("active").join(&name);
+            fs::create_dir(&dir).map_err(|e| io_err("create active snapshot", &dir, e))?;
+            let lock = match rfs::open(
+                dir.join("lock"),
+                OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
+                Ok(l) => l,
+                Err(Errno::NOENT) if tries < 16 => continue,
+                Err(e) => return Err(io_err("create lock", &dir, e.into())),
+            };
+            rfs::flock(&lock, FlockOperation::LockExclusive)
+                .map_err(|e| io_err("lock", &dir, e.into()))?;
+            let held = rfs::fstat(&lock).map_err(|e| io_err("lock", &dir, e.into()))?;
+            match rfs::stat(dir.join("lock")) {
+                Ok(st) if st.st_ino == held.st_ino && st.st_dev == held.st_dev => {
+                    break (dir, lock)
+                }
+                _ if tries < 16 => continue,
+                _ => {
+                    return Err(io_err(
+                        "lock",
+                        &dir,
+                        io::Error::other("removed by a concurrent clean-up, 16 times"),
+                    ))
+                }
+            }
+        };
         fs::create_dir(dir.join("fs")).map_err(|e| io_err("create upper", &dir, e))?;
         fs::create_dir(dir.join("work")).map_err(|e| io_err("create work", &dir, e))?;
         if let Some(p) = parent {
@@ -576,5 +618,39 @@ fn read_parent(dir: &Path) -> Result<Option<Digest>, SnapshotError> {
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err("read parent", dir, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opening a root cleans unheld active snapshots; one that another
+    /// thread (or process) is preparing at that moment must survive it.
+    #[test]
+    fn prepare_survives_concurrent_clean_ups() {
+        let t = std::env::temp_dir().join(format!("unlade-snap-race-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&t);
+        let s = Snapshotter::open(&t).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let cleaner = sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    Snapshotter::open(&t).unwrap();
+                }
+            });
+            let worker = sc.spawn(|| {
+                for _ in 0..500 {
+                    let a = s.prepare_on(None).unwrap();
+                    fs::write(a.fs().join("f"), b"x").unwrap();
+                    s.remove_active(a);
+                }
+            });
+            let r = worker.join();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            cleaner.join().unwrap();
+            assert!(r.is_ok(), "prepare failed beside a clean-up");
+        });
+        fs::remove_dir_all(&t).unwrap();
     }
 }
