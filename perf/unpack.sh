@@ -7,22 +7,27 @@
 #   ctr-import      Debian's containerd (its own instance, own root and socket):
 #                   `ctr images import` of the same layout (as a tar), which copies the
 #                   blobs into its content store and unpacks into overlayfs snapshots
-# and, with SYNC=1, `unlade unpack --sync` (written and syncfs modes) against unlade-1.
-# Cases run in shuffled order, RUNS times each, every one from an empty root with the
-# page cache holding the layout; `sync` (untimed) between runs. Prints medians.
+# and, with SYNC=1, `unlade unpack --sync` in both modes (written, syncfs); with BUSY=1,
+# unlade-1 and both sync modes again while another process writes 4 GiB to the same file
+# system (the case where syncfs also waits for someone else's data).
+# Cases run in shuffled order, RUNS times each, every one on a freshly made ext4 (a loop
+# device over a sparse file in WORK, direct I/O, mounted noinit_itable), so no case pays
+# for the deletions or the fragmentation of the one before; the page cache holds the
+# layout. Set-up and tear-down are not timed. Prints medians and ratios to unlade-1.
 #
 # Usage: perf/unpack.sh [LAYOUT[:TAG]]      (default /tmp/unlade-images/golang:gz,
 #        which ../shared/testimages/build.sh builds: IMAGES=golang build.sh)
-# Env:   RUNS=5  N=20  WORK=/var/tmp (a disk file system, not tmpfs)  SYNC=0
-# Needs: root, containerd (apt-get install containerd), a release build (done here).
+# Env:   RUNS=5  N=20  WORK=/var/tmp (on a disk)  SYNC=0  CASES="unlade-1 ..." (a subset)
+# Needs: root, containerd (apt-get install containerd), e2fsprogs, bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ref=${1:-/tmp/unlade-images/golang:gz}
 RUNS=${RUNS:-5}
 N=${N:-20}
 SYNC=${SYNC:-0}
-layout=$ref tag=
-if [[ ! -d $ref && $ref == *:* ]]; then layout=${ref%:*} tag=${ref##*:}; fi
+BUSY=${BUSY:-0}
+layout=$ref
+if [[ ! -d $ref && $ref == *:* ]]; then layout=${ref%:*}; fi
 [[ -f $layout/index.json ]] || { echo "no OCI layout at $layout" >&2; exit 1; }
 command -v containerd >/dev/null || { echo "needs containerd: apt-get install containerd" >&2; exit 1; }
 
@@ -30,23 +35,39 @@ cargo build -q --release -p unlade --bin unlade --example concurrent_unpack
 bin=$PWD/target/release/unlade
 ex=$PWD/target/release/examples/concurrent_unpack
 work=$(mktemp -d "${WORK:-/var/tmp}/unlade-perf.XXXXXX")
-ctd_pid=
+fsdir=$work/fs
+mkdir -p "$fsdir"
+ctd_pid= loopdev=
 cleanup() {
-  [[ -n $ctd_pid ]] && kill "$ctd_pid" 2>/dev/null && wait "$ctd_pid" 2>/dev/null || true
-  mountpoint -q "$work" && umount "$work" || true
+  if [[ -n $ctd_pid ]]; then kill "$ctd_pid" 2>/dev/null; wait "$ctd_pid" 2>/dev/null || true; fi
+  umount -R "$fsdir" 2>/dev/null || true
+  if [[ -n $loopdev ]]; then losetup -d "$loopdev" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# containerd imports tar archives of layouts; the ref name annotation (a tag) gets a base name.
+fresh_fs() {
+  truncate -s 16G "$work/fs.img"
+  mkfs.ext4 -q -F -E lazy_itable_init=1,nodiscard "$work/fs.img"
+  loopdev=$(losetup --direct-io=on --find --show "$work/fs.img")
+  mount -o noinit_itable "$loopdev" "$fsdir"
+}
+drop_fs() {
+  umount -R "$fsdir"
+  losetup -d "$loopdev"; loopdev=
+  rm -f "$work/fs.img"
+}
+
+# containerd imports tar archives of layouts; a ref name annotation that is only a tag
+# gets --base-name in front.
 tar -C "$layout" -cf "$work/layout.tar" .
-cat "$layout"/blobs/sha256/* > /dev/null   # page cache: every case reads warm blobs
+cat "$layout"/blobs/sha256/* "$work/layout.tar" > /dev/null   # every case reads warm input
 
 start_containerd() {
   mkdir -p "$work/ctd"
   cat > "$work/ctd/config.toml" <<EOF
 version = 2
-root = "$work/ctd/root"
+root = "$fsdir/containerd"
 state = "$work/ctd/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
@@ -54,21 +75,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 EOF
   containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
   ctd_pid=$!
-  for _ in $(seq 100); do [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1 && return; sleep 0.1; done
+  for _ in $(seq 100); do
+    if [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
   echo "containerd did not start: $(tail -3 "$work/ctd/log")" >&2; exit 1
 }
 stop_containerd() {
   kill "$ctd_pid"; wait "$ctd_pid" 2>/dev/null || true; ctd_pid=
-  umount -R "$work/ctd/root" 2>/dev/null || true
   rm -rf "$work/ctd"
 }
 
 now() { date +%s.%N; }
 declare -A times
 run_case() {
-  local c=$1 root=$work/root t0 t1
-  rm -rf "$root"; sync
-  case $c in
+  local c=$1 root=$fsdir/root t0 t1
+  fresh_fs
+  [[ $c == ctr-import ]] && start_containerd
+  local busy=
+  if [[ $c == *-busy ]]; then
+    # Another writer on the same file system (a container writing logs, a
+    # build): 4 GiB of dirty data produced during the unpack.
+    dd if=/dev/zero of="$fsdir/other-writer" bs=1M count=4096 status=none &
+    busy=$!
+  fi
+  case ${c%-busy} in
     unlade-1)
       t0=$(now); "$bin" unpack "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
     unlade-sync-written)
@@ -79,31 +110,30 @@ run_case() {
       t0=$(now)
       for i in $(seq "$N"); do "$bin" unpack "$ref" --root "$root" > "$work/out.$i" & done
       wait; t1=$(now)
-      applied=$(grep -ho '[0-9]* applied here' "$work"/out.* | awk '{s+=$1} END {print s}')
-      echo "    ($N processes: $applied layers applied in total)" ;;
+      echo "    ($N processes: $(grep -ho '[0-9]* applied here' "$work"/out.* | awk '{s+=$1} END {print s}') layers applied in total)" ;;
     unlade-20lib)
       t0=$(now); "$ex" "$ref" "$root" "$N" > "$work/out"; t1=$(now)
       echo "    ($(head -1 "$work/out"))" ;;
     ctr-import)
-      start_containerd
       t0=$(now)
       ctr -a "$work/ctd/sock" -n perf images import --base-name perf.local/image \
         --snapshotter overlayfs "$work/layout.tar" > "$work/out"
       t1=$(now)
-      ctr -a "$work/ctd/sock" -n perf snapshots --snapshotter overlayfs ls | tail -n +2 | wc -l \
-        | xargs -I{} echo "    (containerd: {} snapshots)"
-      stop_containerd ;;
+      echo "    (containerd: $(ctr -a "$work/ctd/sock" -n perf snapshots --snapshotter overlayfs ls | tail -n +2 | wc -l) snapshots)" ;;
   esac
-  rm -rf "$root"
+  [[ $c == ctr-import ]] && stop_containerd
+  if [[ -n $busy ]]; then kill "$busy" 2>/dev/null || true; wait "$busy" 2>/dev/null || true; fi
+  drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)
   times[$c]+="$dt "
-  printf '  %-20s %7.3f s\n' "$c" "$dt"
+  printf '  %-24s %7.3f s\n' "$c" "$dt"
 }
 
-cases=(unlade-1 unlade-20proc unlade-20lib ctr-import)
+read -ra cases <<< "${CASES:-unlade-1 unlade-20proc unlade-20lib ctr-import}"
 ((SYNC)) && cases+=(unlade-sync-written unlade-sync-syncfs)
-echo "image: $ref ($(du -sh "$layout" | cut -f1) layout); work dir: $work ($(df -T "$work" | awk 'NR==2{print $2}'))"
-echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, $(uname -r); containerd $(containerd --version | awk '{print $3}')"
+((BUSY)) && cases+=(unlade-1-busy unlade-sync-written-busy unlade-sync-syncfs-busy)
+echo "image: $ref ($(du -sh "$layout" | cut -f1) layout); fresh ext4 per case on a loop device in $work"
+echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $(containerd --version | awk '{print $3}'); unlade $(git rev-parse --short HEAD)"
 for r in $(seq "$RUNS"); do
   echo "run $r"
   for c in $(printf '%s\n' "${cases[@]}" | shuf); do run_case "$c"; done
@@ -112,8 +142,9 @@ done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
 echo "medians over $RUNS runs:"
-base=$(echo "${times[unlade-1]}" | median)
+base_case=${cases[0]}
+base=$(echo "${times[$base_case]}" | median)
 for c in "${cases[@]}"; do
   m=$(echo "${times[$c]}" | median)
-  printf '  %-20s %7.3f s   %5.2fx unlade-1\n' "$c" "$m" "$(echo "$m / $base" | bc -l)"
+  printf '  %-24s %7.3f s   %5.2fx %s\n' "$c" "$m" "$(echo "$m / $base" | bc -l)" "$base_case"
 done

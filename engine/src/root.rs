@@ -130,7 +130,8 @@ pub struct RootOptions {
     pub durability: crate::durable::Durability,
     /// How layers are decoded.
     pub decode: DecodeOptions,
-    /// Most layers of one unpack applied at the same time.
+    /// Most layers applied at the same time by this root, however many
+    /// unpacks run (waiting for another's result takes none).
     pub parallel_layers: usize,
 }
 
@@ -174,6 +175,7 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights<(), Arc<UnpackError>>,
     pub(crate) opts: RootOptions,
     pub(crate) stats: Stats,
+    pub(crate) permits: crate::unpack::Permits,
     gc_lock_path: PathBuf,
 }
 
@@ -213,6 +215,7 @@ impl Root {
             images,
             locks,
             flights: Flights::new(),
+            permits: crate::unpack::Permits::new(opts.parallel_layers),
             opts,
             stats: Stats::default(),
             gc_lock_path: dir.join("gc.lock"),

@@ -74,13 +74,39 @@ pub struct Unpacked {
     pub roles: Vec<(Digest, Role)>,
 }
 
-/// Limits how many applies of one unpack run at once.
-struct Permits {
+/// Limits how many layer applies run at once in this process, whatever
+/// the number of unpacks: leaders of one image's layers may belong to
+/// different callers.
+pub(crate) struct Permits {
     free: Mutex<usize>,
     cv: Condvar,
 }
 
 impl Permits {
+    pub(crate) fn new(n: usize) -> Self {
+        Permits {
+            free: Mutex::new(n.max(1)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Gives one permit back for a while (a wait that holds none).
+    fn pause(&self) {
+        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        *g += 1;
+        self.cv.notify_one();
+    }
+
+    /// Takes the paused permit again, whatever the cancel state (the
+    /// caller's guard gives it back when dropped).
+    fn resume(&self) {
+        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *g == 0 {
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        *g -= 1;
+    }
+
     fn acquire(&self, cancel: &Cancel) -> Result<PermitGuard<'_>, UnpackError> {
         let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *g == 0 {
@@ -115,7 +141,6 @@ struct Job {
     image: Image,
     source: Arc<dyn BlobSource>,
     cancel: Cancel,
-    permits: Permits,
 }
 
 /// The layers below layer `index` of a job, for hard links into them.
@@ -135,7 +160,12 @@ impl LowerLayers for Below {
         let Some(parent) = self.index.checked_sub(1) else {
             return Ok(Vec::new());
         };
-        ensure_layer(&self.job, parent).map_err(|e| {
+        // Waiting holds no apply permit: the layers waited for may need it.
+        let permits = &self.job.root.0.permits;
+        permits.pause();
+        let waited = ensure_layer(&self.job, parent);
+        permits.resume();
+        waited.map_err(|e| {
             crate::Error::fs(
                 "wait for the layers below",
                 std::io::Error::other(e.to_string()),
@@ -178,10 +208,6 @@ impl Root {
             image: image.clone(),
             source,
             cancel: Cancel::new(),
-            permits: Permits {
-                free: Mutex::new(self.0.opts.parallel_layers.max(1)),
-                cv: Condvar::new(),
-            },
         });
         let results = std::thread::scope(|s| {
             let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
@@ -193,7 +219,7 @@ impl Root {
                     crossbeam_channel::select! {
                         recv(outer.signal()) -> _ => {
                             job.cancel.cancel();
-                            job.permits.wake_all();
+                            job.root.0.permits.wake_all();
                         }
                         recv(done_rx) -> _ => {}
                     }
@@ -206,7 +232,7 @@ impl Root {
                         let r = ensure_layer(&job, i);
                         if r.is_err() {
                             job.cancel.cancel();
-                            job.permits.wake_all();
+                            job.root.0.permits.wake_all();
                         }
                         r
                     })
@@ -426,7 +452,7 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
             index: i,
         })),
     };
-    let permit = job.permits.acquire(&job.cancel)?;
+    let permit = root.0.permits.acquire(&job.cancel)?;
     let (applied, ingested) = std::thread::scope(|s| {
         let ing = ingest.then(|| s.spawn(|| ensure_blob(job, layer, &path)));
         let applied = apply_layer(LayerInput::Path(path.clone()), &dest, &opts)

@@ -355,3 +355,48 @@ fn unpack_task_is_awaitable_and_dropping_it_cancels() {
         .stat(&chains[1][0].parse().unwrap())
         .is_err());
 }
+
+/// gc running over and over while images are unpacked and forgotten never
+/// removes what an unpack in progress has committed but not yet recorded.
+#[test]
+fn gc_never_takes_what_an_unpack_in_progress_uses() {
+    let w = tmp();
+    let a = many_files(1500, 12, MT_GZ);
+    let b = many_files(1500, 13, MT_ZST);
+    let dir = w.path().join("layout");
+    let chains = image_layout(&dir, &[("t", &[&a, &b])]);
+    let layout = Arc::new(Layout::open(&dir).unwrap());
+    let image = layout.resolve(Some("t"), None).unwrap();
+    let root = open(&w.path().join("root"));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut collected = 0;
+    std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut removed = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                removed += root.gc(&Cancel::new()).unwrap().snapshots.len();
+            }
+            removed
+        });
+        for _ in 0..6 {
+            let u = root
+                .unpack(layout.clone(), &image, "t", &Cancel::new())
+                .unwrap();
+            // Recorded, so gc keeps it: it is all there.
+            assert_eq!(u.top_chain.unwrap().to_string(), chains[0][1]);
+            assert_same(
+                &expected_merge(
+                    &[&a, &b],
+                    &w.path().join(format!("e{}", root.stats().layers_applied)),
+                ),
+                &mounted_tree(root.dir(), &chains[0][1], w.path()),
+                "unpacked beside gc",
+            );
+            root.remove_image("t").unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        collected = gc.join().unwrap();
+    });
+    // gc did collect the forgotten images in between.
+    assert!(collected > 0);
+}
