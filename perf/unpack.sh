@@ -87,7 +87,7 @@ stop_containerd() {
 }
 
 now() { date +%s.%N; }
-declare -A times
+declare -A times round ratios
 run_case() {
   local c=$1 root=$fsdir/root t0 t1
   fresh_fs
@@ -126,6 +126,7 @@ run_case() {
   drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)
   times[$c]+="$dt "
+  round[$c]=$dt
   printf '  %-24s %7.3f s\n' "$c" "$dt"
 }
 
@@ -137,6 +138,8 @@ echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(u
 for r in $(seq "$RUNS"); do
   echo "run $r"
   for c in $(printf '%s\n' "${cases[@]}" | shuf); do run_case "$c"; done
+  # Ratios within one round cancel the machine's drift between rounds.
+  for c in "${cases[@]}"; do ratios[$c]+="$(echo "${round[$c]} / ${round[${cases[0]}]}" | bc -l) "; done
 done
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -146,5 +149,6 @@ base_case=${cases[0]}
 base=$(echo "${times[$base_case]}" | median)
 for c in "${cases[@]}"; do
   m=$(echo "${times[$c]}" | median)
-  printf '  %-24s %7.3f s   %5.2fx %s\n' "$c" "$m" "$(echo "$m / $base" | bc -l)" "$base_case"
+  printf '  %-24s %7.3f s   %5.2fx %s   (median of per-round ratios %5.2fx)\n' "$c" "$m" \
+    "$(echo "$m / $base" | bc -l)" "$base_case" "$(echo "${ratios[$c]}" | median)"
 done
