@@ -30,6 +30,8 @@ fn layer1(work: &Path) -> TestLayer {
         fs::create_dir_all(f.parent().unwrap()).unwrap();
         fs::write(&f, data).unwrap();
     }
+    std::os::unix::fs::symlink("target", t.join("deep/x/y/sym")).unwrap();
+    sh(Command::new("mkfifo").arg(t.join("deep/x/y/fifo")));
     sh(Command::new("chown")
         .arg("1000:1000")
         .arg(t.join("deep/x/y/target")));
@@ -60,14 +62,16 @@ fn layer2(work: &Path) -> TestLayer {
     tar_of(&t, MT_ZST)
 }
 
-/// Layer 3 (plain tar): hard links to a lower layer's file, one of them
-/// in a directory this layer does not otherwise touch.
+/// Layer 3 (plain tar): hard links to a lower layer's file, symlink and
+/// FIFO, whose directory this layer does not otherwise touch.
 fn layer3() -> TestLayer {
     let mut t = RawTar::default();
     t.dir("./")
         .dir("links2/")
         .hardlink("links2/to-lower", "deep/x/y/target")
         .hardlink("links2/to-lower-again", "deep/x/y/target")
+        .hardlink("links2/to-lower-symlink", "deep/x/y/sym")
+        .hardlink("links2/to-lower-fifo", "deep/x/y/fifo")
         .file("links2/own", b"layer 3's own file")
         .end();
     TestLayer {

@@ -166,8 +166,12 @@ pub fn copy_up(
                 ))));
             }
             Ok(st) => {
+                // Copying up does not change the directory's times (the
+                // merged view shows this upper directory's), as overlayfs.
+                let pst = rfs::fstat(&up).map_err(|e| fs_err("stat upper", target, e))?;
                 copy_object(fd.as_fd(), &st, up.as_fd(), &name, same_owner)
                     .map_err(|e| fs_err("copy", target, e))?;
+                rfs::futimens(&up, &times(&pst)).map_err(|e| fs_err("set times", target, e))?;
                 for (d, st) in made.iter().rev() {
                     rfs::futimens(d, &times(st)).map_err(|e| fs_err("set times", target, e))?;
                 }
@@ -247,6 +251,25 @@ fn copy_dir(
     Ok(st)
 }
 
+/// Gives `name` in `up` the owner of `st`, never following a symlink.
+fn chown_nofollow(
+    up: BorrowedFd<'_>,
+    name: &CStr,
+    st: &rfs::Stat,
+    same_owner: bool,
+) -> rustix::io::Result<()> {
+    if !same_owner {
+        return Ok(());
+    }
+    rfs::chownat(
+        up,
+        name,
+        Some(rfs::Uid::from_raw(st.st_uid)),
+        Some(rfs::Gid::from_raw(st.st_gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+}
+
 fn copy_object(
     ldir: BorrowedFd<'_>,
     st: &rfs::Stat,
@@ -281,28 +304,12 @@ fn copy_object(
         FileType::Symlink => {
             let target = rfs::readlinkat(ldir, name, Vec::new())?;
             rfs::symlinkat(&target, up, name)?;
-            if same_owner {
-                rfs::chownat(
-                    up,
-                    name,
-                    Some(rfs::Uid::from_raw(st.st_uid)),
-                    Some(rfs::Gid::from_raw(st.st_gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
-            }
+            chown_nofollow(up, name, st, same_owner)?;
             rfs::utimensat(up, name, &times(st), AtFlags::SYMLINK_NOFOLLOW)
         }
         ft @ (FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice) => {
             rfs::mknodat(up, name, ft, Mode::from_raw_mode(0o600), st.st_rdev)?;
-            if same_owner {
-                rfs::chownat(
-                    up,
-                    name,
-                    Some(rfs::Uid::from_raw(st.st_uid)),
-                    Some(rfs::Gid::from_raw(st.st_gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )?;
-            }
+            chown_nofollow(up, name, st, same_owner)?;
             // Not a symlink (we just made it): following is harmless.
             rfs::chmodat(
                 up,
