@@ -112,10 +112,18 @@ fn crash_leftovers_go_live_snapshots_stay() {
     let dead = root.path().join("snapshots/active/99999-0");
     fs::create_dir_all(dead.join("fs/deep")).unwrap();
     fs::write(dead.join("lock"), b"").unwrap();
+    // One that died before making its lock file, an hour ago: a leftover.
     let half = root.path().join("snapshots/active/99999-1");
     fs::create_dir_all(&half).unwrap();
+    sh(Command::new("touch").args(["-d", "1 hour ago"]).arg(&half));
+    // One without a lock file just now: maybe a prepare of another process
+    // between its mkdir and its lock. It stays.
+    let fresh = root.path().join("snapshots/active/99999-2");
+    fs::create_dir_all(&fresh).unwrap();
     let again = Snapshotter::open(root.path()).unwrap();
     assert!(!dead.exists() && !half.exists());
+    assert!(fresh.exists());
+    fs::remove_dir(&fresh).unwrap();
     assert_eq!(fs::read(live.fs().join("f")).unwrap(), b"in progress");
     again.remove_active(live);
     assert_eq!(
