@@ -48,6 +48,7 @@ pub mod fsops;
 pub mod gc;
 pub mod image;
 pub mod images;
+pub mod reference;
 pub mod root;
 pub mod snapshot;
 pub mod source;
