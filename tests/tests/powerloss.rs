@@ -118,6 +118,51 @@ fn committed_trees(root: &Path) -> Vec<(String, Tree)> {
     out
 }
 
+/// Writes onto a copy of `base` the disk as a crash at log position `k`
+/// leaves it: every write before the last flush before `k`, and of the
+/// writes after that flush, those `keep` picks.
+fn disk_at(
+    base: &Path,
+    img: &Path,
+    recs: &[Rec],
+    flushes: &[usize],
+    k: usize,
+    mut keep: impl FnMut() -> bool,
+) {
+    let last_flush = flushes.iter().rev().find(|&&f| f < k).copied();
+    fs::copy(base, img).unwrap();
+    let mut f = fs::OpenOptions::new().write(true).open(img).unwrap();
+    for (i, rec) in recs[..k].iter().enumerate() {
+        if let Rec::Write(off, data) = rec {
+            let durable = last_flush.is_some_and(|lf| i < lf);
+            if durable || keep() {
+                f.seek(SeekFrom::Start(*off)).unwrap();
+                f.write_all(data).unwrap();
+            }
+        }
+    }
+}
+
+/// e2fsck, then mount `img` at `mnt`; the caller unmounts.
+fn check_and_mount(img: &Path, mnt: &Path, what: &str) {
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-y"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let code = fsck.status.code().unwrap_or(8);
+    assert!(
+        code < 4,
+        "{what}: e2fsck exit {code}: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    sh(Command::new("mount").args(["-o", "loop"]).arg(img).arg(mnt));
+}
+
+fn committed_count(root: &Path) -> usize {
+    fs::read_dir(root.join("snapshots/committed")).map_or(0, |rd| rd.count())
+}
+
 struct Disk {
     logdisk: Child,
     fuse: PathBuf,
@@ -217,45 +262,45 @@ fn sync_unpack_survives_power_loss_at_any_point() {
         .chain((0..8).map(|_| (rng.next() % recs.len() as u64) as usize))
         .collect();
     points.push(recs.len());
-    points.sort_unstable();
-    points.dedup();
-
     let img = w.path().join("crash.img");
     let mnt = w.path().join("crash");
     fs::create_dir_all(&mnt).unwrap();
+    // And around each commit: the committed count of the durable prefix
+    // grows with the log, so bisection finds the flush that made commit c
+    // durable; crash just before it, at it, and just after.
+    let durable_count = |j: usize| {
+        disk_at(&base, &img, &recs, &flushes, flushes[j] + 1, || false);
+        check_and_mount(&img, &mnt, "bisect");
+        let n = committed_count(&mnt.join("root"));
+        sh(Command::new("umount").arg(&mnt));
+        n
+    };
+    for c in 1..=3 {
+        let (mut lo, mut hi) = (0usize, flushes.len() - 1);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if durable_count(mid) >= c {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        points.extend([flushes[lo], flushes[lo] + 1]);
+        if lo > 0 {
+            points.push(flushes[lo - 1] + 1);
+        }
+    }
+    points.sort_unstable();
+    points.dedup();
     let mut partial = 0;
     let mut seen_counts = std::collections::BTreeSet::new();
     for &k in &points {
         // The disk at the crash: everything up to the last flush before
         // k, then any subset of the writes after it.
-        let last_flush = flushes.iter().rev().find(|&&f| f < k).copied();
-        fs::copy(&base, &img).unwrap();
-        let mut f = fs::OpenOptions::new().write(true).open(&img).unwrap();
-        for (i, rec) in recs[..k].iter().enumerate() {
-            if let Rec::Write(off, data) = rec {
-                let durable = last_flush.is_some_and(|lf| i < lf);
-                if durable || rng.next().is_multiple_of(2) {
-                    f.seek(SeekFrom::Start(*off)).unwrap();
-                    f.write_all(data).unwrap();
-                }
-            }
-        }
-        drop(f);
-        let fsck = Command::new("e2fsck")
-            .args(["-f", "-y"])
-            .arg(&img)
-            .output()
-            .unwrap();
-        let code = fsck.status.code().unwrap_or(8);
-        assert!(
-            code < 4,
-            "crash point {k}: e2fsck exit {code}: {}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
-        sh(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt));
+        disk_at(&base, &img, &recs, &flushes, k, || {
+            rng.next().is_multiple_of(2)
+        });
+        check_and_mount(&img, &mnt, &format!("crash point {k}"));
         let root = mnt.join("root");
         let got = committed_trees(&root);
         seen_counts.insert(got.len());
