@@ -329,6 +329,46 @@ impl fmt::Display for LockError {
     }
 }
 
+/// Takes `flock` on `fd` (exclusive or shared), waiting while another
+/// open file holds it the other way. A blocked wait runs on a helper
+/// thread so that `cancel` frees the caller at once; if the caller has
+/// gone when the lock comes, the thread drops `fd`, which unlocks.
+pub(crate) fn flock_wait(
+    fd: OwnedFd,
+    exclusive: bool,
+    cancel: &Cancel,
+) -> Result<OwnedFd, LockError> {
+    let (try_op, op) = if exclusive {
+        (
+            FlockOperation::NonBlockingLockExclusive,
+            FlockOperation::LockExclusive,
+        )
+    } else {
+        (
+            FlockOperation::NonBlockingLockShared,
+            FlockOperation::LockShared,
+        )
+    };
+    match rfs::flock(&fd, try_op) {
+        Ok(()) => return Ok(fd),
+        Err(Errno::WOULDBLOCK) => {}
+        Err(e) => return Err(LockError::Io(e.into())),
+    }
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let r = rfs::flock(&fd, op).map(|()| fd);
+        let _ = tx.send(r);
+    });
+    crossbeam_channel::select! {
+        recv(rx) -> r => match r {
+            Ok(Ok(fd)) => Ok(fd),
+            Ok(Err(e)) => Err(LockError::Io(e.into())),
+            Err(_) => Err(LockError::Io(Errno::IO.into())),
+        },
+        recv(cancel.signal()) -> _ => Err(LockError::Cancelled),
+    }
+}
+
 /// An exclusive `flock` on a file in a lock directory, held until drop.
 /// The kernel releases it when the process dies, which is what lets a
 /// waiting process take over from a leader killed with SIGKILL.
@@ -338,9 +378,8 @@ pub struct FileLock {
 }
 
 impl FileLock {
-    /// Takes the lock `name` in `dir`, waiting (cancellably) while another
-    /// open file holds it. A blocked wait runs on a helper thread that
-    /// gives the lock straight back if the caller has gone.
+    /// Takes the lock `name` in `dir`, waiting (cancellably, see
+    /// [`flock_wait`]) while another open file holds it.
     pub fn acquire(dir: &OwnedFd, name: &str, cancel: &Cancel) -> Result<FileLock, LockError> {
         loop {
             if cancel.is_cancelled() {
@@ -353,26 +392,7 @@ impl FileLock {
                 Mode::from_raw_mode(0o600),
             )
             .map_err(|e| LockError::Io(e.into()))?;
-            let fd = match rfs::flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                Ok(()) => fd,
-                Err(Errno::WOULDBLOCK) => {
-                    let (tx, rx) = crossbeam_channel::bounded(1);
-                    std::thread::spawn(move || {
-                        let r = rfs::flock(&fd, FlockOperation::LockExclusive).map(|()| fd);
-                        // If the caller is gone, dropping `fd` unlocks.
-                        let _ = tx.send(r);
-                    });
-                    crossbeam_channel::select! {
-                        recv(rx) -> r => match r {
-                            Ok(Ok(fd)) => fd,
-                            Ok(Err(e)) => return Err(LockError::Io(e.into())),
-                            Err(_) => return Err(LockError::Io(Errno::IO.into())),
-                        },
-                        recv(cancel.signal()) -> _ => return Err(LockError::Cancelled),
-                    }
-                }
-                Err(e) => return Err(LockError::Io(e.into())),
-            };
+            let fd = flock_wait(fd, true, cancel)?;
             // The holder before us may have removed the file (gc does,
             // holding it): then our lock is on an orphan and means nothing.
             let held = rfs::fstat(&fd).map_err(|e| LockError::Io(e.into()))?;

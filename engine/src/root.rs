@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rustix::fs::{self as rfs, FlockOperation, Mode, OFlags};
+use rustix::fs::{self as rfs, Mode, OFlags};
 
 use crate::cancel::Cancel;
 use crate::content::{ContentError, ContentStore};
@@ -262,34 +262,9 @@ impl Root {
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| err(e.into()))?;
-        let (try_op, op) = if exclusive {
-            (
-                FlockOperation::NonBlockingLockExclusive,
-                FlockOperation::LockExclusive,
-            )
-        } else {
-            (
-                FlockOperation::NonBlockingLockShared,
-                FlockOperation::LockShared,
-            )
-        };
-        if rfs::flock(&fd, try_op).is_ok() {
-            return Ok(GcGuard { _fd: fd });
-        }
-        // Held the other way: wait on a helper thread, cancellably.
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            let r = rfs::flock(&fd, op).map(|()| fd);
-            let _ = tx.send(r);
-        });
-        crossbeam_channel::select! {
-            recv(rx) -> r => match r {
-                Ok(Ok(fd)) => Ok(GcGuard { _fd: fd }),
-                Ok(Err(e)) => Err(err(e.into())),
-                Err(_) => Err(err(std::io::Error::other("lock thread died"))),
-            },
-            recv(cancel.signal()) -> _ => Err(UnpackError::Cancelled),
-        }
+        let fd = crate::flight::flock_wait(fd, exclusive, cancel)
+            .map_err(|e| UnpackError::lock(path.clone(), e))?;
+        Ok(GcGuard { _fd: fd })
     }
 
     pub(crate) fn file_lock(&self, name: &str, cancel: &Cancel) -> Result<FileLock, UnpackError> {

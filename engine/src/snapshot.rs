@@ -489,10 +489,7 @@ impl Snapshotter {
                 detail: "use letters, digits and ._-@+ (not first .), at most 200",
             });
         }
-        let active = match parent {
-            Some(p) => self.prepare(Some(*p))?,
-            None => self.prepare(None)?,
-        };
+        let active = self.prepare(parent.copied())?;
         let name = active
             .dir
             .file_name()

@@ -313,15 +313,31 @@ impl Root {
                 place: source.describe(),
                 hint: "",
             })?;
-        let f = std::fs::File::open(&path).map_err(|e| {
-            UnpackError::Content(crate::content::ContentError::Io {
-                op: "open source blob",
-                path,
-                source: e,
-            })
-        })?;
+        let f = open_source(&path)?;
         self.0.content.ingest(d, f, Some(crate::image::MAX_JSON))?;
         Ok(())
+    }
+}
+
+fn open_source(path: &std::path::Path) -> Result<std::fs::File, UnpackError> {
+    std::fs::File::open(path).map_err(|e| {
+        UnpackError::Content(crate::content::ContentError::Io {
+            op: "open source blob",
+            path: path.to_path_buf(),
+            source: e,
+        })
+    })
+}
+
+/// A flight's outcome as this crate passes it on: a waiter's own
+/// cancellation is an error like any other.
+fn flown<T>(
+    r: Result<(T, Role), FlightError<Arc<UnpackError>>>,
+) -> Result<(T, Role), Arc<UnpackError>> {
+    match r {
+        Ok(v) => Ok(v),
+        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
+        Err(FlightError::Failed(e)) => Err(e),
     }
 }
 
@@ -349,15 +365,12 @@ fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<UnpackError>> {
         return Ok(Role::Waited);
     }
     let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
-    match root
+    let r = root
         .flights
         .run(Key::Snapshot(layer.chain_id), &job.cancel, adopt, || {
             lead_layer(job, i).map_err(Arc::new)
-        }) {
-        Ok(((), role)) => Ok(role),
-        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
-        Err(FlightError::Failed(e)) => Err(e),
-    }
+        });
+    flown(r).map(|((), role)| role)
 }
 
 /// The leader's work for layer `i`: apply into a fresh active snapshot,
@@ -499,22 +512,12 @@ fn ensure_blob(
                 if root.0.content.contains(&layer.digest) {
                     return Ok(());
                 }
-                let f = std::fs::File::open(path).map_err(|e| {
-                    UnpackError::Content(crate::content::ContentError::Io {
-                        op: "open source blob",
-                        path: path.to_path_buf(),
-                        source: e,
-                    })
-                })?;
+                let f = open_source(path)?;
                 root.0.content.ingest(&layer.digest, f, Some(layer.size))?;
                 root.0.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             })()
             .map_err(Arc::new)
         });
-    match r {
-        Ok(_) => Ok(()),
-        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
-        Err(FlightError::Failed(e)) => Err(e),
-    }
+    flown(r).map(|_| ())
 }
