@@ -168,7 +168,7 @@ impl ContentStore {
     pub fn ingest(
         &self,
         expected: &Digest,
-        r: impl Read,
+        mut r: impl Read,
         max_size: Option<u64>,
     ) -> Result<Ingested, ContentError> {
         if self.contains(expected) {
@@ -177,14 +177,39 @@ impl ContentStore {
                 published: false,
             });
         }
-        let (file, temp_name) = self.create_private()?;
-        let result = self.fill_and_publish(expected, r, max_size, file, temp_name.as_ref());
-        if result.is_err() {
-            if let Some(n) = &temp_name {
-                let _ = rfs::unlinkat(&self.ingest, n.as_c_str(), AtFlags::empty());
-            }
+        let mut w = self.writer(expected, max_size)?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("read blob", &self.path(expected), e)),
+            };
+            w.write(&buf[..n])?;
         }
-        result
+        w.publish()
+    }
+
+    /// Starts writing blob `expected` into a private file: the caller
+    /// feeds it bytes (resuming an interrupted download where
+    /// [`IngestWriter::written`] says) and publishes it, which verifies
+    /// the digest. Dropped unpublished, it leaves nothing behind.
+    pub fn writer(
+        &self,
+        expected: &Digest,
+        max_size: Option<u64>,
+    ) -> Result<IngestWriter<'_>, ContentError> {
+        let (file, temp_name) = self.create_private()?;
+        Ok(IngestWriter {
+            store: self,
+            expected: *expected,
+            max_size,
+            file,
+            temp_name,
+            hasher: Hasher::new(),
+            size: 0,
+        })
     }
 
     fn size(&self, d: &Digest) -> Result<u64, ContentError> {
@@ -194,13 +219,14 @@ impl ContentStore {
     }
 
     /// An unnamed file in the ingest directory, or a named one where
-    /// `O_TMPFILE` is not supported.
+    /// `O_TMPFILE` is not supported. Opened read-write: a concurrent
+    /// apply reads what a download has written so far.
     fn create_private(&self) -> Result<(File, Option<CString>), ContentError> {
         let ingest_path = self.dir.join("ingest");
         match rfs::openat(
             &self.ingest,
             ".",
-            OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o444),
         ) {
             Ok(fd) => return Ok((File::from(fd), None)),
@@ -213,81 +239,11 @@ impl ContentStore {
         let fd = rfs::openat(
             &self.ingest,
             name.as_c_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o444),
         )
         .map_err(|e| io_err("create ingest file", &ingest_path, e.into()))?;
         Ok((File::from(fd), Some(name)))
-    }
-
-    fn fill_and_publish(
-        &self,
-        expected: &Digest,
-        mut r: impl Read,
-        max_size: Option<u64>,
-        mut file: File,
-        temp_name: Option<&CString>,
-    ) -> Result<Ingested, ContentError> {
-        let target = self.path(expected);
-        let mut hasher = Hasher::new();
-        let mut size = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("read blob", &target, e)),
-            };
-            size += n as u64;
-            if max_size.is_some_and(|m| size > m) {
-                return Err(ContentError::TooLarge {
-                    digest: *expected,
-                    expected: max_size.unwrap_or(0),
-                });
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n])
-                .map_err(|e| io_err("write blob", &target, e))?;
-        }
-        let actual = hasher.finish();
-        if actual != *expected {
-            return Err(ContentError::DigestMismatch {
-                expected: *expected,
-                actual,
-            });
-        }
-        if self.sync {
-            file.sync_all()
-                .map_err(|e| io_err("sync blob", &target, e))?;
-        }
-        let hex = expected.hex();
-        let published = match temp_name {
-            None => link_unnamed(&file, &self.blobs, &hex),
-            Some(n) => rfs::renameat_with(
-                &self.ingest,
-                n.as_c_str(),
-                &self.blobs,
-                hex.as_str(),
-                RenameFlags::NOREPLACE,
-            ),
-        };
-        let published = match published {
-            Ok(()) => true,
-            // Somebody published the same bytes first.
-            Err(Errno::EXIST) => {
-                if let Some(n) = temp_name {
-                    let _ = rfs::unlinkat(&self.ingest, n.as_c_str(), AtFlags::empty());
-                }
-                false
-            }
-            Err(e) => return Err(io_err("publish blob", &target, e.into())),
-        };
-        if published && self.sync {
-            rfs::fsync(&self.blobs)
-                .map_err(|e| io_err("sync blob directory", &target, e.into()))?;
-        }
-        Ok(Ingested { size, published })
     }
 
     /// Removes named ingest files of crashed processes (a day old or more).
@@ -323,6 +279,107 @@ fn link_unnamed(file: &File, dir: &OwnedFd, name: &str) -> rustix::io::Result<()
             )
         }
         r => r,
+    }
+}
+
+/// A blob being written into the store (see [`ContentStore::writer`]).
+pub struct IngestWriter<'a> {
+    store: &'a ContentStore,
+    expected: Digest,
+    max_size: Option<u64>,
+    file: File,
+    temp_name: Option<CString>,
+    hasher: Hasher,
+    size: u64,
+}
+
+impl IngestWriter<'_> {
+    /// Appends bytes, hashing them; fails once more bytes arrived than
+    /// announced.
+    pub fn write(&mut self, buf: &[u8]) -> Result<(), ContentError> {
+        let size = self.size + buf.len() as u64;
+        if let Some(m) = self.max_size.filter(|&m| size > m) {
+            return Err(ContentError::TooLarge {
+                digest: self.expected,
+                expected: m,
+            });
+        }
+        self.hasher.update(buf);
+        self.file
+            .write_all(buf)
+            .map_err(|e| io_err("write blob", &self.store.path(&self.expected), e))?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// Bytes written (and hashed) so far.
+    pub fn written(&self) -> u64 {
+        self.size
+    }
+
+    /// A second handle on the file, for reading what is written while it
+    /// grows (with positioned reads).
+    pub fn read_handle(&self) -> Result<File, ContentError> {
+        self.file
+            .try_clone()
+            .map_err(|e| io_err("dup ingest file", &self.store.path(&self.expected), e))
+    }
+
+    /// Checks the digest and gives the blob its name; nothing is published
+    /// when the bytes do not match.
+    pub fn publish(mut self) -> Result<Ingested, ContentError> {
+        let store = self.store;
+        let target = store.path(&self.expected);
+        let hasher = std::mem::take(&mut self.hasher);
+        let actual = hasher.finish();
+        if actual != self.expected {
+            return Err(ContentError::DigestMismatch {
+                expected: self.expected,
+                actual,
+            });
+        }
+        if store.sync {
+            self.file
+                .sync_all()
+                .map_err(|e| io_err("sync blob", &target, e))?;
+        }
+        let hex = self.expected.hex();
+        let published = match &self.temp_name {
+            None => link_unnamed(&self.file, &store.blobs, &hex),
+            Some(n) => rfs::renameat_with(
+                &store.ingest,
+                n.as_c_str(),
+                &store.blobs,
+                hex.as_str(),
+                RenameFlags::NOREPLACE,
+            ),
+        };
+        let published = match published {
+            Ok(()) => {
+                // Renamed away: nothing left to remove on drop.
+                self.temp_name = None;
+                true
+            }
+            // Somebody published the same bytes first (drop removes ours).
+            Err(Errno::EXIST) => false,
+            Err(e) => return Err(io_err("publish blob", &target, e.into())),
+        };
+        if published && store.sync {
+            rfs::fsync(&store.blobs)
+                .map_err(|e| io_err("sync blob directory", &target, e.into()))?;
+        }
+        Ok(Ingested {
+            size: self.size,
+            published,
+        })
+    }
+}
+
+impl Drop for IngestWriter<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = &self.temp_name {
+            let _ = rfs::unlinkat(&self.store.ingest, n.as_c_str(), AtFlags::empty());
+        }
     }
 }
 

@@ -50,6 +50,9 @@ pub enum ImageError {
     /// Nothing in the index matches the tag or the platform.
     #[error("{0}")]
     NotFound(String),
+    /// A registry could not deliver a document.
+    #[error(transparent)]
+    Source(#[from] crate::fetch::SourceError),
 }
 
 /// An OS/architecture/variant triple, as `--platform` takes it.
@@ -366,143 +369,188 @@ impl Layout {
             }
         }
         let want = platform.cloned().unwrap_or_else(Platform::host);
-        let desc = self.pick(&candidates, &want, "index.json")?;
-        let (manifest, m) = self.manifest(desc, &want, 0)?;
-        self.image(manifest, m, &want, platform.is_some())
+        let desc = pick(&candidates, &want, "index.json")?;
+        let (manifest, m) = follow(self, desc, &want, 0)?;
+        build(self, manifest, m, &want, platform.is_some())
     }
+}
 
-    /// Picks one descriptor from an index's list: the only one, or the one
-    /// for the platform.
-    fn pick<'d>(
-        &self,
-        list: &[&'d Descriptor],
-        want: &Platform,
-        what: &str,
-    ) -> Result<&'d Descriptor, ImageError> {
-        if let [one] = list {
-            return Ok(one);
-        }
-        list.iter()
-            .copied()
-            .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
-            .ok_or_else(|| ImageError::NotFound(format!("{what}: no manifest for platform {want}")))
+impl Documents for Layout {
+    fn document(&self, d: &Digest, _config: bool) -> Result<Vec<u8>, ImageError> {
+        self.read_json_blob(d)
     }
+}
 
-    /// Follows nested indexes down to one manifest.
-    fn manifest(
-        &self,
-        desc: &Descriptor,
-        want: &Platform,
-        depth: usize,
-    ) -> Result<(Digest, Manifest), ImageError> {
-        let d = parse_digest("descriptor", &desc.digest)?;
-        let what = format!("blob {d}");
-        if depth > MAX_INDEX_DEPTH {
-            return Err(invalid(what, "indexes nested too deep"));
-        }
-        let raw = self.read_json_blob(&d)?;
-        if INDEX_TYPES.contains(&desc.media_type.as_str()) {
-            let idx: Index =
-                serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
-            if let Some(mt) = &idx.media_type {
-                if !INDEX_TYPES.contains(&mt.as_str()) {
-                    return Err(invalid(&what, format!("media type {mt} is not an index")));
-                }
+/// Where the JSON documents of an image (indexes, manifests, configs) come
+/// from: an OCI layout, a registry. Whatever it returns has been checked
+/// against its digest and bounded by [`MAX_JSON`].
+pub trait Documents {
+    /// The document `d`; `config` tells a config (a registry blob) from an
+    /// index or manifest (a registry manifest).
+    fn document(&self, d: &Digest, config: bool) -> Result<Vec<u8>, ImageError>;
+}
+
+/// Resolves the image whose index or manifest is `digest` (of
+/// `media_type`) down to its manifest for `platform` (`None`: the host;
+/// then a config for another platform is an error), its config, and its
+/// layers with diff IDs and chain IDs.
+pub fn resolve_from(
+    docs: &dyn Documents,
+    digest: &Digest,
+    media_type: &str,
+    platform: Option<&Platform>,
+) -> Result<Image, ImageError> {
+    let want = platform.cloned().unwrap_or_else(Platform::host);
+    let desc = Descriptor {
+        media_type: media_type.to_string(),
+        digest: digest.to_string(),
+        size: 0,
+        platform: None,
+        annotations: None,
+    };
+    let (manifest, m) = follow(docs, &desc, &want, 0)?;
+    build(docs, manifest, m, &want, platform.is_some())
+}
+
+/// Whether `media_type` is an index or a manifest that [`resolve_from`]
+/// understands.
+pub fn is_manifest_type(media_type: &str) -> bool {
+    INDEX_TYPES.contains(&media_type) || MANIFEST_TYPES.contains(&media_type)
+}
+
+/// The media types of indexes and manifests, for an HTTP `Accept` header.
+pub fn manifest_types() -> impl Iterator<Item = &'static str> {
+    INDEX_TYPES.iter().chain(MANIFEST_TYPES).copied()
+}
+
+/// Picks one descriptor from an index's list: the only one, or the one
+/// for the platform.
+fn pick<'d>(
+    list: &[&'d Descriptor],
+    want: &Platform,
+    what: &str,
+) -> Result<&'d Descriptor, ImageError> {
+    if let [one] = list {
+        return Ok(one);
+    }
+    list.iter()
+        .copied()
+        .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
+        .ok_or_else(|| ImageError::NotFound(format!("{what}: no manifest for platform {want}")))
+}
+
+/// Follows nested indexes down to one manifest.
+fn follow(
+    docs: &dyn Documents,
+    desc: &Descriptor,
+    want: &Platform,
+    depth: usize,
+) -> Result<(Digest, Manifest), ImageError> {
+    let d = parse_digest("descriptor", &desc.digest)?;
+    let what = format!("blob {d}");
+    if depth > MAX_INDEX_DEPTH {
+        return Err(invalid(what, "indexes nested too deep"));
+    }
+    let raw = docs.document(&d, false)?;
+    if INDEX_TYPES.contains(&desc.media_type.as_str()) {
+        let idx: Index = serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
+        if let Some(mt) = &idx.media_type {
+            if !INDEX_TYPES.contains(&mt.as_str()) {
+                return Err(invalid(&what, format!("media type {mt} is not an index")));
             }
-            let list: Vec<&Descriptor> = idx.manifests.iter().collect();
-            let next = self.pick(&list, want, &what)?;
-            return self.manifest(next, want, depth + 1);
         }
-        if !MANIFEST_TYPES.contains(&desc.media_type.as_str()) {
-            return Err(invalid(
-                &what,
-                format!("unknown media type {:?}", desc.media_type),
-            ));
-        }
-        let m: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
-        if let Some(mt) = &m.media_type {
-            if !MANIFEST_TYPES.contains(&mt.as_str()) {
-                return Err(invalid(&what, format!("media type {mt} is not a manifest")));
-            }
-        }
-        Ok((d, m))
+        let list: Vec<&Descriptor> = idx.manifests.iter().collect();
+        let next = pick(&list, want, &what)?;
+        return follow(docs, next, want, depth + 1);
     }
+    if !MANIFEST_TYPES.contains(&desc.media_type.as_str()) {
+        return Err(invalid(
+            &what,
+            format!("unknown media type {:?}", desc.media_type),
+        ));
+    }
+    let m: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(&what, e.to_string()))?;
+    if let Some(mt) = &m.media_type {
+        if !MANIFEST_TYPES.contains(&mt.as_str()) {
+            return Err(invalid(&what, format!("media type {mt} is not a manifest")));
+        }
+    }
+    Ok((d, m))
+}
 
-    fn image(
-        &self,
-        manifest: Digest,
-        m: Manifest,
-        want: &Platform,
-        explicit: bool,
-    ) -> Result<Image, ImageError> {
-        let config = parse_digest("config descriptor", &m.config.digest)?;
-        let cwhat = format!("config {config}");
-        if !CONFIG_TYPES.contains(&m.config.media_type.as_str()) {
-            return Err(invalid(
-                &cwhat,
-                format!("unknown media type {:?}", m.config.media_type),
-            ));
-        }
-        let c: Config = serde_json::from_slice(&self.read_json_blob(&config)?)
-            .map_err(|e| invalid(&cwhat, e.to_string()))?;
-        if c.rootfs.kind != "layers" {
-            return Err(invalid(
-                &cwhat,
-                format!("rootfs type {:?} is not \"layers\"", c.rootfs.kind),
-            ));
-        }
-        if !want.matches(&c.platform) {
-            let platform = Platform::from(&c.platform);
-            let hint = if explicit {
-                ""
-            } else {
-                " (ask for it with --platform)"
-            };
-            return Err(ImageError::NotFound(format!(
-                "image is for {platform}, not {want}{hint}"
-            )));
-        }
-        let diff_ids = c
-            .rootfs
-            .diff_ids
-            .iter()
-            .map(|s| parse_digest(&cwhat, s))
-            .collect::<Result<Vec<_>, _>>()?;
-        if diff_ids.len() != m.layers.len() {
-            return Err(invalid(
-                format!("manifest {manifest}"),
-                format!(
-                    "{} layers but the config lists {} diff IDs",
-                    m.layers.len(),
-                    diff_ids.len()
-                ),
-            ));
-        }
-        let chains = chain_ids(&diff_ids);
-        let mut layers = Vec::with_capacity(m.layers.len());
-        for ((l, diff_id), chain_id) in m.layers.iter().zip(diff_ids).zip(chains) {
-            let digest = parse_digest("layer descriptor", &l.digest)?;
-            let kind = layer_kind(&l.media_type).ok_or_else(|| {
-                invalid(
-                    format!("layer {digest}"),
-                    format!("unknown media type {:?}", l.media_type),
-                )
-            })?;
-            layers.push(Layer {
-                digest,
-                size: l.size,
-                media_type: l.media_type.clone(),
-                kind,
-                diff_id,
-                chain_id,
-            });
-        }
-        Ok(Image {
-            manifest,
-            config,
-            platform: Platform::from(&c.platform),
-            layers,
-        })
+fn build(
+    docs: &dyn Documents,
+    manifest: Digest,
+    m: Manifest,
+    want: &Platform,
+    explicit: bool,
+) -> Result<Image, ImageError> {
+    let config = parse_digest("config descriptor", &m.config.digest)?;
+    let cwhat = format!("config {config}");
+    if !CONFIG_TYPES.contains(&m.config.media_type.as_str()) {
+        return Err(invalid(
+            &cwhat,
+            format!("unknown media type {:?}", m.config.media_type),
+        ));
     }
+    let c: Config = serde_json::from_slice(&docs.document(&config, true)?)
+        .map_err(|e| invalid(&cwhat, e.to_string()))?;
+    if c.rootfs.kind != "layers" {
+        return Err(invalid(
+            &cwhat,
+            format!("rootfs type {:?} is not \"layers\"", c.rootfs.kind),
+        ));
+    }
+    if !want.matches(&c.platform) {
+        let platform = Platform::from(&c.platform);
+        let hint = if explicit {
+            ""
+        } else {
+            " (ask for it with --platform)"
+        };
+        return Err(ImageError::NotFound(format!(
+            "image is for {platform}, not {want}{hint}"
+        )));
+    }
+    let diff_ids = c
+        .rootfs
+        .diff_ids
+        .iter()
+        .map(|s| parse_digest(&cwhat, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if diff_ids.len() != m.layers.len() {
+        return Err(invalid(
+            format!("manifest {manifest}"),
+            format!(
+                "{} layers but the config lists {} diff IDs",
+                m.layers.len(),
+                diff_ids.len()
+            ),
+        ));
+    }
+    let chains = chain_ids(&diff_ids);
+    let mut layers = Vec::with_capacity(m.layers.len());
+    for ((l, diff_id), chain_id) in m.layers.iter().zip(diff_ids).zip(chains) {
+        let digest = parse_digest("layer descriptor", &l.digest)?;
+        let kind = layer_kind(&l.media_type).ok_or_else(|| {
+            invalid(
+                format!("layer {digest}"),
+                format!("unknown media type {:?}", l.media_type),
+            )
+        })?;
+        layers.push(Layer {
+            digest,
+            size: l.size,
+            media_type: l.media_type.clone(),
+            kind,
+            diff_id,
+            chain_id,
+        });
+    }
+    Ok(Image {
+        manifest,
+        config,
+        platform: Platform::from(&c.platform),
+        layers,
+    })
 }

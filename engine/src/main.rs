@@ -102,6 +102,46 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Pull an image from a registry into committed snapshots, one per
+    /// layer, downloading each layer while it is applied. The last stdout
+    /// line is the image's top chain ID, for `unlade mounts`.
+    Pull {
+        /// The image reference: `redis`, `host:port/repo:tag`,
+        /// `repo@sha256:…`, `repo:tag@sha256:…`.
+        reference: String,
+        /// The unlade root.
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Pull this platform's image (os/arch[/variant]) instead of the
+        /// host's.
+        #[arg(long)]
+        platform: Option<String>,
+        /// Talk plain HTTP to the registry (when no hosts.toml says
+        /// otherwise).
+        #[arg(long)]
+        plain_http: bool,
+        /// Most blobs downloaded at once.
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        max_concurrent_downloads: usize,
+        /// Directory of per-registry `hosts.toml` files (containerd's
+        /// format: mirrors, plain HTTP, CA).
+        #[arg(long, value_name = "DIR", default_value = "/etc/unlade/certs.d")]
+        hosts_dir: PathBuf,
+        /// Make every snapshot, blob and record durable before it is
+        /// visible (as `unpack --sync`).
+        #[arg(long)]
+        sync: bool,
+        /// Most layers applied at once.
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Print nothing but the chain ID.
+        #[arg(long, short)]
+        quiet: bool,
+        /// Print a JSON summary (digests, chain IDs, bytes, time per
+        /// stage) before the chain ID.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print, as the last stdout line, the `mount` command that mounts
     /// committed snapshot CHAINID read-only at TARGET, or with --rw a new
     /// writable snapshot KEY on top of it (as `ctr snapshots mounts`).
@@ -330,6 +370,123 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
     emit(&out)
 }
 
+struct PullArgs {
+    reference: String,
+    root: PathBuf,
+    platform: Option<String>,
+    plain_http: bool,
+    max_downloads: usize,
+    hosts_dir: PathBuf,
+    sync: bool,
+    parallel: Option<usize>,
+    quiet: bool,
+    json: bool,
+}
+
+fn pull(a: PullArgs) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let reference = unlade::Reference::parse(&a.reference).map_err(|e| e.to_string())?;
+    let platform = a.platform.as_deref().map(Platform::parse).transpose()?;
+    let mut opts = RootOptions {
+        durability: if a.sync {
+            Durability::Written
+        } else {
+            Durability::None
+        },
+        max_downloads: a.max_downloads.max(1),
+        ..RootOptions::default()
+    };
+    if let Some(n) = a.parallel {
+        opts.parallel_layers = n.max(1);
+    }
+    let root = Root::open(&a.root, opts).map_err(|e| e.to_string())?;
+    let popts = unlade::PullOptions {
+        remote: unlade::remote::RemoteOptions {
+            plain_http: a.plain_http,
+            hosts_dir: Some(a.hosts_dir),
+            ..Default::default()
+        },
+        platform,
+    };
+    let display = (!a.quiet && !a.json).then(unlade::progress::Display::new);
+    let cancel = Cancel::new();
+    let r = root.pull(
+        &reference,
+        &popts,
+        display
+            .clone()
+            .map(|d| d as std::sync::Arc<dyn unlade::Progress>),
+        &cancel,
+    );
+    if let Some(d) = &display {
+        d.finish();
+    }
+    let p = r.map_err(|e| e.to_string())?;
+    let stats = root.stats();
+    let mut out = Vec::new();
+    if a.json {
+        let roles: std::collections::HashMap<_, _> = p.unpacked.roles.iter().cloned().collect();
+        let layers: Vec<_> = p
+            .image
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "digest": l.digest,
+                    "size": l.size,
+                    "media_type": l.media_type,
+                    "diff_id": l.diff_id,
+                    "chain_id": l.chain_id,
+                    "done": match roles.get(&l.chain_id) {
+                        None => "present",
+                        Some(Role::Waited) => "by another",
+                        Some(_) => "here",
+                    },
+                })
+            })
+            .collect();
+        out.push(
+            serde_json::json!({
+                "name": p.name,
+                "resolved": p.resolved,
+                "manifest": p.image.manifest,
+                "config": p.image.config,
+                "platform": p.image.platform.to_string(),
+                "layers": layers,
+                "top_chain": p.unpacked.top_chain,
+                "requests": p.requests,
+                "bytes_fetched": p.bytes_fetched,
+                "layers_applied": stats.layers_applied,
+                "blobs_fetched": stats.blobs_ingested,
+                "seconds": {
+                    "resolve": p.resolve_time.as_secs_f64(),
+                    "fetch_and_unpack": p.unpack_time.as_secs_f64(),
+                    "total": started.elapsed().as_secs_f64(),
+                },
+            })
+            .to_string(),
+        );
+    } else if !a.quiet {
+        out.push(format!(
+            "pulled {} ({}): {} layers, {} present before, {} applied here, {} blobs fetched ({} bytes, {} requests), in {:.3}s",
+            p.name,
+            p.image.manifest,
+            p.image.layers.len(),
+            p.unpacked.already,
+            stats.layers_applied,
+            stats.blobs_ingested,
+            p.bytes_fetched,
+            p.requests,
+            started.elapsed().as_secs_f64()
+        ));
+    }
+    match p.unpacked.top_chain {
+        Some(c) => out.push(c.to_string()),
+        None => return Err(format!("image {} has no layers: nothing to mount", p.name)),
+    }
+    emit(&out)
+}
+
 fn mounts(
     target: PathBuf,
     chain: &str,
@@ -472,6 +629,29 @@ fn run(cli: Cli) -> Result<(), String> {
             root,
             rw,
         } => mounts(target, &chain_id, &root, rw),
+        Cmd::Pull {
+            reference,
+            root,
+            platform,
+            plain_http,
+            max_concurrent_downloads,
+            hosts_dir,
+            sync,
+            parallel,
+            quiet,
+            json,
+        } => pull(PullArgs {
+            reference,
+            root,
+            platform,
+            plain_http,
+            max_downloads: max_concurrent_downloads,
+            hosts_dir,
+            sync,
+            parallel,
+            quiet,
+            json,
+        }),
         Cmd::Unpack {
             layout,
             root,

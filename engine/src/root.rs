@@ -63,6 +63,9 @@ pub enum UnpackError {
         /// More for foreign layers.
         hint: &'static str,
     },
+    /// Fetching a blob from its source failed (after retries).
+    #[error(transparent)]
+    Fetch(#[from] crate::fetch::FetchError),
     /// Taking a lock file failed.
     #[error("lock {path}: {source}")]
     Lock {
@@ -108,6 +111,10 @@ impl UnpackError {
                 | K::Decode(crate::error::DecodeError::Io(_)) => None,
                 _ => e.layer.parse().ok(),
             },
+            UnpackError::Fetch(crate::fetch::FetchError::Content(
+                ContentError::DigestMismatch { expected: d, .. }
+                | ContentError::TooLarge { digest: d, .. },
+            )) => Some(*d),
             UnpackError::Shared(e) => e.content_fault(),
             UnpackError::Layer { source, .. } => source.content_fault(),
             _ => None,
@@ -133,6 +140,11 @@ pub struct RootOptions {
     /// Most layers applied at the same time by this root, however many
     /// unpacks run (waiting for another's result takes none).
     pub parallel_layers: usize,
+    /// Most blobs downloaded at the same time by this root (containerd's
+    /// `max_concurrent_downloads`, 3 by default); lower layers first.
+    pub max_downloads: usize,
+    /// How interrupted or refused downloads are retried.
+    pub retry: crate::fetch::Retry,
 }
 
 impl Default for RootOptions {
@@ -143,6 +155,8 @@ impl Default for RootOptions {
             parallel_layers: std::thread::available_parallelism()
                 .map_or(2, |n| n.get())
                 .clamp(2, 8),
+            max_downloads: 3,
+            retry: crate::fetch::Retry::default(),
         }
     }
 }
@@ -176,6 +190,7 @@ pub(crate) struct Inner {
     pub(crate) opts: RootOptions,
     pub(crate) stats: Stats,
     pub(crate) permits: crate::unpack::Permits,
+    pub(crate) downloads: crate::fetch::Slots,
     gc_lock_path: PathBuf,
 }
 
@@ -216,6 +231,7 @@ impl Root {
             locks,
             flights: Flights::new(),
             permits: crate::unpack::Permits::new(opts.parallel_layers),
+            downloads: crate::fetch::Slots::new(opts.max_downloads),
             opts,
             stats: Stats::default(),
             gc_lock_path: dir.join("gc.lock"),

@@ -36,29 +36,36 @@ use crate::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
 use crate::cancel::Cancel;
 use crate::digest::Digest;
 use crate::durable::Durability;
+use crate::fetch::{FetchError, Growing};
 use crate::flight::{FlightError, Key, Role};
 use crate::image::{Image, Layer, LayerKind};
 use crate::images::{ImageRecord, LayerRecord};
 use crate::root::{Root, UnpackError};
 
-/// Where an image's blobs come from when they are not in the content
-/// store yet (an OCI layout directory; a registry in `pull`).
-pub trait BlobSource: Send + Sync {
-    /// The file holding blob `d`, if the source has it.
-    fn blob_path(&self, d: &Digest) -> Option<PathBuf>;
-    /// Names the source in errors.
-    fn describe(&self) -> String;
+pub use crate::fetch::BlobSource;
+
+/// What an unpack reports while it works, per layer (for a progress
+/// display). Called from the layer threads: keep it quick.
+pub trait Progress: Send + Sync {
+    /// The unpack of `image` begins (before any event).
+    fn start(&self, _image: &Image) {}
+    /// Layer `index` (bottom = 0) of the image changed state.
+    fn event(&self, index: usize, layer: &Layer, event: ProgressEvent);
 }
 
-impl BlobSource for crate::image::Layout {
-    fn blob_path(&self, d: &Digest) -> Option<PathBuf> {
-        let p = crate::image::Layout::blob_path(self, d);
-        p.is_file().then_some(p)
-    }
-
-    fn describe(&self) -> String {
-        format!("the layout {}", self.dir().display())
-    }
+/// One step of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressEvent {
+    /// Committed before this unpack started: nothing to do.
+    Present,
+    /// Its blob is being fetched: bytes written so far.
+    Fetching(u64),
+    /// Its blob is complete in the content store.
+    Fetched,
+    /// Being applied (possibly while its blob still downloads).
+    Applying,
+    /// Committed, by this call or by another that did the work.
+    Committed(Role),
 }
 
 /// What an unpack did.
@@ -141,6 +148,29 @@ struct Job {
     image: Image,
     source: Arc<dyn BlobSource>,
     cancel: Cancel,
+    progress: Option<Arc<dyn Progress>>,
+    /// Blobs being downloaded for this job, whose readers a cancel wakes.
+    growing: Mutex<Vec<std::sync::Weak<Growing>>>,
+}
+
+impl Job {
+    /// Stops every layer of this job: cancels, and wakes whatever they
+    /// wait for (apply permits, download slots, growing blobs).
+    fn stop(&self) {
+        self.cancel.cancel();
+        self.root.0.permits.wake_all();
+        self.root.0.downloads.wake_all();
+        let list = self.growing.lock().unwrap_or_else(|p| p.into_inner());
+        for g in list.iter().filter_map(|w| w.upgrade()) {
+            g.cancel();
+        }
+    }
+
+    fn report(&self, i: usize, e: ProgressEvent) {
+        if let Some(p) = &self.progress {
+            p.event(i, &self.image.layers[i], e);
+        }
+    }
 }
 
 /// The layers below layer `index` of a job, for hard links into them.
@@ -193,6 +223,18 @@ impl Root {
         name: &str,
         cancel: &Cancel,
     ) -> Result<Unpacked, UnpackError> {
+        self.unpack_observed(source, image, name, None, cancel)
+    }
+
+    /// [`Root::unpack`], telling `progress` what each layer goes through.
+    pub fn unpack_observed(
+        &self,
+        source: Arc<dyn BlobSource>,
+        image: &Image,
+        name: &str,
+        progress: Option<Arc<dyn Progress>>,
+        cancel: &Cancel,
+    ) -> Result<Unpacked, UnpackError> {
         let _gc = self.gc_lock(false, cancel)?;
         for d in [image.manifest, image.config] {
             self.import_small(source.as_ref(), &d)?;
@@ -208,7 +250,15 @@ impl Root {
             image: image.clone(),
             source,
             cancel: Cancel::new(),
+            progress,
+            growing: Mutex::new(Vec::new()),
         });
+        if let Some(p) = &job.progress {
+            p.start(image);
+        }
+        for i in 0..already {
+            job.report(i, ProgressEvent::Present);
+        }
         let results = std::thread::scope(|s| {
             let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
             // The caller's cancel stops this job's layers.
@@ -217,10 +267,7 @@ impl Root {
                 let outer = cancel.clone();
                 s.spawn(move || {
                     crossbeam_channel::select! {
-                        recv(outer.signal()) -> _ => {
-                            job.cancel.cancel();
-                            job.root.0.permits.wake_all();
-                        }
+                        recv(outer.signal()) -> _ => job.stop(),
                         recv(done_rx) -> _ => {}
                     }
                 })
@@ -230,9 +277,9 @@ impl Root {
                     let job = job.clone();
                     s.spawn(move || {
                         let r = ensure_layer(&job, i);
-                        if r.is_err() {
-                            job.cancel.cancel();
-                            job.root.0.permits.wake_all();
+                        match &r {
+                            Ok(role) => job.report(i, ProgressEvent::Committed(*role)),
+                            Err(_) => job.stop(),
                         }
                         r
                     })
@@ -306,27 +353,34 @@ impl Root {
         if self.0.content.contains(d) {
             return Ok(());
         }
-        let path = source
-            .blob_path(d)
-            .ok_or_else(|| UnpackError::MissingBlob {
-                digest: *d,
-                place: source.describe(),
-                hint: "",
-            })?;
-        let f = open_source(&path)?;
-        self.0.content.ingest(d, f, Some(crate::image::MAX_JSON))?;
+        let cancel = Cancel::new();
+        let r = source
+            .open(d, 0, &cancel)
+            .map_err(|e| source_error(source, d, e, ""))?;
+        self.0.content.ingest(d, r, Some(crate::image::MAX_JSON))?;
         Ok(())
     }
 }
 
-fn open_source(path: &std::path::Path) -> Result<std::fs::File, UnpackError> {
-    std::fs::File::open(path).map_err(|e| {
-        UnpackError::Content(crate::content::ContentError::Io {
-            op: "open source blob",
-            path: path.to_path_buf(),
+/// A source's failure to deliver blob `d` as this crate reports it.
+fn source_error(
+    source: &dyn BlobSource,
+    d: &Digest,
+    e: crate::fetch::SourceError,
+    hint: &'static str,
+) -> UnpackError {
+    if e.kind == crate::fetch::SourceErrorKind::NotFound {
+        UnpackError::MissingBlob {
+            digest: *d,
+            place: source.describe(),
+            hint,
+        }
+    } else {
+        UnpackError::Fetch(FetchError::Source {
+            digest: *d,
             source: e,
         })
-    })
+    }
 }
 
 /// A flight's outcome as this crate passes it on: a waiter's own
@@ -440,21 +494,31 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
     }
 }
 
-/// Applies layer `i`'s blob into `dest`, checking its diff ID; if the blob
-/// is not in the content store yet, copies it there at the same time and
-/// fails unless it matches its digest.
+/// Applies layer `i`'s blob into `dest`, checking its diff ID. A blob not
+/// in the content store yet is copied there at the same time, and the
+/// apply fails unless it matches its digest: a local file is applied in
+/// place while a second thread copies it; a remote blob is downloaded into
+/// the store while the apply reads the same file as it grows.
 fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError> {
     let layer = &job.image.layers[i];
     let root = &job.root;
-    let (path, ingest) = if root.0.content.contains(&layer.digest) {
-        (root.0.content.path(&layer.digest), false)
+    let stored = root.0.content.contains(&layer.digest);
+    let local = if stored {
+        Some(root.0.content.path(&layer.digest))
     } else {
-        let p = job
-            .source
-            .blob_path(&layer.digest)
-            .ok_or_else(|| missing(job, layer))?;
-        (p, true)
+        job.source.local_path(&layer.digest)
     };
+    let growing = local.is_none().then(|| {
+        let g = Arc::new(Growing::new());
+        job.growing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&g));
+        if job.cancel.is_cancelled() {
+            g.cancel();
+        }
+        g
+    });
     let opts = ApplyOptions {
         decode: root.0.opts.decode,
         same_owner: None,
@@ -465,59 +529,102 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
             index: i,
         })),
     };
-    let permit = root.0.permits.acquire(&job.cancel)?;
     let (applied, ingested) = std::thread::scope(|s| {
-        let ing = ingest.then(|| s.spawn(|| ensure_blob(job, layer, &path)));
-        let applied = apply_layer(LayerInput::Path(path.clone()), &dest, &opts)
-            .map_err(|e| e.relabel(&layer.digest.to_string()));
+        // The download starts before the apply waits for its permit.
+        let ing = (!stored).then(|| s.spawn(|| ensure_blob(job, i, growing.as_deref())));
+        let applied = root.0.permits.acquire(&job.cancel).and_then(|permit| {
+            job.report(i, ProgressEvent::Applying);
+            let input = match (&local, &growing) {
+                (Some(p), _) => LayerInput::Path(p.clone()),
+                (None, Some(g)) => LayerInput::Reader(Box::new(g.reader())),
+                (None, None) => unreachable!("a blob is local or downloaded"),
+            };
+            let r = apply_layer(input, &dest, &opts)
+                .map_err(|e| UnpackError::Apply(e.relabel(&layer.digest.to_string())));
+            drop(permit);
+            r
+        });
         let ingested = ing.map_or(Ok(()), |h| {
             h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled)))
         });
         (applied, ingested)
     });
-    drop(permit);
     // A blob that does not match its digest is the root cause of anything
     // the apply said about it.
     ingested.map_err(unshare)?;
+    if applied.is_err() && job.cancel.is_cancelled() {
+        return Err(UnpackError::Cancelled);
+    }
     applied?;
     Ok(())
 }
 
-fn missing(job: &Job, layer: &Layer) -> UnpackError {
-    UnpackError::MissingBlob {
-        digest: layer.digest,
-        place: job.source.describe(),
-        hint: if layer.kind == LayerKind::NonDistributable {
-            " (a foreign layer: put its blob in the layout; unlade does not fetch foreign URLs)"
-        } else {
-            ""
-        },
-    }
-}
-
-/// Copies a layer blob into the content store once (flight `Blob`).
+/// Copies layer `i`'s blob into the content store once (flight `Blob`),
+/// feeding `growing` (a download's readers) with the file or, when
+/// another caller or process got the blob, with the published blob.
 fn ensure_blob(
     job: &Arc<Job>,
-    layer: &Layer,
-    path: &std::path::Path,
+    i: usize,
+    growing: Option<&Growing>,
 ) -> Result<(), Arc<UnpackError>> {
+    let layer = &job.image.layers[i];
     let root = &job.root;
     let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
     let r = root
         .0
         .flights
         .run(Key::Blob(layer.digest), &job.cancel, adopt, || {
-            (|| {
-                let _lock = root.file_lock(&Key::Blob(layer.digest).lock_name(), &job.cancel)?;
-                if root.0.content.contains(&layer.digest) {
-                    return Ok(());
-                }
-                let f = open_source(path)?;
-                root.0.content.ingest(&layer.digest, f, Some(layer.size))?;
-                root.0.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            })()
-            .map_err(Arc::new)
+            fetch_blob(job, i, growing).map_err(Arc::new)
         });
-    flown(r).map(|_| ())
+    let r = flown(r).map(|_| ());
+    match (&r, growing) {
+        (Ok(()), Some(g)) => g.finish_at(root.0.content.path(&layer.digest)),
+        (Err(e), Some(g)) => g.fail(e.to_string()),
+        _ => {}
+    }
+    if r.is_ok() {
+        job.report(i, ProgressEvent::Fetched);
+    }
+    r
+}
+
+/// The `Blob` flight leader's work: a download slot, the blob's lock
+/// file, then the copy (unless another process finished it meanwhile).
+fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), UnpackError> {
+    let layer = &job.image.layers[i];
+    let root = &job.root.0;
+    let _slot = root
+        .downloads
+        .acquire(i as u64, &job.cancel)
+        .ok_or(UnpackError::Cancelled)?;
+    let _lock = job
+        .root
+        .file_lock(&Key::Blob(layer.digest).lock_name(), &job.cancel)?;
+    if root.content.contains(&layer.digest) {
+        return Ok(());
+    }
+    let progress = |n: u64| job.report(i, ProgressEvent::Fetching(n));
+    let hint = if layer.kind == LayerKind::NonDistributable {
+        " (a foreign layer: put its blob in the layout; unlade does not fetch foreign URLs)"
+    } else {
+        ""
+    };
+    let fetcher = crate::fetch::Fetcher {
+        store: &root.content,
+        source: job.source.as_ref(),
+        retry: &root.opts.retry,
+        cancel: &job.cancel,
+        progress: &progress,
+    };
+    match fetcher.fetch_into(&layer.digest, layer.size, growing) {
+        Ok(_) => {
+            root.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(FetchError::Source { digest, source }) => {
+            Err(source_error(job.source.as_ref(), &digest, source, hint))
+        }
+        Err(FetchError::Content(c)) => Err(UnpackError::Content(c)),
+        Err(FetchError::Cancelled) => Err(UnpackError::Cancelled),
+    }
 }

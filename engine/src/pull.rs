@@ -1,0 +1,102 @@
+//! `pull`: a registry reference → committed snapshots, by the same
+//! pipeline as `unpack`, with layers downloaded into the content store
+//! while they are applied.
+//!
+//! Resolution (tag → digest → index → platform manifest → config) reads
+//! small documents; then [`Root::unpack_observed`] runs with the registry
+//! as the blob source: committed chain IDs are skipped without a request,
+//! blobs in the content store are not fetched, each missing blob is
+//! downloaded once (flight `Blob(digest)`, across processes by its lock
+//! file) while the layer decodes from the growing file, and nothing
+//! commits before both the blob digest and the diff ID hold.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cancel::Cancel;
+use crate::digest::Digest;
+use crate::image::{Image, Platform};
+use crate::reference::Reference;
+use crate::remote::{Remote, RemoteBlobs, RemoteOptions};
+use crate::root::{Root, UnpackError};
+use crate::unpack::{Progress, Unpacked};
+
+/// How to pull.
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Registry access: plain HTTP, hosts.toml directory, credentials.
+    pub remote: RemoteOptions,
+    /// The platform to pick from an index (`None`: the host's).
+    pub platform: Option<Platform>,
+}
+
+/// What a pull did.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The image record's name (the normalized reference).
+    pub name: String,
+    /// The digest the reference resolved to (index or manifest).
+    pub resolved: Digest,
+    /// The image as resolved for the platform.
+    pub image: Image,
+    /// What the unpack did.
+    pub unpacked: Unpacked,
+    /// HTTP requests sent.
+    pub requests: u64,
+    /// Blob bytes downloaded.
+    pub bytes_fetched: u64,
+    /// Time to resolve the reference to an image (documents included).
+    pub resolve_time: Duration,
+    /// Time to download and unpack the layers.
+    pub unpack_time: Duration,
+}
+
+impl Root {
+    /// Pulls `reference` from its registry into committed snapshots and
+    /// records it under its normalized name. Safe beside other pulls and
+    /// unpacks of the same or overlapping images, in this process and
+    /// others: each blob is downloaded once and each layer applied once.
+    pub fn pull(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        progress: Option<Arc<dyn Progress>>,
+        cancel: &Cancel,
+    ) -> Result<Pulled, UnpackError> {
+        let t0 = Instant::now();
+        let remote = Arc::new(
+            Remote::new(reference, &opts.remote).map_err(|e| UnpackError::Image(e.into()))?,
+        );
+        let (resolved, media_type) = remote.resolve(cancel).map_err(|mut e| {
+            e.message = format!("resolve {reference}: {}", e.message);
+            UnpackError::Image(e.into())
+        })?;
+        let image = crate::image::resolve_from(
+            remote.as_ref(),
+            &resolved,
+            &media_type,
+            opts.platform.as_ref(),
+        )?;
+        let resolve_time = t0.elapsed();
+        let t1 = Instant::now();
+        let name = reference.to_string();
+        let unpacked = self.unpack_observed(
+            Arc::new(RemoteBlobs(remote.clone())),
+            &image,
+            &name,
+            progress,
+            cancel,
+        )?;
+        let stats = &remote.stats;
+        Ok(Pulled {
+            name,
+            resolved,
+            image,
+            unpacked,
+            requests: stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_fetched: stats.blob_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            resolve_time,
+            unpack_time: t1.elapsed(),
+        })
+    }
+}
