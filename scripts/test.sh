@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with only the Rust
 # toolchain: installs the real tools the tests drive (GNU tar, bsdtar, Go,
-# Python, pigz, zstd; as root), then format, lint, every test, and a short
-# fuzz run. CI (.ci/run) calls exactly this.
+# Python, pigz, zstd, docker-registry, skopeo; as root), then format, lint,
+# every test, and a short fuzz run. CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,12 @@ command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v pigz    >/dev/null || need_pkgs+=(pigz)
 command -v zstd    >/dev/null || need_pkgs+=(zstd)
 command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+# The pull tests: a real registry, skopeo to push, htpasswd for Basic
+# auth, openssl for the Bearer token server's key and signatures.
+command -v docker-registry >/dev/null || need_pkgs+=(docker-registry)
+command -v skopeo  >/dev/null || need_pkgs+=(skopeo)
+command -v htpasswd >/dev/null || need_pkgs+=(apache2-utils)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "missing ${need_pkgs[*]}: run as root (the tests need root anyway)" >&2

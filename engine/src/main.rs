@@ -408,7 +408,7 @@ fn pull(a: PullArgs) -> Result<(), String> {
         },
         platform,
     };
-    let display = (!a.quiet && !a.json).then(unlade::progress::Display::new);
+    let display = (!a.quiet).then(unlade::progress::Display::new);
     let cancel = Cancel::new();
     let r = root.pull(
         &reference,

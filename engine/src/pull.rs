@@ -71,12 +71,12 @@ impl Root {
             e.message = format!("resolve {reference}: {}", e.message);
             UnpackError::Image(e.into())
         })?;
-        let image = crate::image::resolve_from(
-            remote.as_ref(),
-            &resolved,
-            &media_type,
-            opts.platform.as_ref(),
-        )?;
+        let docs = StoreFirst {
+            root: self,
+            remote: &remote,
+        };
+        let image =
+            crate::image::resolve_from(&docs, &resolved, &media_type, opts.platform.as_ref())?;
         let resolve_time = t0.elapsed();
         let t1 = Instant::now();
         let name = reference.to_string();
@@ -98,5 +98,29 @@ impl Root {
             resolve_time,
             unpack_time: t1.elapsed(),
         })
+    }
+}
+
+/// Documents from the content store when it has them (an earlier pull
+/// verified them), else from the registry.
+struct StoreFirst<'a> {
+    root: &'a Root,
+    remote: &'a Remote,
+}
+
+impl crate::image::Documents for StoreFirst<'_> {
+    fn document(&self, d: &Digest, config: bool) -> Result<Vec<u8>, crate::image::ImageError> {
+        use std::io::Read;
+        if let Ok(Some(f)) = self.root.0.content.open_blob(d) {
+            let mut buf = Vec::new();
+            if f.take(crate::image::MAX_JSON + 1)
+                .read_to_end(&mut buf)
+                .is_ok()
+                && buf.len() as u64 <= crate::image::MAX_JSON
+            {
+                return Ok(buf);
+            }
+        }
+        self.remote.document(d, config)
     }
 }

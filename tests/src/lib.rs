@@ -6,6 +6,8 @@
 //! The tests run as root (CI does): they chown, mknod and set trusted.*
 //! xattrs, and they compare against GNU tar extracting as root.
 
+pub mod registry;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt::Write as _;

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# perf/pull.sh - the seed's experiment: one pull vs 20 concurrent pulls of the same image,
+# unlade vs containerd, each from an empty root, in one run.
+#
+# Builds redis-like and golang-like images from Debian packages (perf/build-images.sh),
+# serves them from Debian's docker-registry on 127.0.0.1 (pushed with skopeo), and times:
+#   unlade-1        one `unlade pull`
+#   unlade-20proc   20 `unlade pull` processes at once on one root
+#   unlade-20lib    20 concurrent `Root::pull` calls in one process (examples/concurrent_pull.rs)
+#   ctr-1           Debian's containerd (own instance, root and socket): one `ctr images pull`
+#                   (fetch + unpack into overlayfs)
+#   ctr-20          20 `ctr images pull` processes at once on that containerd
+#   cri-1, cri-20   1 / 20 concurrent CRI PullImage calls (perf/cri_pull.py; containerd's CRI
+#                   image service, where its duplicate suppression lives; needs pip grpcio)
+# Every case starts on a freshly made ext4 (loop device over a sparse file, direct I/O), so
+# no case pays for the one before; registry storage and page cache are warm. Shuffled order,
+# RUNS rounds; prints medians and ratios to unlade-1 (also per round).
+#
+# Usage: perf/pull.sh                  Env: IMAGES="redis golang" RUNS=3 N=20
+#        CASES="unlade-1 ..." (subset)  IMGDIR=/var/tmp/unlade-pull-images (built once, reused)
+#        WORK=/var/tmp
+# Needs: root; apt-get install containerd docker-registry skopeo pigz e2fsprogs bc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+N=${N:-20}
+IMAGES=${IMAGES:-redis golang}
+IMGDIR=${IMGDIR:-/var/tmp/unlade-pull-images}
+for t in containerd ctr docker-registry skopeo mkfs.ext4 bc; do
+  command -v $t >/dev/null || { echo "needs $t (apt-get install containerd docker-registry skopeo e2fsprogs bc)" >&2; exit 1; }
+done
+for img in $IMAGES; do
+  [[ -f $IMGDIR/$img/index.json ]] || IMAGES=$IMAGES perf/build-images.sh "$IMGDIR"
+done
+
+cargo build -q --release -p unlade --bin unlade --example concurrent_pull
+bin=$PWD/target/release/unlade
+ex=$PWD/target/release/examples/concurrent_pull
+work=$(mktemp -d "${WORK:-/var/tmp}/unlade-pull.XXXXXX")
+fsdir=$work/fs
+mkdir -p "$fsdir"
+reg_pid= ctd_pid= loopdev=
+cleanup() {
+  if [[ -n $ctd_pid ]]; then kill "$ctd_pid" 2>/dev/null; wait "$ctd_pid" 2>/dev/null || true; fi
+  if [[ -n $reg_pid ]]; then kill "$reg_pid" 2>/dev/null; wait "$reg_pid" 2>/dev/null || true; fi
+  umount -R "$fsdir" 2>/dev/null || true
+  if [[ -n $loopdev ]]; then losetup -d "$loopdev" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The registry, on a free loopback port.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+reg=127.0.0.1:$port
+cat > "$work/registry.yml" <<EOF
+version: 0.1
+log: {level: error, accesslog: {disabled: true}}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: $reg}
+EOF
+docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
+reg_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+for img in $IMAGES; do
+  skopeo copy -q --dest-tls-verify=false "oci:$IMGDIR/$img:latest" "docker://$reg/perf/$img:latest"
+done
+# containerd reaches the plain-HTTP registry through a hosts.toml (ctr and CRI alike).
+mkdir -p "$work/certs.d/$reg"
+printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$reg" "$reg" \
+  > "$work/certs.d/$reg/hosts.toml"
+
+fresh_fs() {
+  truncate -s 16G "$work/fs.img"
+  mkfs.ext4 -q -F -E lazy_itable_init=1,nodiscard "$work/fs.img"
+  loopdev=$(losetup --direct-io=on --find --show "$work/fs.img")
+  mount -o noinit_itable "$loopdev" "$fsdir"
+}
+drop_fs() {
+  umount -R "$fsdir"
+  losetup -d "$loopdev"; loopdev=
+  rm -f "$work/fs.img"
+}
+
+start_containerd() {
+  mkdir -p "$work/ctd"
+  cat > "$work/ctd/config.toml" <<EOF
+version = 2
+root = "$fsdir/containerd"
+state = "$work/ctd/state"
+[grpc]
+  address = "$work/ctd/sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.invalid/pause:3.6"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$work/certs.d"
+EOF
+  containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
+  ctd_pid=$!
+  for _ in $(seq 100); do
+    if [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
+  echo "containerd did not start: $(tail -3 "$work/ctd/log")" >&2; exit 1
+}
+stop_containerd() {
+  kill "$ctd_pid"; wait "$ctd_pid" 2>/dev/null || true; ctd_pid=
+  rm -rf "$work/ctd"
+}
+
+ctr_pull() { # REF
+  ctr -a "$work/ctd/sock" -n perf images pull --hosts-dir "$work/certs.d" \
+    --snapshotter overlayfs "$1" > /dev/null
+}
+
+now() { date +%s.%N; }
+declare -A times round ratios
+run_case() { # IMAGE CASE
+  local img=$1 c=$2 ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
+  fresh_fs
+  [[ $c == ctr-* || $c == cri-* ]] && start_containerd
+  case $c in
+    unlade-1)
+      t0=$(now); "$bin" pull --plain-http "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
+    unlade-20proc)
+      t0=$(now)
+      for i in $(seq "$N"); do "$bin" pull --plain-http "$ref" --root "$root" > "$work/out.$i" 2>/dev/null & done
+      wait; t1=$(now)
+      note="$(grep -ho '[0-9]* applied here, [0-9]* blobs fetched' "$work"/out.* |
+        awk '{a+=$1; b+=$4} END {print a" layers applied, "b" blobs fetched in total"}')" ;;
+    unlade-20lib)
+      t0=$(now); "$ex" "$ref" "$root" "$N" --plain-http > "$work/out"; t1=$(now)
+      note=$(head -1 "$work/out") ;;
+    ctr-1)
+      t0=$(now); ctr_pull "$ref"; t1=$(now) ;;
+    ctr-20)
+      t0=$(now)
+      for _ in $(seq "$N"); do ctr_pull "$ref" & done
+      wait; t1=$(now) ;;
+    cri-1)
+      t0=$(now); python3 perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
+    cri-20)
+      t0=$(now); python3 perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
+  esac
+  if [[ $c == ctr-* || $c == cri-* ]]; then
+    note="containerd: $(ctr -a "$work/ctd/sock" -n "$([[ $c == cri-* ]] && echo k8s.io || echo perf)" \
+      snapshots --snapshotter overlayfs ls | tail -n +2 | wc -l) snapshots"
+    stop_containerd
+  fi
+  drop_fs
+  local dt; dt=$(echo "$t1 - $t0" | bc -l)
+  times[$img/$c]+="$dt "
+  round[$img/$c]=$dt
+  printf '  %-8s %-14s %8.3f s  %s\n' "$img" "$c" "$dt" "${note:+($note)}"
+}
+
+read -ra cases <<< "${CASES:-unlade-1 unlade-20proc unlade-20lib ctr-1 ctr-20 cri-1 cri-20}"
+if [[ " ${cases[*]} " == *" cri-"* ]] && ! python3 -c 'import grpc' 2>/dev/null; then
+  echo "cri-* cases need grpcio (pip install grpcio); dropping them" >&2
+  read -ra cases <<< "$(printf '%s\n' "${cases[@]}" | grep -v '^cri-' | tr '\n' ' ')"
+fi
+echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $(containerd --version | awk '{print $3}'); unlade $(git rev-parse --short HEAD)"
+for img in $IMAGES; do
+  echo "image $img: $(python3 -c "
+import json,sys
+d='$IMGDIR/$img'; i=json.load(open(d+'/index.json'))['manifests'][0]['digest'].split(':')[1]
+m=json.load(open(d+'/blobs/sha256/'+i)); print(len(m['layers']), 'layers,', round(sum(l['size'] for l in m['layers'])/1e6,1), 'MB compressed')")"
+done
+for r in $(seq "$RUNS"); do
+  echo "run $r"
+  for job in $(for img in $IMAGES; do for c in "${cases[@]}"; do echo "$img:$c"; done; done | shuf); do
+    run_case "${job%%:*}" "${job#*:}"
+  done
+  for img in $IMAGES; do
+    for c in "${cases[@]}"; do
+      ratios[$img/$c]+="$(echo "${round[$img/$c]} / ${round[$img/${cases[0]}]}" | bc -l) "
+    done
+  done
+done
+
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+echo
+echo "medians over $RUNS runs (ratio to ${cases[0]} of the same image):"
+for img in $IMAGES; do
+  base=$(echo "${times[$img/${cases[0]}]}" | median)
+  for c in "${cases[@]}"; do
+    m=$(echo "${times[$img/$c]}" | median)
+    printf '  %-8s %-14s %8.3f s  %6.2fx   (per-round ratios, median %5.2fx)\n' "$img" "$c" "$m" \
+      "$(echo "$m / $base" | bc -l)" "$(echo "${ratios[$img/$c]}" | median)"
+  done
+done

@@ -1,0 +1,523 @@
+//! Real registries for the pull tests: Debian's `docker-registry` (the
+//! CNCF distribution registry) on 127.0.0.1 with a temporary storage
+//! directory, images pushed with skopeo, a token server the registry
+//! trusts for the Bearer flow, and an HTTP proxy that counts requests and
+//! injects faults (a cut stream, wrong bytes).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::{sh, tmp};
+
+/// A port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// How the registry authenticates.
+pub enum RegAuth {
+    /// Anyone may pull and push.
+    None,
+    /// htpasswd Basic auth for (user, password).
+    Basic(String, String),
+    /// Bearer tokens from a [`TokenServer`] (which checks the password).
+    Token(Arc<TokenServer>),
+}
+
+/// A running `docker-registry`; killed (by its PID) when dropped.
+pub struct Registry {
+    /// 127.0.0.1:PORT.
+    pub addr: String,
+    child: Child,
+    /// Its storage, config and log.
+    pub dir: tempfile::TempDir,
+    creds: Option<(String, String)>,
+}
+
+impl Registry {
+    /// Starts a registry on a free port, waiting until it answers.
+    pub fn start(auth: RegAuth) -> Registry {
+        let dir = tmp();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let storage = dir.path().join("storage");
+        let (auth_cfg, creds) = match &auth {
+            RegAuth::None => (String::new(), None),
+            RegAuth::Basic(u, p) => {
+                let hp = dir.path().join("htpasswd");
+                let out = sh(Command::new("htpasswd").args(["-Bbn", u, p]));
+                std::fs::write(&hp, &out.stdout).expect("write htpasswd");
+                (
+                    format!(
+                        "auth:\n  htpasswd:\n    realm: unlade-test\n    path: {}\n",
+                        hp.display()
+                    ),
+                    Some((u.clone(), p.clone())),
+                )
+            }
+            RegAuth::Token(t) => (
+                format!(
+                    "auth:\n  token:\n    realm: http://{}/token\n    service: unlade-registry\n    issuer: unlade-test-issuer\n    rootcertbundle: {}\n",
+                    t.addr,
+                    t.cert.display()
+                ),
+                Some((t.user.clone(), t.password.clone())),
+            ),
+        };
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
+                storage.display()
+            ),
+        )
+        .expect("write registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry (apt-get install docker-registry)");
+        let r = Registry {
+            addr,
+            child,
+            dir,
+            creds,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(&r.addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "registry did not come up: {}",
+                r.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        r
+    }
+
+    /// The registry's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Pushes `oci:LAYOUT:TAG` as `REPO:TAG` here with skopeo (`--all`:
+    /// every platform of an index).
+    pub fn push(&self, layout: &Path, tag: &str, repo_tag: &str) {
+        let mut c = Command::new("skopeo");
+        c.args(["copy", "--all", "-q", "--dest-tls-verify=false"]);
+        if let Some((u, p)) = &self.creds {
+            c.arg(format!("--dest-creds={u}:{p}"));
+        }
+        c.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo_tag}", self.addr));
+        sh(&mut c);
+    }
+
+    /// Where the registry keeps blob `digest` ("sha256:…").
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = &digest[7..];
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A token server for the registry's Bearer flow: checks Basic
+/// credentials, grants what the scope asks, signs RS256 JWTs (with
+/// `openssl`) carrying its certificate in `x5c`, which the registry
+/// trusts. Counts the tokens it issued.
+pub struct TokenServer {
+    /// 127.0.0.1:PORT.
+    pub addr: String,
+    /// The certificate the registry trusts.
+    pub cert: PathBuf,
+    key: PathBuf,
+    /// Expected user.
+    pub user: String,
+    /// Expected password.
+    pub password: String,
+    /// Tokens issued.
+    pub issued: AtomicUsize,
+    /// Requests refused (bad or missing credentials).
+    pub refused: AtomicUsize,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenServer {
+    /// Starts one for (user, password), serving until the process ends.
+    pub fn start(user: &str, password: &str) -> Arc<TokenServer> {
+        let dir = tmp();
+        let key = dir.path().join("key.pem");
+        let cert = dir.path().join("cert.pem");
+        sh(Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=unlade-test-token",
+            "-keyout",
+            key.to_str().expect("utf8"),
+            "-out",
+            cert.to_str().expect("utf8"),
+        ]));
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let t = Arc::new(TokenServer {
+            addr: l.local_addr().expect("addr").to_string(),
+            cert,
+            key,
+            user: user.into(),
+            password: password.into(),
+            issued: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            _dir: dir,
+        });
+        let t2 = t.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let t = t2.clone();
+                std::thread::spawn(move || t.serve(s));
+            }
+        });
+        t
+    }
+
+    fn serve(&self, mut s: TcpStream) {
+        let Some((line, headers)) = read_head(&mut s) else {
+            return;
+        };
+        let target = line.split(' ').nth(1).unwrap_or("");
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", self.user, self.password))
+        );
+        if headers.get("authorization") != Some(&want) {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        }
+        let mut access = Vec::new();
+        for kv in query.split('&') {
+            if let Some(v) = kv.strip_prefix("scope=") {
+                let v = percent_decode(v);
+                let parts: Vec<&str> = v.splitn(3, ':').collect();
+                if parts.len() == 3 {
+                    access.push(serde_json::json!({
+                        "type": parts[0], "name": parts[1],
+                        "actions": parts[2].split(',').collect::<Vec<_>>(),
+                    }));
+                }
+            }
+        }
+        let token = self.sign(access);
+        self.issued.fetch_add(1, Ordering::SeqCst);
+        let body = serde_json::json!({"token": token, "expires_in": 300}).to_string();
+        let _ = s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+
+    fn sign(&self, access: Vec<serde_json::Value>) -> String {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let pem = std::fs::read_to_string(&self.cert).expect("cert");
+        let der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [der_b64]});
+        let claims = serde_json::json!({
+            "iss": "unlade-test-issuer", "sub": self.user, "aud": "unlade-registry",
+            "exp": now + 300, "nbf": now - 10, "iat": now - 10,
+            "jti": format!("{now}-{}", self.issued.load(Ordering::SeqCst)),
+            "access": access,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut c = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&self.key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        c.stdin
+            .take()
+            .expect("stdin")
+            .write_all(signing_input.as_bytes())
+            .expect("write");
+        let out = c.wait_with_output().expect("openssl dgst");
+        assert!(out.status.success(), "openssl dgst failed");
+        format!("{signing_input}.{}", b64(&out.stdout))
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads an HTTP request or response head: the first line and the
+/// headers (names lowercased).
+fn read_head(s: &mut TcpStream) -> Option<(String, BTreeMap<String, String>)> {
+    let mut r = BufReader::new(s.try_clone().ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    if line.is_empty() {
+        return None;
+    }
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    // Whatever BufReader read ahead is a request body; GET/HEAD have none.
+    Some((line.trim_end().to_string(), headers))
+}
+
+/// A fault the proxy injects into the next matching response.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Forward this many body bytes of the next GET of a path containing
+    /// the text, then drop the connection.
+    CutAfter(String, usize),
+    /// Flip a byte in the bodies of every GET of a path containing the
+    /// text.
+    Corrupt(String),
+    /// Answer requests whose path contains the text with this status,
+    /// this many times.
+    Status(String, u16, usize),
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// e.g. "GET".
+    pub method: String,
+    /// The path and query.
+    pub path: String,
+    /// The Range header, if any.
+    pub range: Option<String>,
+}
+
+/// An HTTP proxy in front of a registry (one request per connection):
+/// records every request and injects [`Fault`]s. Runs until the process
+/// ends.
+pub struct Proxy {
+    /// 127.0.0.1:PORT.
+    pub addr: String,
+    upstream: String,
+    seen: Mutex<Vec<Seen>>,
+    faults: Mutex<Vec<Fault>>,
+    /// Refuse every connection (as if down) while set.
+    pub down: AtomicBool,
+}
+
+impl Proxy {
+    /// Starts one forwarding to `upstream` (127.0.0.1:PORT).
+    pub fn start(upstream: &str) -> Arc<Proxy> {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = Arc::new(Proxy {
+            addr: l.local_addr().expect("addr").to_string(),
+            upstream: upstream.to_string(),
+            seen: Mutex::new(Vec::new()),
+            faults: Mutex::new(Vec::new()),
+            down: AtomicBool::new(false),
+        });
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let p = p2.clone();
+                std::thread::spawn(move || p.serve(s));
+            }
+        });
+        p
+    }
+
+    /// Adds a fault.
+    pub fn fault(&self, f: Fault) {
+        self.faults.lock().expect("lock").push(f);
+    }
+
+    /// Every request so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// GET requests of blob `digest`.
+    pub fn blob_gets(&self, digest: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.method == "GET" && s.path.contains(&format!("/blobs/{digest}")))
+            .collect()
+    }
+
+    fn serve(&self, mut client: TcpStream) {
+        if self.down.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+        let Some((line, headers)) = read_head(&mut client) else {
+            return;
+        };
+        let mut parts = line.split(' ');
+        let method = parts.next().unwrap_or("").to_string();
+        let path = parts.next().unwrap_or("").to_string();
+        self.seen.lock().expect("lock").push(Seen {
+            method: method.clone(),
+            path: path.clone(),
+            range: headers.get("range").cloned(),
+        });
+        let mut cut = None;
+        let mut corrupt = false;
+        {
+            let mut faults = self.faults.lock().expect("lock");
+            let mut i = 0;
+            while i < faults.len() {
+                match &mut faults[i] {
+                    Fault::Status(text, code, n) if path.contains(text.as_str()) => {
+                        let code = *code;
+                        *n -= 1;
+                        if *n == 0 {
+                            faults.remove(i);
+                        }
+                        let _ = client.write_all(
+                            format!("HTTP/1.1 {code} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .as_bytes(),
+                        );
+                        return;
+                    }
+                    Fault::CutAfter(text, n) if method == "GET" && path.contains(text.as_str()) => {
+                        cut = Some(*n);
+                        faults.remove(i);
+                        continue;
+                    }
+                    Fault::Corrupt(text) if method == "GET" && path.contains(text.as_str()) => {
+                        corrupt = true;
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        let Ok(mut up) = TcpStream::connect(&self.upstream) else {
+            return;
+        };
+        let mut req = format!("{line}\r\n");
+        for (k, v) in &headers {
+            if k != "connection" {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        req.push_str("Connection: close\r\n\r\n");
+        if up.write_all(req.as_bytes()).is_err() {
+            return;
+        }
+        // Relay the response head as is, then the body (with the fault).
+        let mut ur = BufReader::new(up);
+        let mut head = Vec::new();
+        loop {
+            let mut l = Vec::new();
+            if ur.read_until(b'\n', &mut l).unwrap_or(0) == 0 {
+                return;
+            }
+            head.extend_from_slice(&l);
+            if l == b"\r\n" || l == b"\n" {
+                break;
+            }
+        }
+        if client.write_all(&head).is_err() {
+            return;
+        }
+        let mut sent = 0usize;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut flipped = false;
+        loop {
+            let n = match ur.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let mut chunk = &mut buf[..n];
+            if let Some(limit) = cut {
+                if sent + chunk.len() >= limit {
+                    let keep = limit - sent;
+                    let _ = client.write_all(&chunk[..keep]);
+                    let _ = client.flush();
+                    let _ = client.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+            if corrupt && !flipped && !chunk.is_empty() {
+                let mid = chunk.len() / 2;
+                chunk[mid] ^= 0xff;
+                flipped = true;
+            }
+            sent += chunk.len();
+            chunk = &mut chunk[..];
+            if client.write_all(chunk).is_err() {
+                return;
+            }
+        }
+        let _ = client.shutdown(Shutdown::Write);
+    }
+}

@@ -1,0 +1,526 @@
+//! `unlade pull` against Debian's docker-registry on 127.0.0.1, images
+//! pushed with skopeo: references by tag and digest, a multi-platform
+//! index, Basic and Bearer auth, hosts.toml mirrors (down and working), a
+//! stream cut mid-blob (Range resume), wrong bytes, 404, 503, and 20
+//! concurrent pulls (each blob fetched once, counted by a proxy).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use unlade_tests::registry::{free_port, Fault, Proxy, RegAuth, Registry, TokenServer};
+use unlade_tests::*;
+
+/// A test image: its layers, the layout it was pushed from, chain IDs.
+struct Img {
+    layers: Vec<TestLayer>,
+    layout: PathBuf,
+    chains: Vec<String>,
+    /// Blob digests, bottom first.
+    blobs: Vec<String>,
+}
+
+/// A layer of these files (and an optional symlink), archived by GNU tar
+/// from a real directory: every directory has its entry and times.
+fn layer(
+    dir: &Path,
+    files: &[(&str, Vec<u8>)],
+    link: Option<(&str, &str)>,
+    mt: &'static str,
+) -> TestLayer {
+    for (name, data) in files {
+        let f = dir.join(name);
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&f, data).expect("write");
+    }
+    if let Some((name, target)) = link {
+        std::os::unix::fs::symlink(target, dir.join(name)).expect("symlink");
+    }
+    tar_of(dir, mt)
+}
+
+/// Three layers (gzip, zstd, gzip with a whiteout and a 1.5 MiB file so
+/// that cuts land mid-blob) in an OCI layout tagged `v1`.
+fn image(work: &Path, seed: u64) -> Img {
+    let d = |i: u32| work.join(format!("img{seed}-l{i}"));
+    let l0 = layer(
+        &d(0),
+        &[
+            ("etc/os-release", format!("ID=test{seed}\n").into_bytes()),
+            ("bin/tool", noise(200_000, seed)),
+            ("etc/gone", b"bye".to_vec()),
+        ],
+        None,
+        MT_GZ,
+    );
+    let l1 = layer(
+        &d(1),
+        &[("usr/share/data.bin", noise(300_000, seed + 1))],
+        Some(("usr/link", "share/data.bin")),
+        MT_ZST,
+    );
+    let l2 = layer(
+        &d(2),
+        &[
+            ("opt/big.bin", noise(1_500_000, seed + 2)),
+            ("etc/.wh.gone", Vec::new()),
+        ],
+        None,
+        MT_GZ,
+    );
+    let layout = work.join(format!("layout-{seed}"));
+    let layers = vec![l0, l1, l2];
+    let refs: Vec<&TestLayer> = layers.iter().collect();
+    let chains = image_layout(&layout, &[("v1", &refs)]).remove(0);
+    let blobs = layers.iter().map(|l| sha256(&l.blob())).collect();
+    Img {
+        layers,
+        layout,
+        chains,
+        blobs,
+    }
+}
+
+struct Env {
+    docker_config: PathBuf,
+    hosts_dir: PathBuf,
+}
+
+impl Env {
+    fn new(work: &Path) -> Env {
+        let e = Env {
+            docker_config: work.join("docker"),
+            hosts_dir: work.join("certs.d"),
+        };
+        std::fs::create_dir_all(&e.docker_config).expect("mkdir");
+        std::fs::create_dir_all(&e.hosts_dir).expect("mkdir");
+        e
+    }
+
+    fn login(&self, host: &str, user: &str, pass: &str) {
+        use base64::Engine;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        std::fs::write(
+            self.docker_config.join("config.json"),
+            format!(r#"{{"auths": {{"{host}": {{"auth": "{auth}"}}}}}}"#),
+        )
+        .expect("write docker config");
+    }
+
+    fn hosts(&self, registry: &str, toml: &str) {
+        let d = self.hosts_dir.join(registry);
+        std::fs::create_dir_all(&d).expect("mkdir");
+        std::fs::write(d.join("hosts.toml"), toml).expect("write hosts.toml");
+    }
+
+    fn pull_cmd(&self, reference: &str, root: &Path, extra: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("pull")
+            .arg(reference)
+            .arg("--root")
+            .arg(root)
+            .arg("--plain-http")
+            .arg("--hosts-dir")
+            .arg(&self.hosts_dir)
+            .args(extra)
+            .env("DOCKER_CONFIG", &self.docker_config);
+        c
+    }
+
+    fn pull(&self, reference: &str, root: &Path, extra: &[&str]) -> Output {
+        self.pull_cmd(reference, root, extra)
+            .output()
+            .expect("run unlade pull")
+    }
+}
+
+fn expected(img: &Img, work: &Path) -> Tree {
+    let refs: Vec<&TestLayer> = img.layers.iter().collect();
+    let w = work.join(format!("expect-{}", &img.chains[0][7..15]));
+    std::fs::create_dir_all(&w).expect("mkdir");
+    expected_merge(&refs, &w)
+}
+
+fn one_error_line(out: &Output) -> String {
+    assert!(!out.status.success(), "expected failure, got success");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("unlade: error"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    lines[0].to_string()
+}
+
+fn committed(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("snapshots/committed"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn pull_by_tag_and_digest_gives_the_layers_merged() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 1);
+    reg.push(&img.layout, "v1", "team/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    let root = work.path().join("root");
+
+    let tag_ref = format!("{}/team/app:v1", proxy.addr);
+    let out = env.pull(&tag_ref, &root, &["--json"]);
+    let top = last_line(&out);
+    assert_eq!(top, img.chains[2]);
+    // The JSON summary is the line before.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.lines().rev().nth(1).expect("json line")).expect("json");
+    assert_eq!(json["top_chain"], img.chains[2]);
+    assert_eq!(json["layers_applied"], 3);
+    assert_eq!(json["blobs_fetched"], 3);
+    let total: u64 = img.layers.iter().map(|l| l.blob().len() as u64).sum();
+    assert_eq!(json["bytes_fetched"], total);
+    let manifest = json["manifest"].as_str().expect("manifest").to_string();
+    // Not a terminal: the progress is plain lines on stderr, per layer.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for b in &img.blobs {
+        assert!(stderr.contains(&format!("layer {b} (")), "{stderr}");
+    }
+    assert!(stderr.contains("): done"), "{stderr}");
+    assert_same(
+        &expected(&img, work.path()),
+        &mounted_tree(&root, &top, work.path()),
+        "pulled image",
+    );
+    for b in &img.blobs {
+        assert_eq!(proxy.blob_gets(b).len(), 1, "blob {b} fetched once");
+    }
+    // The image record names the normalized reference.
+    let images = Command::new(bin())
+        .args(["images", "ls", "--root"])
+        .arg(&root)
+        .output()
+        .expect("images ls");
+    assert!(String::from_utf8_lossy(&images.stdout).contains(&tag_ref));
+
+    // Again: everything is committed, no blob is asked for.
+    let before = proxy.seen().len();
+    assert_eq!(last_line(&env.pull(&tag_ref, &root, &[])), top);
+    let again: Vec<_> = proxy.seen()[before..].to_vec();
+    assert!(
+        again.iter().all(|s| !s.path.contains("/blobs/")),
+        "a second pull fetched blobs: {again:?}"
+    );
+
+    // By digest, and by tag@digest, into fresh roots.
+    for r in [
+        format!("{}/team/app@{manifest}", reg.addr),
+        format!("{}/team/app:v1@{manifest}", reg.addr),
+    ] {
+        let root2 = work.path().join(format!("root-{}", r.len()));
+        assert_eq!(last_line(&env.pull(&r, &root2, &["-q"])), top, "{r}");
+    }
+}
+
+#[test]
+fn an_index_gives_the_platform_asked_for() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let dir = work.path().join("multi");
+    let amd = image(work.path(), 10);
+    let arm = image(work.path(), 20);
+    // One layout whose tag names an index of both images.
+    let mut b = LayoutBuilder::new(&dir);
+    let mut descs = Vec::new();
+    for (img, plat) in [(&amd, "linux/amd64"), (&arm, "linux/arm64/v8")] {
+        let diff_ids: Vec<String> = img.layers.iter().map(|l| l.diff_id()).collect();
+        let blobs: Vec<Vec<u8>> = img.layers.iter().map(|l| l.blob()).collect();
+        let layers: Vec<(&str, &[u8])> = img
+            .layers
+            .iter()
+            .zip(&blobs)
+            .map(|(l, b)| (l.media_type, b.as_slice()))
+            .collect();
+        descs.push(b.image(plat, &diff_ids, &layers, false));
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": descs,
+    });
+    let (d, s) = b.blob(index.to_string().as_bytes());
+    b.add(
+        serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": s}),
+        Some("multi"),
+    );
+    b.finish();
+    reg.push(&dir, "multi", "multi:1");
+    let r = format!("{}/multi:1", reg.addr);
+    let root = work.path().join("root");
+    assert_eq!(
+        last_line(&env.pull(&r, &root, &["-q", "--platform", "linux/arm64/v8"])),
+        arm.chains[2]
+    );
+    if std::env::consts::ARCH == "x86_64" {
+        assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), amd.chains[2]);
+    }
+    let e = one_error_line(&env.pull(&r, &root, &["--platform", "linux/s390x"]));
+    assert!(e.contains("no manifest for platform linux/s390x"), "{e}");
+}
+
+#[test]
+fn basic_auth_comes_from_the_docker_config() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::Basic("alice".into(), "wonder land".into()));
+    let img = image(work.path(), 30);
+    reg.push(&img.layout, "v1", "private/app:v1");
+    let r = format!("{}/private/app:v1", reg.addr);
+    let root = work.path().join("root");
+    let e = one_error_line(&env.pull(&r, &root, &[]));
+    assert!(
+        e.contains("authentication required") && e.contains(&reg.addr),
+        "{e}"
+    );
+    env.login(&reg.addr, "alice", "wrong");
+    let e = one_error_line(&env.pull(&r, &root, &[]));
+    assert!(e.contains("HTTP 401"), "{e}");
+    env.login(&reg.addr, "alice", "wonder land");
+    assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
+}
+
+#[test]
+fn bearer_tokens_are_fetched_once_and_reused() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let tokens = TokenServer::start("bob", "builder");
+    let reg = Registry::start(RegAuth::Token(tokens.clone()));
+    let img = image(work.path(), 40);
+    reg.push(&img.layout, "v1", "tok/app:v1");
+    let r = format!("{}/tok/app:v1", reg.addr);
+    let root = work.path().join("root");
+    // Anonymous: the token server refuses, the error says so.
+    let e = one_error_line(&env.pull(&r, &root, &[]));
+    assert!(e.contains("token from") && e.contains("401"), "{e}");
+    env.login(&reg.addr, "bob", "builder");
+    let issued = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    let out = env.pull(&r, &root, &["--json"]);
+    assert_eq!(last_line(&out), img.chains[2]);
+    let after = tokens.issued.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(after - issued, 1, "one token for the whole pull");
+    assert_same(
+        &expected(&img, work.path()),
+        &mounted_tree(&root, &img.chains[2], work.path()),
+        "token-auth pull",
+    );
+}
+
+#[test]
+fn mirrors_serve_first_and_a_dead_one_falls_back() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 50);
+    reg.push(&img.layout, "v1", "lib/app:v1");
+    // The "registry" the reference names is a proxy (so upstream traffic
+    // is counted); the mirror is another proxy to the same storage.
+    let upstream = Proxy::start(&reg.addr);
+    let mirror = Proxy::start(&reg.addr);
+    let r = format!("{}/lib/app:v1", upstream.addr);
+
+    env.hosts(
+        &upstream.addr,
+        &format!(
+            "server = \"http://{}\"\n[host.\"http://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            upstream.addr, mirror.addr
+        ),
+    );
+    let root = work.path().join("root");
+    assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
+    assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
+    for b in &img.blobs {
+        let gets = mirror.blob_gets(b);
+        assert_eq!(gets.len(), 1);
+        assert!(
+            gets[0].path.ends_with(&format!("?ns={}", upstream.addr)),
+            "{:?}",
+            gets[0]
+        );
+    }
+
+    // A mirror that is down: the upstream serves.
+    let dead = format!("127.0.0.1:{}", free_port());
+    env.hosts(
+        &upstream.addr,
+        &format!(
+            "server = \"http://{}\"\n[host.\"http://{dead}\"]\n",
+            upstream.addr
+        ),
+    );
+    let root2 = work.path().join("root2");
+    assert_eq!(last_line(&env.pull(&r, &root2, &["-q"])), img.chains[2]);
+    for b in &img.blobs {
+        assert_eq!(upstream.blob_gets(b).len(), 1);
+    }
+}
+
+#[test]
+fn a_cut_stream_resumes_with_a_range_request() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 60);
+    reg.push(&img.layout, "v1", "cut/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    let big = img.blobs[2].clone();
+    proxy.fault(Fault::CutAfter(big.clone(), 700_000));
+    let r = format!("{}/cut/app:v1", proxy.addr);
+    let root = work.path().join("root");
+    assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
+    let gets = proxy.blob_gets(&big);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0].range, None);
+    assert_eq!(gets[1].range.as_deref(), Some("bytes=700000-"));
+    assert_same(
+        &expected(&img, work.path()),
+        &mounted_tree(&root, &img.chains[2], work.path()),
+        "resumed pull",
+    );
+}
+
+#[test]
+fn wrong_bytes_fail_naming_the_digest_and_nothing_is_kept() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 70);
+    reg.push(&img.layout, "v1", "bad/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    let bad = img.blobs[1].clone();
+    proxy.fault(Fault::Corrupt(bad.clone()));
+    let r = format!("{}/bad/app:v1", proxy.addr);
+    let root = work.path().join("root");
+    let e = one_error_line(&env.pull(&r, &root, &[]));
+    assert!(e.contains(&bad) && e.contains("hashes to"), "{e}");
+    // Layer 1 and above are not committed; the bad blob is not kept.
+    let c = committed(&root);
+    assert!(!c.contains(&img.chains[1][7..].to_string()), "{c:?}");
+    assert!(!c.contains(&img.chains[2][7..].to_string()), "{c:?}");
+    assert!(!root.join("content/blobs/sha256").join(&bad[7..]).exists());
+    assert_eq!(
+        std::fs::read_dir(root.join("snapshots/active")).map_or(0, |r| r.count()),
+        0
+    );
+    // From the registry itself the same pull completes.
+    let direct = format!("{}/bad/app:v1", reg.addr);
+    assert_eq!(last_line(&env.pull(&direct, &root, &["-q"])), img.chains[2]);
+}
+
+#[test]
+fn not_found_and_server_errors() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 80);
+    reg.push(&img.layout, "v1", "err/app:v1");
+    let root = work.path().join("root");
+    let e = one_error_line(&env.pull(&format!("{}/err/app:nope", reg.addr), &root, &[]));
+    assert!(
+        e.contains("err/app:nope") && e.contains("404") && e.contains("not found"),
+        "{e}"
+    );
+    let e = one_error_line(&env.pull(&format!("{}/nosuch/repo:v1", reg.addr), &root, &[]));
+    assert!(e.contains("404"), "{e}");
+    // 503s are retried (with Retry-After) until the registry answers.
+    let proxy = Proxy::start(&reg.addr);
+    proxy.fault(Fault::Status("/manifests/".into(), 503, 2));
+    proxy.fault(Fault::Status(img.blobs[0].clone(), 503, 1));
+    let r = format!("{}/err/app:v1", proxy.addr);
+    assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
+    // A blob that vanished from the registry: one line naming it.
+    std::fs::remove_file(reg.blob_file(&img.blobs[2])).expect("remove blob");
+    let root2 = work.path().join("root2");
+    let e = one_error_line(&env.pull(&format!("{}/err/app:v1", reg.addr), &root2, &[]));
+    assert!(e.contains(&img.blobs[2]), "{e}");
+}
+
+#[test]
+fn twenty_concurrent_pulls_fetch_each_blob_once() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 90);
+    reg.push(&img.layout, "v1", "many/app:v1");
+
+    // 20 processes on one root.
+    let proxy = Proxy::start(&reg.addr);
+    let r = format!("{}/many/app:v1", proxy.addr);
+    let root = work.path().join("root-procs");
+    let children: Vec<_> = (0..20)
+        .map(|_| {
+            env.pull_cmd(&r, &root, &["-q"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn pull")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert_eq!(last_line(&out), img.chains[2]);
+    }
+    for b in &img.blobs {
+        assert_eq!(proxy.blob_gets(b).len(), 1, "blob {b}: 20 processes");
+    }
+    assert_same(
+        &expected(&img, work.path()),
+        &mounted_tree(&root, &img.chains[2], work.path()),
+        "20 processes",
+    );
+
+    // 20 library calls in one process.
+    let proxy = Proxy::start(&reg.addr);
+    let reference = unlade::Reference::parse(&format!("{}/many/app:v1", proxy.addr)).expect("ref");
+    let root = unlade::Root::open(
+        &work.path().join("root-lib"),
+        unlade::RootOptions::default(),
+    )
+    .expect("open root");
+    let opts = unlade::PullOptions {
+        remote: unlade::remote::RemoteOptions {
+            plain_http: true,
+            hosts_dir: None,
+            docker_config: Some(env.docker_config.join("config.json")),
+            ..Default::default()
+        },
+        platform: None,
+    };
+    let tops: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|_| {
+                let (root, reference, opts) = (root.clone(), &reference, &opts);
+                s.spawn(move || {
+                    root.pull(reference, opts, None, &unlade::Cancel::new())
+                        .map(|p| p.unpacked.top_chain)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("join")).collect()
+    });
+    for t in tops {
+        assert_eq!(t.expect("pull").expect("top").to_string(), img.chains[2]);
+    }
+    let stats = root.stats();
+    assert_eq!(stats.layers_applied, 3);
+    assert_eq!(stats.blobs_ingested, 3);
+    for b in &img.blobs {
+        assert_eq!(proxy.blob_gets(b).len(), 1, "blob {b}: 20 library calls");
+    }
+}
