@@ -64,6 +64,8 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 for img in $IMAGES; do
   skopeo copy -q --dest-tls-verify=false "oci:$IMGDIR/$img:latest" "docker://$reg/perf/$img:latest"
 done
+# Every case reads warm registry storage.
+find "$work/registry" -type f -exec cat {} + > /dev/null
 # containerd reaches the plain-HTTP registry through a hosts.toml (ctr and CRI alike).
 mkdir -p "$work/certs.d/$reg"
 printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$reg" "$reg" \
@@ -125,8 +127,9 @@ run_case() { # IMAGE CASE
       t0=$(now); "$bin" pull --plain-http "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
     unlade-20proc)
       t0=$(now)
-      for i in $(seq "$N"); do "$bin" pull --plain-http "$ref" --root "$root" > "$work/out.$i" 2>/dev/null & done
-      wait; t1=$(now)
+      pids=()
+      for i in $(seq "$N"); do "$bin" pull --plain-http "$ref" --root "$root" > "$work/out.$i" 2>/dev/null & pids+=($!); done
+      wait "${pids[@]}"; t1=$(now)
       note="$(grep -ho '[0-9]* applied here, [0-9]* blobs fetched' "$work"/out.* |
         awk '{a+=$1; b+=$4} END {print a" layers applied, "b" blobs fetched in total"}')" ;;
     unlade-20lib)
@@ -136,8 +139,9 @@ run_case() { # IMAGE CASE
       t0=$(now); ctr_pull "$ref"; t1=$(now) ;;
     ctr-20)
       t0=$(now)
-      for _ in $(seq "$N"); do ctr_pull "$ref" & done
-      wait; t1=$(now) ;;
+      pids=()
+      for _ in $(seq "$N"); do ctr_pull "$ref" & pids+=($!); done
+      wait "${pids[@]}"; t1=$(now) ;;
     cri-1)
       t0=$(now); python3 perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
     cri-20)
@@ -150,8 +154,8 @@ run_case() { # IMAGE CASE
   fi
   drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)
-  times[$img/$c]+="$dt "
-  round[$img/$c]=$dt
+  times[${img}_$c]+="$dt "
+  round[${img}_$c]=$dt
   printf '  %-8s %-14s %8.3f s  %s\n' "$img" "$c" "$dt" "${note:+($note)}"
 }
 
@@ -174,7 +178,7 @@ for r in $(seq "$RUNS"); do
   done
   for img in $IMAGES; do
     for c in "${cases[@]}"; do
-      ratios[$img/$c]+="$(echo "${round[$img/$c]} / ${round[$img/${cases[0]}]}" | bc -l) "
+      ratios[${img}_$c]+="$(echo "${round[${img}_$c]} / ${round[${img}_${cases[0]}]}" | bc -l) "
     done
   done
 done
@@ -183,10 +187,10 @@ median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? 
 echo
 echo "medians over $RUNS runs (ratio to ${cases[0]} of the same image):"
 for img in $IMAGES; do
-  base=$(echo "${times[$img/${cases[0]}]}" | median)
+  base=$(echo "${times[${img}_${cases[0]}]}" | median)
   for c in "${cases[@]}"; do
-    m=$(echo "${times[$img/$c]}" | median)
+    m=$(echo "${times[${img}_$c]}" | median)
     printf '  %-8s %-14s %8.3f s  %6.2fx   (per-round ratios, median %5.2fx)\n' "$img" "$c" "$m" \
-      "$(echo "$m / $base" | bc -l)" "$(echo "${ratios[$img/$c]}" | median)"
+      "$(echo "$m / $base" | bc -l)" "$(echo "${ratios[${img}_$c]}" | median)"
   done
 done

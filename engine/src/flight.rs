@@ -41,12 +41,15 @@ pub enum Key {
     Blob(Digest),
     /// Applying and committing the snapshot of a chain ID.
     Snapshot(Digest),
+    /// Resolving a reference (the digest of what identifies the request:
+    /// reference, platform, registry settings); in-process only.
+    Resolve(Digest),
 }
 
 impl Key {
     fn digest(&self) -> &Digest {
         match self {
-            Key::Blob(d) | Key::Snapshot(d) => d,
+            Key::Blob(d) | Key::Snapshot(d) | Key::Resolve(d) => d,
         }
     }
 
@@ -55,6 +58,7 @@ impl Key {
         match self {
             Key::Blob(d) => format!("blob-{}", d.hex()),
             Key::Snapshot(d) => format!("snapshot-{}", d.hex()),
+            Key::Resolve(d) => format!("resolve-{}", d.hex()),
         }
     }
 }

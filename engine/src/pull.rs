@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::cancel::Cancel;
 use crate::digest::Digest;
+use crate::flight::Key;
 use crate::image::{Image, Platform};
 use crate::reference::Reference;
 use crate::remote::{Remote, RemoteBlobs, RemoteOptions};
@@ -51,11 +52,24 @@ pub struct Pulled {
     pub unpack_time: Duration,
 }
 
+/// A reference resolved to an image, with the client that did it (its
+/// documents and token serve the downloads too).
+#[derive(Clone)]
+pub(crate) struct Resolved {
+    digest: Digest,
+    image: Image,
+    remote: Arc<Remote>,
+    took: Duration,
+}
+
 impl Root {
     /// Pulls `reference` from its registry into committed snapshots and
     /// records it under its normalized name. Safe beside other pulls and
     /// unpacks of the same or overlapping images, in this process and
-    /// others: each blob is downloaded once and each layer applied once.
+    /// others: each blob is downloaded once and each layer applied once;
+    /// concurrent pulls of one reference in this process also share one
+    /// resolution (so `requests` and `bytes_fetched` count that shared
+    /// client's work).
     pub fn pull(
         &self,
         reference: &Reference,
@@ -63,11 +77,56 @@ impl Root {
         progress: Option<Arc<dyn Progress>>,
         cancel: &Cancel,
     ) -> Result<Pulled, UnpackError> {
+        let key = Key::Resolve(Digest::of(
+            format!(
+                "{reference}\n{:?}\n{:?}\n{:?}\n{}",
+                opts.platform,
+                opts.remote.hosts_dir,
+                opts.remote.docker_config,
+                opts.remote.plain_http
+            )
+            .as_bytes(),
+        ));
+        let adopt = |e: &Arc<UnpackError>| !crate::unpack::is_cancel(e);
+        let r = self.0.resolves.run(key, cancel, adopt, || {
+            self.resolve(reference, opts, cancel).map_err(Arc::new)
+        });
+        let (res, _) = crate::unpack::flown(r).map_err(crate::unpack::unshare)?;
+        let t1 = Instant::now();
+        let name = reference.to_string();
+        let unpacked = self.unpack_observed(
+            Arc::new(RemoteBlobs(res.remote.clone())),
+            &res.image,
+            &name,
+            progress,
+            cancel,
+        )?;
+        let stats = &res.remote.stats;
+        Ok(Pulled {
+            name,
+            resolved: res.digest,
+            image: res.image,
+            unpacked,
+            requests: stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_fetched: stats.blob_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            resolve_time: res.took,
+            unpack_time: t1.elapsed(),
+        })
+    }
+
+    /// Reference → image: the registry client, the tag's digest, the
+    /// platform's manifest and config.
+    fn resolve(
+        &self,
+        reference: &Reference,
+        opts: &PullOptions,
+        cancel: &Cancel,
+    ) -> Result<Resolved, UnpackError> {
         let t0 = Instant::now();
         let remote = Arc::new(
             Remote::new(reference, &opts.remote).map_err(|e| UnpackError::Image(e.into()))?,
         );
-        let (resolved, media_type) = remote.resolve(cancel).map_err(|mut e| {
+        let (digest, media_type) = remote.resolve(cancel).map_err(|mut e| {
             e.message = format!("resolve {reference}: {}", e.message);
             UnpackError::Image(e.into())
         })?;
@@ -76,27 +135,12 @@ impl Root {
             remote: &remote,
         };
         let image =
-            crate::image::resolve_from(&docs, &resolved, &media_type, opts.platform.as_ref())?;
-        let resolve_time = t0.elapsed();
-        let t1 = Instant::now();
-        let name = reference.to_string();
-        let unpacked = self.unpack_observed(
-            Arc::new(RemoteBlobs(remote.clone())),
-            &image,
-            &name,
-            progress,
-            cancel,
-        )?;
-        let stats = &remote.stats;
-        Ok(Pulled {
-            name,
-            resolved,
+            crate::image::resolve_from(&docs, &digest, &media_type, opts.platform.as_ref())?;
+        Ok(Resolved {
+            digest,
             image,
-            unpacked,
-            requests: stats.requests.load(std::sync::atomic::Ordering::Relaxed),
-            bytes_fetched: stats.blob_bytes.load(std::sync::atomic::Ordering::Relaxed),
-            resolve_time,
-            unpack_time: t1.elapsed(),
+            remote,
+            took: t0.elapsed(),
         })
     }
 }

@@ -187,6 +187,9 @@ pub(crate) struct Inner {
     pub(crate) images: ImageStore,
     pub(crate) locks: OwnedFd,
     pub(crate) flights: Flights<(), Arc<UnpackError>>,
+    /// Concurrent pulls of one reference share one resolution (and its
+    /// registry client, documents and token).
+    pub(crate) resolves: Flights<crate::pull::Resolved, Arc<UnpackError>>,
     pub(crate) opts: RootOptions,
     pub(crate) stats: Stats,
     pub(crate) permits: crate::unpack::Permits,
@@ -230,6 +233,7 @@ impl Root {
             images,
             locks,
             flights: Flights::new(),
+            resolves: Flights::new(),
             permits: crate::unpack::Permits::new(opts.parallel_layers),
             downloads: crate::fetch::Slots::new(opts.max_downloads),
             opts,

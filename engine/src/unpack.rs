@@ -385,7 +385,7 @@ fn source_error(
 
 /// A flight's outcome as this crate passes it on: a waiter's own
 /// cancellation is an error like any other.
-fn flown<T>(
+pub(crate) fn flown<T>(
     r: Result<(T, Role), FlightError<Arc<UnpackError>>>,
 ) -> Result<(T, Role), Arc<UnpackError>> {
     match r {
@@ -395,7 +395,7 @@ fn flown<T>(
     }
 }
 
-fn is_cancel(e: &UnpackError) -> bool {
+pub(crate) fn is_cancel(e: &UnpackError) -> bool {
     match e {
         UnpackError::Cancelled => true,
         UnpackError::Apply(a) => matches!(a.kind, crate::ErrorKind::Cancelled),
@@ -406,7 +406,7 @@ fn is_cancel(e: &UnpackError) -> bool {
 }
 
 /// An error this caller owns alone becomes a plain error again.
-fn unshare(e: Arc<UnpackError>) -> UnpackError {
+pub(crate) fn unshare(e: Arc<UnpackError>) -> UnpackError {
     Arc::try_unwrap(e).unwrap_or_else(UnpackError::Shared)
 }
 

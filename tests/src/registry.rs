@@ -45,9 +45,100 @@ pub struct Registry {
     creds: Option<(String, String)>,
 }
 
+/// A TLS certificate authority and a server certificate it signed for
+/// 127.0.0.1 (made with `openssl`).
+pub struct TestCa {
+    /// The CA certificate (PEM), what a client must trust.
+    pub ca: PathBuf,
+    /// The server certificate (PEM).
+    pub cert: PathBuf,
+    /// The server key (PEM).
+    pub key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// A fresh CA and server certificate.
+    pub fn new() -> TestCa {
+        let dir = tmp();
+        let p = |n: &str| dir.path().join(n);
+        let s = |p: PathBuf| p.to_str().expect("utf8").to_string();
+        sh(Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=unlade test CA",
+            "-keyout",
+            &s(p("ca.key")),
+            "-out",
+            &s(p("ca.pem")),
+        ]));
+        sh(Command::new("openssl").args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &s(p("server.key")),
+            "-out",
+            &s(p("server.csr")),
+        ]));
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("write ext");
+        sh(Command::new("openssl").args([
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &s(p("server.csr")),
+            "-CA",
+            &s(p("ca.pem")),
+            "-CAkey",
+            &s(p("ca.key")),
+            "-CAcreateserial",
+            "-extfile",
+            &s(p("ext.cnf")),
+            "-out",
+            &s(p("server.pem")),
+        ]));
+        TestCa {
+            ca: p("ca.pem"),
+            cert: p("server.pem"),
+            key: p("server.key"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Registry {
     /// Starts a registry on a free port, waiting until it answers.
     pub fn start(auth: RegAuth) -> Registry {
+        Self::start_with(auth, None)
+    }
+
+    /// Starts a registry serving HTTPS with `ca`'s server certificate.
+    pub fn start_tls(auth: RegAuth, ca: &TestCa) -> Registry {
+        Self::start_with(auth, Some(ca))
+    }
+
+    fn start_with(auth: RegAuth, tls: Option<&TestCa>) -> Registry {
         let dir = tmp();
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
@@ -75,11 +166,18 @@ impl Registry {
                 Some((t.user.clone(), t.password.clone())),
             ),
         };
+        let tls_cfg = tls.map_or(String::new(), |t| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                t.cert.display(),
+                t.key.display()
+            )
+        });
         let cfg = dir.path().join("config.yml");
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth_cfg}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_cfg}{auth_cfg}",
                 storage.display()
             ),
         )

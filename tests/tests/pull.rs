@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use unlade_tests::registry::{free_port, Fault, Proxy, RegAuth, Registry, TokenServer};
+use unlade_tests::registry::{free_port, Fault, Proxy, RegAuth, Registry, TestCa, TokenServer};
 use unlade_tests::*;
 
 /// A test image: its layers, the layout it was pushed from, chain IDs.
@@ -523,4 +523,29 @@ fn twenty_concurrent_pulls_fetch_each_blob_once() {
     for b in &img.blobs {
         assert_eq!(proxy.blob_gets(b).len(), 1, "blob {b}: 20 library calls");
     }
+}
+
+#[test]
+fn https_with_the_ca_from_hosts_toml() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let ca = TestCa::new();
+    let reg = Registry::start_tls(RegAuth::None, &ca);
+    let img = image(work.path(), 100);
+    reg.push(&img.layout, "v1", "tls/app:v1");
+    let r = format!("{}/tls/app:v1", reg.addr);
+    let server = format!("server = \"https://{}\"\n", reg.addr);
+    // Not trusted: one line saying why.
+    env.hosts(&reg.addr, &server);
+    let root = work.path().join("root");
+    let e = one_error_line(&env.pull(&r, &root, &[]));
+    assert!(e.contains("certificate") && e.contains(&reg.addr), "{e}");
+    // The CA named in hosts.toml (relative to it).
+    std::fs::copy(&ca.ca, env.hosts_dir.join(&reg.addr).join("ca.pem")).expect("copy ca");
+    env.hosts(&reg.addr, &format!("{server}ca = \"ca.pem\"\n"));
+    assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
+    // skip_verify trusts anything.
+    env.hosts(&reg.addr, &format!("{server}skip_verify = true\n"));
+    let root2 = work.path().join("root2");
+    assert_eq!(last_line(&env.pull(&r, &root2, &["-q"])), img.chains[2]);
 }
