@@ -445,6 +445,9 @@ pub enum Fault {
     /// Answer requests whose path contains the text with this status,
     /// this many times.
     Status(String, u16, usize),
+    /// Forward this many body bytes of the next GET of a path containing
+    /// the text, then hold the rest until [`Proxy::release`].
+    Stall(String, usize),
 }
 
 /// One request the proxy saw.
@@ -469,6 +472,9 @@ pub struct Proxy {
     faults: Mutex<Vec<Fault>>,
     /// Refuse every connection (as if down) while set.
     pub down: AtomicBool,
+    /// Set while a [`Fault::Stall`] holds a response.
+    pub stalled: AtomicBool,
+    released: AtomicBool,
 }
 
 impl Proxy {
@@ -481,6 +487,8 @@ impl Proxy {
             seen: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
             down: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
+            released: AtomicBool::new(false),
         });
         let p2 = p.clone();
         std::thread::spawn(move || {
@@ -495,6 +503,11 @@ impl Proxy {
     /// Adds a fault.
     pub fn fault(&self, f: Fault) {
         self.faults.lock().expect("lock").push(f);
+    }
+
+    /// Lets a stalled response go on.
+    pub fn release(&self) {
+        self.released.store(true, Ordering::SeqCst);
     }
 
     /// Every request so far.
@@ -527,6 +540,7 @@ impl Proxy {
             range: headers.get("range").cloned(),
         });
         let mut cut = None;
+        let mut stall = None;
         let mut corrupt = false;
         {
             let mut faults = self.faults.lock().expect("lock");
@@ -547,6 +561,11 @@ impl Proxy {
                     }
                     Fault::CutAfter(text, n) if method == "GET" && path.contains(text.as_str()) => {
                         cut = Some(*n);
+                        faults.remove(i);
+                        continue;
+                    }
+                    Fault::Stall(text, n) if method == "GET" && path.contains(text.as_str()) => {
+                        stall = Some(*n);
                         faults.remove(i);
                         continue;
                     }
@@ -604,6 +623,25 @@ impl Proxy {
                     let _ = client.shutdown(Shutdown::Both);
                     return;
                 }
+            }
+            if let Some(limit) = stall.filter(|&l| sent + chunk.len() >= l) {
+                let keep = limit - sent;
+                if client.write_all(&chunk[..keep]).is_err() {
+                    return;
+                }
+                let _ = client.flush();
+                self.stalled.store(true, Ordering::SeqCst);
+                while !self.released.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                self.stalled.store(false, Ordering::SeqCst);
+                stall = None;
+                sent += keep;
+                if client.write_all(&chunk[keep..]).is_err() {
+                    return;
+                }
+                sent += chunk.len() - keep;
+                continue;
             }
             if corrupt && !flipped && !chunk.is_empty() {
                 let mid = chunk.len() / 2;

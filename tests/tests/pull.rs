@@ -41,6 +41,11 @@ fn layer(
 /// Three layers (gzip, zstd, gzip with a whiteout and a 1.5 MiB file so
 /// that cuts land mid-blob) in an OCI layout tagged `v1`.
 fn image(work: &Path, seed: u64) -> Img {
+    image_sized(work, seed, 1_500_000)
+}
+
+/// [`image`] with a top-layer file of `big` bytes.
+fn image_sized(work: &Path, seed: u64, big: usize) -> Img {
     let d = |i: u32| work.join(format!("img{seed}-l{i}"));
     let l0 = layer(
         &d(0),
@@ -61,7 +66,7 @@ fn image(work: &Path, seed: u64) -> Img {
     let l2 = layer(
         &d(2),
         &[
-            ("opt/big.bin", noise(1_500_000, seed + 2)),
+            ("opt/big.bin", noise(big, seed + 2)),
             ("etc/.wh.gone", Vec::new()),
         ],
         None,
@@ -548,4 +553,68 @@ fn https_with_the_ca_from_hosts_toml() {
     env.hosts(&reg.addr, &format!("{server}skip_verify = true\n"));
     let root2 = work.path().join("root2");
     assert_eq!(last_line(&env.pull(&r, &root2, &["-q"])), img.chains[2]);
+}
+
+/// Regular files, links and devices under `dir` (recursively).
+fn non_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => out.extend(non_dirs(&p)),
+            Ok(_) => out.push(p),
+            Err(_) => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn a_layer_is_applied_while_its_blob_downloads() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    // The top layer's blob (12 MB of noise) stops after 9 MB: decoded
+    // blocks (1 MiB each) of its big file reach the applier before.
+    let img = image_sized(work.path(), 110, 12_000_000);
+    reg.push(&img.layout, "v1", "stream/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    proxy.fault(Fault::Stall(img.blobs[2].clone(), 9_000_000));
+    let r = format!("{}/stream/app:v1", proxy.addr);
+    let root = work.path().join("root");
+    let child = env
+        .pull_cmd(&r, &root, &["-q"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn pull");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !proxy.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob was never asked for"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // While the rest of the blob is held back, its layer's snapshot
+    // already has its big file (only that layer has /opt).
+    let mut applied = Vec::new();
+    while applied.is_empty() && std::time::Instant::now() < deadline {
+        applied = non_dirs(&root.join("snapshots/active"));
+        applied.retain(|p| p.ends_with("opt/big.bin"));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let partial = root.join(format!("content/blobs/sha256/{}", &img.blobs[2][7..]));
+    assert!(!partial.exists(), "the blob is not complete yet");
+    proxy.release();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        !applied.is_empty(),
+        "nothing applied before the download ended"
+    );
+    assert_eq!(last_line(&out), img.chains[2]);
+    assert!(partial.exists());
 }
