@@ -62,6 +62,16 @@ impl SourceError {
             retry_after: None,
         }
     }
+
+    /// A failure that retrying would repeat.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Fatal, message)
+    }
+
+    /// A failure worth retrying (a connection error, a cut stream).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Transient, message)
+    }
 }
 
 /// Where an image's blobs come from when they are not in the content
@@ -103,9 +113,8 @@ impl BlobSource for crate::image::Layout {
             SourceError::new(kind, format!("{}: {e}", p.display()))
         })?;
         if offset > 0 {
-            io::Seek::seek(&mut f, io::SeekFrom::Start(offset)).map_err(|e| {
-                SourceError::new(SourceErrorKind::Fatal, format!("{}: {e}", p.display()))
-            })?;
+            io::Seek::seek(&mut f, io::SeekFrom::Start(offset))
+                .map_err(|e| SourceError::fatal(format!("{}: {e}", p.display())))?;
         }
         Ok(Box::new(f))
     }
@@ -248,14 +257,11 @@ impl Fetcher<'_> {
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
-                            break SourceError::new(
-                                SourceErrorKind::Transient,
-                                format!(
-                                    "{}: stream broke at byte {}: {e}",
-                                    source.describe(),
-                                    w.written()
-                                ),
-                            )
+                            break SourceError::transient(format!(
+                                "{}: stream broke at byte {}: {e}",
+                                source.describe(),
+                                w.written()
+                            ))
                         }
                     }
                 },
@@ -276,14 +282,11 @@ impl Fetcher<'_> {
             // Publishing would fail the digest anyway; say what happened.
             return Err(FetchError::Source {
                 digest: *d,
-                source: SourceError::new(
-                    SourceErrorKind::Fatal,
-                    format!(
-                        "{}: blob ended after {} of {size} bytes",
-                        source.describe(),
-                        w.written()
-                    ),
-                ),
+                source: SourceError::fatal(format!(
+                    "{}: blob ended after {} of {size} bytes",
+                    source.describe(),
+                    w.written()
+                )),
             });
         }
         Ok(w.publish()?)

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::fetch::{SourceError, SourceErrorKind};
+use crate::fetch::SourceError;
 
 /// One place to send registry requests to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,10 +76,7 @@ enum OneOrMany {
 }
 
 fn invalid(path: &Path, detail: impl std::fmt::Display) -> SourceError {
-    SourceError::new(
-        SourceErrorKind::Fatal,
-        format!("{}: {detail}", path.display()),
-    )
+    SourceError::fatal(format!("{}: {detail}", path.display()))
 }
 
 /// The upstream a registry name stands for when no `server` is set.

@@ -109,10 +109,6 @@ enum Cap {
 
 const ACCEPT_ERR_BODY: u64 = 4096;
 
-fn fatal(msg: impl Into<String>) -> SourceError {
-    SourceError::new(SourceErrorKind::Fatal, msg)
-}
-
 impl Remote {
     /// A client for `reference`'s repository with the endpoints its
     /// registry's `hosts.toml` lists (or the registry itself).
@@ -185,7 +181,7 @@ impl Remote {
     /// digest reference is fetched and checked.
     pub fn resolve(&self, cancel: &Cancel) -> Result<(Digest, String), SourceError> {
         if let Some(d) = self.reference.digest {
-            let (_, mt) = self.with_retry(cancel, || self.manifest(&d))?;
+            let (_, mt) = self.with_retry(cancel, || self.document(&d, true))?;
             return Ok((d, mt));
         }
         let object = self.reference.object();
@@ -213,23 +209,25 @@ impl Remote {
             let body = read_bounded(resp, &ep.authority, &path)?;
             let d = Digest::of(&body);
             if header.is_some_and(|h| h != d) {
-                return Err(fatal(format!(
+                return Err(SourceError::fatal(format!(
                     "{}{path}: body hashes to {d}, not the Docker-Content-Digest the registry sent",
                     ep.authority
                 )));
             }
             let mt = media_type_of(&body, ct.as_deref())?;
-            self.remember(d, body, mt.clone());
+            let (_, mt) = self.remember(d, body, mt);
             Ok((d, mt))
         })?;
         Ok((d, mt))
     }
 
-    fn remember(&self, d: Digest, body: Vec<u8>, media_type: String) {
+    fn remember(&self, d: Digest, body: Vec<u8>, media_type: String) -> Doc {
+        let doc = (Arc::new(body), media_type);
         self.docs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(d, (Arc::new(body), media_type));
+            .insert(d, doc.clone());
+        doc
     }
 
     fn cached(&self, d: &Digest) -> Option<Doc> {
@@ -240,45 +238,35 @@ impl Remote {
             .cloned()
     }
 
-    /// Manifest or index `d`: its bytes (checked against `d`) and media
+    /// Manifest or index `d` (`manifest`), or config blob `d`: its bytes,
+    /// bounded and checked against `d`, and (for a manifest) its media
     /// type. Kept for the content store.
-    fn manifest(&self, d: &Digest) -> Result<Doc, SourceError> {
+    fn document(&self, d: &Digest, manifest: bool) -> Result<Doc, SourceError> {
         if let Some(hit) = self.cached(d) {
             return Ok(hit);
         }
-        let path = format!("/{}/manifests/{d}", self.reference.repository);
+        let (section, what) = if manifest {
+            ("manifests", "manifest")
+        } else {
+            ("blobs", "blob")
+        };
+        let path = format!("/{}/{section}/{d}", self.reference.repository);
         let (resp, ep) = self.request(Cap::Pull, "GET", &path, &[])?;
         let ct = content_type(&resp);
         let body = read_bounded(resp, &ep.authority, &path)?;
         let actual = Digest::of(&body);
         if actual != *d {
-            return Err(fatal(format!(
-                "{}{path}: manifest hashes to {actual}, not {d}",
+            return Err(SourceError::fatal(format!(
+                "{}{path}: {what} hashes to {actual}, not {d}",
                 ep.authority
             )));
         }
-        let mt = media_type_of(&body, ct.as_deref())?;
-        self.remember(*d, body, mt);
-        Ok(self.cached(d).unwrap_or_default())
-    }
-
-    /// A config blob, bounded and checked.
-    fn small_blob(&self, d: &Digest) -> Result<Arc<Vec<u8>>, SourceError> {
-        if let Some((b, _)) = self.cached(d) {
-            return Ok(b);
-        }
-        let path = format!("/{}/blobs/{d}", self.reference.repository);
-        let (resp, ep) = self.request(Cap::Pull, "GET", &path, &[])?;
-        let body = read_bounded(resp, &ep.authority, &path)?;
-        let actual = Digest::of(&body);
-        if actual != *d {
-            return Err(fatal(format!(
-                "{}{path}: blob hashes to {actual}, not {d}",
-                ep.authority
-            )));
-        }
-        self.remember(*d, body, String::new());
-        Ok(self.cached(d).map(|(b, _)| b).unwrap_or_default())
+        let mt = if manifest {
+            media_type_of(&body, ct.as_deref())?
+        } else {
+            String::new()
+        };
+        Ok(self.remember(*d, body, mt))
     }
 
     /// Sends one request to the first endpoint (with capability `cap`)
@@ -306,7 +294,7 @@ impl Remote {
             }
         }
         Err(last.unwrap_or_else(|| {
-            fatal(format!(
+            SourceError::fatal(format!(
                 "{}: no endpoint in hosts.toml may serve this request",
                 self.reference.registry
             ))
@@ -357,10 +345,7 @@ impl Remote {
                     return Err(status_error(&what, code, resp))
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    return Err(SourceError::new(
-                        SourceErrorKind::Transient,
-                        format!("{what}: {t}"),
-                    ))
+                    return Err(SourceError::transient(format!("{what}: {t}")))
                 }
             }
         }
@@ -381,7 +366,7 @@ impl Remote {
         };
         // The registry's own entry serves its mirrors too.
         for host in [&ep.authority, &self.reference.registry] {
-            if let Some(c) = auth::credentials_for(p, host).map_err(fatal)? {
+            if let Some(c) = auth::credentials_for(p, host).map_err(SourceError::fatal)? {
                 return Ok(Some(c));
             }
         }
@@ -398,7 +383,7 @@ impl Remote {
     ) -> Result<(), SourceError> {
         let denied = |m: String| SourceError::new(SourceErrorKind::Denied, m);
         let ch = auth::parse_challenge(header).ok_or_else(|| {
-            fatal(format!(
+            SourceError::fatal(format!(
                 "{}: unreadable WWW-Authenticate header {header:?}",
                 ep.authority
             ))
@@ -419,7 +404,7 @@ impl Remote {
             }
             "bearer" => {
                 let realm = ch.params.get("realm").ok_or_else(|| {
-                    fatal(format!(
+                    SourceError::fatal(format!(
                         "{}: Bearer challenge without a realm",
                         ep.authority
                     ))
@@ -444,20 +429,17 @@ impl Remote {
                         return Err(e);
                     }
                     Err(ureq::Error::Transport(t)) => {
-                        return Err(SourceError::new(
-                            SourceErrorKind::Transient,
-                            format!("{what}: {t}"),
-                        ))
+                        return Err(SourceError::transient(format!("{what}: {t}")))
                     }
                 };
                 let body = read_bounded(resp, realm, "")?;
-                let t: auth::TokenResponse =
-                    serde_json::from_slice(&body).map_err(|e| fatal(format!("{what}: {e}")))?;
+                let t: auth::TokenResponse = serde_json::from_slice(&body)
+                    .map_err(|e| SourceError::fatal(format!("{what}: {e}")))?;
                 let token = t
                     .token
                     .or(t.access_token)
                     .filter(|t| !t.is_empty())
-                    .ok_or_else(|| fatal(format!("{what}: no token in the answer")))?;
+                    .ok_or_else(|| SourceError::fatal(format!("{what}: no token in the answer")))?;
                 // Renew a little before the server's deadline.
                 let life = t.expires_in.unwrap_or(60).max(10);
                 Auth {
@@ -466,7 +448,7 @@ impl Remote {
                 }
             }
             other => {
-                return Err(fatal(format!(
+                return Err(SourceError::fatal(format!(
                     "{}: unsupported auth scheme {other:?}",
                     ep.authority
                 )))
@@ -497,8 +479,8 @@ fn media_type_of(body: &[u8], content_type: Option<&str>) -> Result<String, Sour
         manifests: Option<serde::de::IgnoredAny>,
         layers: Option<serde::de::IgnoredAny>,
     }
-    let p: Peek =
-        serde_json::from_slice(body).map_err(|e| fatal(format!("manifest is not JSON: {e}")))?;
+    let p: Peek = serde_json::from_slice(body)
+        .map_err(|e| SourceError::fatal(format!("manifest is not JSON: {e}")))?;
     if let Some(mt) = p.media_type.filter(|m| crate::image::is_manifest_type(m)) {
         return Ok(mt);
     }
@@ -511,7 +493,7 @@ fn media_type_of(body: &[u8], content_type: Option<&str>) -> Result<String, Sour
     if p.layers.is_some() {
         return Ok("application/vnd.oci.image.manifest.v1+json".into());
     }
-    Err(fatal(
+    Err(SourceError::fatal(
         "the registry's answer is neither an image index nor a manifest",
     ))
 }
@@ -521,14 +503,9 @@ fn read_bounded(resp: ureq::Response, host: &str, path: &str) -> Result<Vec<u8>,
     resp.into_reader()
         .take(MAX_JSON + 1)
         .read_to_end(&mut body)
-        .map_err(|e| {
-            SourceError::new(
-                SourceErrorKind::Transient,
-                format!("{host}{path}: reading the answer: {e}"),
-            )
-        })?;
+        .map_err(|e| SourceError::transient(format!("{host}{path}: reading the answer: {e}")))?;
     if body.len() as u64 > MAX_JSON {
-        return Err(fatal(format!(
+        return Err(SourceError::fatal(format!(
             "{host}{path}: document larger than {MAX_JSON} bytes"
         )));
     }
@@ -579,13 +556,13 @@ fn status_error(what: &str, code: u16, resp: ureq::Response) -> SourceError {
 /// Counts a download's bytes.
 struct Counted<R> {
     inner: R,
-    stats: Arc<Remote>,
+    remote: Arc<Remote>,
 }
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.stats
+        self.remote
             .stats
             .blob_bytes
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -596,12 +573,9 @@ impl<R: Read> Read for Counted<R> {
 impl Documents for Remote {
     fn document(&self, d: &Digest, config: bool) -> Result<Vec<u8>, ImageError> {
         let cancel = Cancel::new();
-        let r = if config {
-            self.with_retry(&cancel, || self.small_blob(d))
-        } else {
-            self.with_retry(&cancel, || self.manifest(d).map(|(b, _)| b))
-        };
-        r.map(|b| b.as_ref().clone()).map_err(ImageError::Source)
+        self.with_retry(&cancel, || self.document(d, !config))
+            .map(|(b, _)| b.as_ref().clone())
+            .map_err(ImageError::Source)
     }
 }
 
@@ -629,22 +603,17 @@ impl BlobSource for RemoteBlobs {
         let partial = resp.status() == 206;
         let mut r: Box<dyn Read + Send> = Box::new(Counted {
             inner: resp.into_reader(),
-            stats: remote.clone(),
+            remote: remote.clone(),
         });
         if offset > 0 && !partial {
             // The server ignored the Range: skip what we have.
-            let skipped =
-                std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink()).map_err(|e| {
-                    SourceError::new(
-                        SourceErrorKind::Transient,
-                        format!("{}{path}: {e}", ep.authority),
-                    )
-                })?;
+            let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
+                .map_err(|e| SourceError::transient(format!("{}{path}: {e}", ep.authority)))?;
             if skipped < offset {
-                return Err(SourceError::new(
-                    SourceErrorKind::Transient,
-                    format!("{}{path}: blob shorter than {offset} bytes", ep.authority),
-                ));
+                return Err(SourceError::transient(format!(
+                    "{}{path}: blob shorter than {offset} bytes",
+                    ep.authority
+                )));
             }
         }
         Ok(r)

@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use super::hosts::Endpoint;
-use crate::fetch::{SourceError, SourceErrorKind};
+use crate::fetch::SourceError;
 
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -19,15 +19,11 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn fatal(msg: String) -> SourceError {
-    SourceError::new(SourceErrorKind::Fatal, msg)
-}
-
 /// The rustls client configuration for `ep`.
 pub(super) fn client_config(ep: &Endpoint) -> Result<Arc<ClientConfig>, SourceError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| fatal(format!("TLS setup: {e}")))?;
+        .map_err(|e| SourceError::fatal(format!("TLS setup: {e}")))?;
     if ep.skip_verify {
         return Ok(Arc::new(
             builder
@@ -47,9 +43,9 @@ pub(super) fn client_config(ep: &Endpoint) -> Result<Arc<ClientConfig>, SourceEr
     for ca in &ep.ca {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
             .and_then(|i| i.collect::<Result<_, _>>())
-            .map_err(|e| fatal(format!("CA file {}: {e}", ca.display())))?;
+            .map_err(|e| SourceError::fatal(format!("CA file {}: {e}", ca.display())))?;
         if certs.is_empty() {
-            return Err(fatal(format!(
+            return Err(SourceError::fatal(format!(
                 "CA file {}: no certificate in it",
                 ca.display()
             )));
@@ -57,7 +53,7 @@ pub(super) fn client_config(ep: &Endpoint) -> Result<Arc<ClientConfig>, SourceEr
         for c in certs {
             roots
                 .add(c)
-                .map_err(|e| fatal(format!("CA file {}: {e}", ca.display())))?;
+                .map_err(|e| SourceError::fatal(format!("CA file {}: {e}", ca.display())))?;
         }
     }
     Ok(Arc::new(
