@@ -57,27 +57,28 @@ pub struct TestCa {
     _dir: tempfile::TempDir,
 }
 
+/// A fresh RSA key and a self-signed certificate for it, valid two days
+/// (`openssl req -x509`): the test CA, and the token server's signing key.
+fn self_signed(common_name: &str, key: &Path, cert: &Path) {
+    sh(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={common_name}"))
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert));
+}
+
 impl TestCa {
     /// A fresh CA and server certificate.
     pub fn new() -> TestCa {
         let dir = tmp();
         let p = |n: &str| dir.path().join(n);
         let s = |p: PathBuf| p.to_str().expect("utf8").to_string();
-        sh(Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=unlade test CA",
-            "-keyout",
-            &s(p("ca.key")),
-            "-out",
-            &s(p("ca.pem")),
-        ]));
+        self_signed("unlade test CA", &p("ca.key"), &p("ca.pem"));
         sh(Command::new("openssl").args([
             "req",
             "-newkey",
@@ -273,21 +274,7 @@ impl TokenServer {
         let dir = tmp();
         let key = dir.path().join("key.pem");
         let cert = dir.path().join("cert.pem");
-        sh(Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=unlade-test-token",
-            "-keyout",
-            key.to_str().expect("utf8"),
-            "-out",
-            cert.to_str().expect("utf8"),
-        ]));
+        self_signed("unlade-test-token", &key, &cert);
         let l = TcpListener::bind("127.0.0.1:0").expect("bind");
         let t = Arc::new(TokenServer {
             addr: l.local_addr().expect("addr").to_string(),
