@@ -39,13 +39,11 @@ ex=$PWD/target/release/examples/concurrent_pull
 work=$(mktemp -d "${WORK:-/var/tmp}/unlade-pull.XXXXXX")
 fsdir=$work/fs
 mkdir -p "$fsdir"
-reg_pid= ctd_pid= loopdev=
+source perf/lib.sh
+reg_pid=
 cleanup() {
-  if [[ -n $ctd_pid ]]; then kill "$ctd_pid" 2>/dev/null; wait "$ctd_pid" 2>/dev/null || true; fi
   if [[ -n $reg_pid ]]; then kill "$reg_pid" 2>/dev/null; wait "$reg_pid" 2>/dev/null || true; fi
-  umount -R "$fsdir" 2>/dev/null || true
-  if [[ -n $loopdev ]]; then losetup -d "$loopdev" 2>/dev/null || true; fi
-  rm -rf "$work"
+  cleanup_fs
 }
 trap cleanup EXIT
 
@@ -71,57 +69,24 @@ mkdir -p "$work/certs.d/$reg"
 printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$reg" "$reg" \
   > "$work/certs.d/$reg/hosts.toml"
 
-fresh_fs() {
-  truncate -s 16G "$work/fs.img"
-  mkfs.ext4 -q -F -E lazy_itable_init=1,nodiscard "$work/fs.img"
-  loopdev=$(losetup --direct-io=on --find --show "$work/fs.img")
-  mount -o noinit_itable "$loopdev" "$fsdir"
-}
-drop_fs() {
-  umount -R "$fsdir"
-  losetup -d "$loopdev"; loopdev=
-  rm -f "$work/fs.img"
-}
 
-start_containerd() {
-  mkdir -p "$work/ctd"
-  cat > "$work/ctd/config.toml" <<EOF
-version = 2
-root = "$fsdir/containerd"
-state = "$work/ctd/state"
-[grpc]
-  address = "$work/ctd/sock"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.invalid/pause:3.6"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "$work/certs.d"
-EOF
-  containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
-  ctd_pid=$!
-  for _ in $(seq 100); do
-    if [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1; then return; fi
-    sleep 0.1
-  done
-  echo "containerd did not start: $(tail -3 "$work/ctd/log")" >&2; exit 1
-}
-stop_containerd() {
-  kill "$ctd_pid"; wait "$ctd_pid" 2>/dev/null || true; ctd_pid=
-  rm -rf "$work/ctd"
-}
+cri_config="[plugins.\"io.containerd.grpc.v1.cri\"]
+  sandbox_image = \"registry.invalid/pause:3.6\"
+  [plugins.\"io.containerd.grpc.v1.cri\".containerd]
+    snapshotter = \"overlayfs\"
+  [plugins.\"io.containerd.grpc.v1.cri\".registry]
+    config_path = \"$work/certs.d\""
 
 ctr_pull() { # REF
   ctr -a "$work/ctd/sock" -n perf images pull --hosts-dir "$work/certs.d" \
     --snapshotter overlayfs "$1" > /dev/null
 }
 
-now() { date +%s.%N; }
 declare -A times round ratios
 run_case() { # IMAGE CASE
   local img=$1 c=$2 ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
   fresh_fs
-  [[ $c == ctr-* || $c == cri-* ]] && start_containerd
+  [[ $c == ctr-* || $c == cri-* ]] && start_containerd "$cri_config"
   case $c in
     unlade-1)
       t0=$(now); "$bin" pull --plain-http "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
@@ -183,7 +148,6 @@ for r in $(seq "$RUNS"); do
   done
 done
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
 echo "medians over $RUNS runs (ratio to ${cases[0]} of the same image):"
 for img in $IMAGES; do

@@ -37,61 +37,20 @@ ex=$PWD/target/release/examples/concurrent_unpack
 work=$(mktemp -d "${WORK:-/var/tmp}/unlade-perf.XXXXXX")
 fsdir=$work/fs
 mkdir -p "$fsdir"
-ctd_pid= loopdev=
-cleanup() {
-  if [[ -n $ctd_pid ]]; then kill "$ctd_pid" 2>/dev/null; wait "$ctd_pid" 2>/dev/null || true; fi
-  umount -R "$fsdir" 2>/dev/null || true
-  if [[ -n $loopdev ]]; then losetup -d "$loopdev" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-fresh_fs() {
-  truncate -s 16G "$work/fs.img"
-  mkfs.ext4 -q -F -E lazy_itable_init=1,nodiscard "$work/fs.img"
-  loopdev=$(losetup --direct-io=on --find --show "$work/fs.img")
-  mount -o noinit_itable "$loopdev" "$fsdir"
-}
-drop_fs() {
-  umount -R "$fsdir"
-  losetup -d "$loopdev"; loopdev=
-  rm -f "$work/fs.img"
-}
+source perf/lib.sh
+trap cleanup_fs EXIT
 
 # containerd imports tar archives of layouts; a ref name annotation that is only a tag
 # gets --base-name in front.
 tar -C "$layout" -cf "$work/layout.tar" .
 cat "$layout"/blobs/sha256/* "$work/layout.tar" > /dev/null   # every case reads warm input
 
-start_containerd() {
-  mkdir -p "$work/ctd"
-  cat > "$work/ctd/config.toml" <<EOF
-version = 2
-root = "$fsdir/containerd"
-state = "$work/ctd/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$work/ctd/sock"
-EOF
-  containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
-  ctd_pid=$!
-  for _ in $(seq 100); do
-    if [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1; then return; fi
-    sleep 0.1
-  done
-  echo "containerd did not start: $(tail -3 "$work/ctd/log")" >&2; exit 1
-}
-stop_containerd() {
-  kill "$ctd_pid"; wait "$ctd_pid" 2>/dev/null || true; ctd_pid=
-  rm -rf "$work/ctd"
-}
 
-now() { date +%s.%N; }
 declare -A times round ratios
 run_case() {
   local c=$1 root=$fsdir/root t0 t1
   fresh_fs
-  [[ $c == ctr-import ]] && start_containerd
+  [[ $c == ctr-import ]] && start_containerd 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
   local busy=
   if [[ $c == *-busy ]]; then
     # Another writer on the same file system (a container writing logs, a
@@ -142,7 +101,6 @@ for r in $(seq "$RUNS"); do
   for c in "${cases[@]}"; do ratios[$c]+="$(echo "${round[$c]} / ${round[${cases[0]}]}" | bc -l) "; done
 done
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
 echo "medians over $RUNS runs:"
 base_case=${cases[0]}
