@@ -65,13 +65,15 @@ impl Display {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Redraws until `finish`, which draws the last frame itself: the loop
+    /// checks `done` before drawing, so that frame is never printed twice.
     fn draw_loop(&self) {
         let mut st = self.lock();
         loop {
-            Self::draw(&mut st);
             if st.done {
                 return;
             }
+            Self::draw(&mut st);
             st = self
                 .cv
                 .wait_timeout(st, Duration::from_millis(100))
