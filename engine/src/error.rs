@@ -59,6 +59,9 @@ pub enum ErrorKind {
     /// A malformed OCI whiteout.
     #[error("bad whiteout: {0}")]
     Whiteout(String),
+    /// A hard link whose target cannot be linked (deleted by a whiteout).
+    #[error("bad hard link: {0}")]
+    Hardlink(String),
     /// An entry exceeds a configured or built-in bound.
     #[error("limit exceeded: {0}")]
     Limit(String),

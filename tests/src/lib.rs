@@ -835,6 +835,9 @@ pub fn build_tree(root: &Path, extended: bool) {
         .expect("xattr");
         rustix::fs::setxattr(&x, "trusted.t", b"tv", rustix::fs::XattrFlags::empty())
             .expect("xattr");
+        // An empty value is a value: restored as such by GNU tar.
+        rustix::fs::setxattr(&x, "user.empty", b"", rustix::fs::XattrFlags::empty())
+            .expect("xattr");
         // cap_net_raw+p, VFS_CAP_REVISION_2.
         let cap = [
             0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,

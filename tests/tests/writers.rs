@@ -185,3 +185,79 @@ fn gnu_sparse_every_version() {
         );
     }
 }
+
+/// An xattr with an empty value (`SCHILY.xattr.user.empty=`, or
+/// libarchive's form) is restored with an empty value, as GNU tar, bsdtar
+/// and Go's archive/tar read it, whoever wrote the layer.
+#[test]
+fn empty_xattr_values_every_writer() {
+    let src = tmp();
+    let f = src.path().join("f");
+    fs::write(&f, b"data").expect("write");
+    for (k, v) in [("user.empty", &b""[..]), ("user.v", &b"x"[..])] {
+        rustix::fs::setxattr(&f, k, v, rustix::fs::XattrFlags::empty()).expect("xattr");
+    }
+    let work = tmp();
+    type Writer<'a> = Box<dyn Fn(&Path) + 'a>;
+    let writers: Vec<(&str, Writer)> = vec![
+        (
+            "GNU tar posix",
+            Box::new(|o: &Path| gnu_tar(src.path(), o, "posix", &[])),
+        ),
+        (
+            "bsdtar pax",
+            Box::new(|o: &Path| bsd_tar(src.path(), o, "pax")),
+        ),
+        (
+            "Go archive/tar pax",
+            Box::new(|o: &Path| go_tar(src.path(), o, "pax")),
+        ),
+    ];
+    for (i, (who, make)) in writers.iter().enumerate() {
+        let out = work.path().join(format!("w{i}.tar"));
+        make(&out);
+        let raw = fs::read(&out).expect("read");
+        assert!(
+            raw.windows(10).any(|w| w == b"user.empty"),
+            "{who} did not write the empty xattr"
+        );
+        let dest = work.path().join(format!("d{i}"));
+        ok_diff_id(&apply(&out, &dest, &[]));
+        let got = xattrs(&dest.join("f"));
+        assert_eq!(
+            got.get("user.empty").map(Vec::as_slice),
+            Some(&b""[..]),
+            "{who}: {got:?}"
+        );
+        assert_eq!(
+            got.get("user.v").map(Vec::as_slice),
+            Some(&b"x"[..]),
+            "{who}"
+        );
+    }
+    // Raw PAX records of both encodings, and an empty value overriding a
+    // global one.
+    let mut t = RawTar::default();
+    t.pax(b'g', &[("SCHILY.xattr.user.g", b"global")]);
+    t.pax(
+        b'x',
+        &[
+            ("SCHILY.xattr.user.s", b""),
+            ("LIBARCHIVE.xattr.user.l", b""),
+            ("SCHILY.xattr.user.g", b""),
+        ],
+    );
+    t.file("raw", b"r");
+    t.end();
+    let layer = write(work.path(), "raw.tar", &t.bytes());
+    let dest = work.path().join("raw");
+    ok_diff_id(&apply(&layer, &dest, &[]));
+    let got = xattrs(&dest.join("raw"));
+    for k in ["user.s", "user.l", "user.g"] {
+        assert_eq!(
+            got.get(k).map(Vec::as_slice),
+            Some(&b""[..]),
+            "{k}: {got:?}"
+        );
+    }
+}

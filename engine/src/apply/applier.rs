@@ -38,6 +38,13 @@ pub const MAX_DELAYED_BYTES: usize = 256 << 20;
 
 /// The opaque whiteout marker.
 const OPAQUE: &[u8] = b".wh..wh..opq";
+/// Name prefixes of the xattrs overlayfs obeys in a layer directory
+/// (`redirect`, `metacopy`, `origin`, `opaque`, `upper`, `impure`,
+/// `nlink`, ...): the trusted namespace, and the user namespace a mount with
+/// `userxattr` reads instead.
+const OVERLAY_XATTRS: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+/// Most warnings an apply keeps word for word; past it they are counted.
+pub const MAX_WARNINGS: usize = 32;
 /// Prefix of whiteouts, and of AUFS metadata (`.wh..wh.`) when doubled.
 const WH: &[u8] = b".wh.";
 
@@ -54,6 +61,8 @@ pub struct Counts {
     pub whiteouts: u64,
     /// File data bytes written.
     pub bytes: u64,
+    /// Overlay control xattrs the layer carried and the apply dropped.
+    pub dropped_xattrs: u64,
 }
 
 /// An entry's name and header offset, for errors.
@@ -84,6 +93,7 @@ pub struct Applier<'a, B: Backend> {
     delayed: BTreeMap<Vec<u8>, Delayed>,
     delayed_bytes: usize,
     counts: Counts,
+    warnings: Vec<String>,
     cancel: Option<Cancel>,
     lower: Option<Arc<dyn LowerLayers>>,
 }
@@ -104,6 +114,7 @@ impl<'a, B: Backend> Applier<'a, B> {
             delayed: BTreeMap::new(),
             delayed_bytes: 0,
             counts: Counts::default(),
+            warnings: Vec::new(),
             cancel: None,
             lower: None,
         }
@@ -127,9 +138,44 @@ impl<'a, B: Backend> Applier<'a, B> {
         self.counts
     }
 
-    fn meta(&self, e: &Entry) -> Result<Meta, Error> {
+    /// What went right but not as the layer asked (dropped overlay
+    /// xattrs), one line each naming the entry; at most [`MAX_WARNINGS`],
+    /// then one line with the count of the rest. Taken once.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        let mut w = std::mem::take(&mut self.warnings);
+        let told = w.len() as u64;
+        if self.counts.dropped_xattrs > told {
+            w.push(format!(
+                "and {} more overlay xattrs dropped",
+                self.counts.dropped_xattrs - told
+            ));
+        }
+        w
+    }
+
+    fn meta(&mut self, e: &Entry) -> Result<Meta, Error> {
         let mut xattrs = Vec::with_capacity(e.xattrs.len());
         for (k, v) in &e.xattrs {
+            if OVERLAY_XATTRS.iter().any(|p| k.starts_with(p)) {
+                // overlayfs obeys these in a lower directory: a layer that
+                // set `redirect` or `origin` would show another layer's
+                // files under its own names, `metacopy` would point a file
+                // at other data. Dropped, not refused: no builder writes
+                // them on purpose, but a layer tarred from an overlay upper
+                // directory carries harmless ones, and that image should
+                // still work. The applier's own opaque marker is separate.
+                self.counts.dropped_xattrs += 1;
+                if self.warnings.len() < MAX_WARNINGS {
+                    self.warnings.push(format!(
+                        "entry {:?} at offset {}: dropped xattr {} (overlayfs control \
+                         attributes from a layer would change what the mounted image shows)",
+                        String::from_utf8_lossy(&e.path),
+                        e.offset,
+                        String::from_utf8_lossy(k)
+                    ));
+                }
+                continue;
+            }
             let k = CString::new(k.clone())
                 .map_err(|_| Error::new(ErrorKind::Pax("xattr name contains a NUL byte".into())))?;
             xattrs.push((k, v.clone()));
@@ -583,6 +629,21 @@ impl<'a, B: Backend> Applier<'a, B> {
         })?;
         let tname = CString::new(tbase)
             .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in link".into()))))?;
+        // A whiteout this layer made is a deletion, not a file: linking to
+        // it would make a second whiteout under the link's name. GNU tar
+        // extracting the flattened tree fails the same way ("Cannot hard
+        // link ... No such file or directory").
+        if let Ok(st) = rustix::fs::statat(&*tdir, &tname, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::CharacterDevice
+                && st.st_rdev == 0
+            {
+                return Err(at(Error::new(ErrorKind::Hardlink(format!(
+                    "target {:?} does not exist: this layer deleted it with a whiteout",
+                    String::from_utf8_lossy(&e.link)
+                )))));
+            }
+        }
         self.run_now(
             who(e),
             dir,

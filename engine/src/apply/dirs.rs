@@ -27,7 +27,9 @@ use crate::error::{Error, ErrorKind};
 use crate::fsops::syscalls::open_dir;
 
 /// Most directory fds kept open; past it the cache starts over (jobs in
-/// flight hold their own references).
+/// flight hold their own references), and a walk deeper than what is left
+/// caches no more of its levels: one walk holds one fd of its own at a
+/// time, however deep the path.
 const MAX_CACHED: usize = 256;
 
 /// Creates a missing directory: (parent fd, name).
@@ -141,7 +143,9 @@ impl Dirs {
                 Err(e) => return Err(walk_err("open directory", prefix, e)),
             };
             cur = Arc::new(fd);
-            self.cache.insert(prefix.to_vec(), cur.clone());
+            if self.cache.len() < MAX_CACHED {
+                self.cache.insert(prefix.to_vec(), cur.clone());
+            }
             pos = comp_end + 1;
         }
         Ok(cur)

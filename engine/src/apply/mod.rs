@@ -16,9 +16,9 @@ mod dirs;
 mod lower;
 mod path;
 
-pub use applier::{Applier, Counts, MAX_DELAYED_BYTES, MAX_DELAYED_DIRS};
+pub use applier::{Applier, Counts, MAX_DELAYED_BYTES, MAX_DELAYED_DIRS, MAX_WARNINGS};
 pub use lower::LowerLayers;
-pub use path::normalize;
+pub use path::{normalize, MAX_PATH};
 
 use std::fs::File;
 use std::io::{self, Cursor, Read};
@@ -40,6 +40,9 @@ pub enum LayerInput {
     Path(PathBuf),
     /// Standard input (memory-mapped when it is a redirected regular file).
     Stdin,
+    /// A file the caller opened (memory-mapped when it is a regular file):
+    /// for blobs of a layout, opened safely beneath it.
+    File(File),
     /// Any byte stream (always streams).
     Reader(Box<dyn Read + Send>),
 }
@@ -72,6 +75,11 @@ pub struct ApplyReport {
     pub uncompressed_bytes: u64,
     /// Entry, file, directory, whiteout and byte counts.
     pub counts: Counts,
+    /// What the apply did otherwise than the layer asked, one line each
+    /// naming the entry (dropped overlay control xattrs); bounded by
+    /// [`MAX_WARNINGS`] plus a line counting the rest. A caller shows them
+    /// to the user: the layer applied, but not exactly as written.
+    pub warnings: Vec<String>,
 }
 
 /// Applies one layer blob to `dest` (created if missing) as an overlay
@@ -84,6 +92,7 @@ pub fn apply_layer(
     let name = match &input {
         LayerInput::Path(p) => p.display().to_string(),
         LayerInput::Stdin => "-".to_string(),
+        LayerInput::File(_) => "file".to_string(),
         LayerInput::Reader(_) => "stream".to_string(),
     };
     apply_inner(input, dest, opts).map_err(|e| e.layer(&name))
@@ -111,6 +120,7 @@ fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<Ap
                 .map_err(|e| Error::fs("read stdin", e.into()))?;
             from_file(File::from(fd), root, same_owner, opts)?
         }
+        LayerInput::File(f) => from_file(f, root, same_owner, opts)?,
         LayerInput::Reader(r) => from_reader(r, root, same_owner, opts)?,
     };
     if let Some(want) = opts.diff_id {
@@ -185,17 +195,22 @@ fn whole(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, Error> {
     std::thread::scope(|s| {
-        let hasher = s.spawn(|| decode::hash_whole(buf));
-        let counts = drive(SliceSource::new(buf), applier(root, same_owner, opts));
+        let hasher = std::thread::Builder::new()
+            .name("unlade-hash".into())
+            .spawn_scoped(s, || decode::hash_whole(buf))
+            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
+        let done = drive(SliceSource::new(buf), applier(root, same_owner, opts));
         let diff_id = hasher
             .join()
             .map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
+        let (counts, warnings) = done?;
         Ok(ApplyReport {
             diff_id,
             compression: comp,
             whole_buffer: true,
             uncompressed_bytes: buf.len() as u64,
-            counts: counts?,
+            counts,
+            warnings,
         })
     })
 }
@@ -212,21 +227,27 @@ fn streaming(
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     std::thread::scope(|s| {
-        let decoder = s.spawn(move || {
-            let r = decode::stream(input, comp, |b| {
-                htx.send(b.clone()).is_ok() && tx.send(Ok(b)).is_ok()
-            });
-            match r {
-                Ok(complete) => complete,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    false
+        let decoder = std::thread::Builder::new()
+            .name("unlade-decode".into())
+            .spawn_scoped(s, move || {
+                let r = decode::stream(input, comp, |b| {
+                    htx.send(b.clone()).is_ok() && tx.send(Ok(b)).is_ok()
+                });
+                match r {
+                    Ok(complete) => complete,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        false
+                    }
                 }
-            }
-        });
-        let hasher = s.spawn(move || decode::hash_blocks(hrx));
+            })
+            .map_err(|e| Error::fs("start a thread to decode the layer", e))?;
+        let hasher = std::thread::Builder::new()
+            .name("unlade-hash".into())
+            .spawn_scoped(s, move || decode::hash_blocks(hrx))
+            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
         let mut src_len = 0u64;
-        let counts = drive_stream(
+        let done = drive_stream(
             StreamSource::new(rx),
             applier(root, same_owner, opts),
             &mut src_len,
@@ -235,7 +256,7 @@ fn streaming(
             |what: &str| Error::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
         let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
-        let counts = counts?;
+        let (counts, warnings) = done?;
         if !complete {
             return Err(Error::fs(
                 "decode layer",
@@ -248,6 +269,7 @@ fn streaming(
             whole_buffer: false,
             uncompressed_bytes: src_len,
             counts,
+            warnings,
         })
     })
 }
@@ -262,23 +284,28 @@ fn drive_stream(
     src: StreamSource,
     mut ap: Applier<'_, Syscalls>,
     len: &mut u64,
-) -> Result<Counts, Error> {
+) -> Result<(Counts, Vec<String>), Error> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
     }
+    let warnings = ap.take_warnings();
     let counts = ap.finish()?;
     let src = r.finish()?;
     *len = src.offset();
-    Ok(counts)
+    Ok((counts, warnings))
 }
 
-fn drive<'a, S: Source<'a>>(src: S, mut ap: Applier<'a, Syscalls>) -> Result<Counts, Error> {
+fn drive<'a, S: Source<'a>>(
+    src: S,
+    mut ap: Applier<'a, Syscalls>,
+) -> Result<(Counts, Vec<String>), Error> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
     }
+    let warnings = ap.take_warnings();
     let counts = ap.finish()?;
     r.finish()?;
-    Ok(counts)
+    Ok((counts, warnings))
 }

@@ -6,8 +6,17 @@
 //! `..` component is refused outright, as GNU tar refuses such members:
 //! lexical clean-up of `..` is wrong when a component is a symlink, and no
 //! image builder writes one. The empty result is the layer root.
+//!
+//! A normalized path may be at most [`MAX_PATH`] bytes: Linux's
+//! `PATH_MAX`, past which no tool that names a file by its full path (a
+//! shell, containerd's own applier) could reach it, and the bound that
+//! keeps the memory and directory fds of one entry's walk small however
+//! deep a PAX name nests.
 
 use crate::error::{Error, ErrorKind};
+
+/// Longest normalized entry or hard link target path, in bytes.
+pub const MAX_PATH: usize = 4095;
 
 /// Normalizes an archive name. Returns the path with single `/`
 /// separators, `""` for the root itself.
@@ -35,6 +44,11 @@ pub fn normalize(name: &[u8]) -> Result<Vec<u8>, Error> {
                     out.push(b'/');
                 }
                 out.extend_from_slice(c);
+                if out.len() > MAX_PATH {
+                    return Err(Error::new(ErrorKind::Limit(format!(
+                        "path longer than {MAX_PATH} bytes (PATH_MAX)"
+                    ))));
+                }
             }
         }
     }
@@ -68,5 +82,12 @@ mod tests {
         assert_eq!(normalize(b"a/..b/c..").unwrap(), b"a/..b/c..");
         assert_eq!(split(b"a/b/c"), (&b"a/b"[..], &b"c"[..]));
         assert_eq!(split(b"c"), (&b""[..], &b"c"[..]));
+        let deep = "a/".repeat(MAX_PATH / 2) + "b";
+        assert_eq!(normalize(deep.as_bytes()).unwrap().len(), MAX_PATH);
+        let deeper = "a/".repeat(MAX_PATH / 2 + 1);
+        assert!(normalize(deeper.as_bytes()).is_err());
+        // Empty components do not count.
+        let slashes = "/".repeat(10_000) + "x";
+        assert_eq!(normalize(slashes.as_bytes()).unwrap(), b"x");
     }
 }

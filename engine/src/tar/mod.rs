@@ -461,8 +461,11 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     b"mtime" => e.mtime = header_fields.5,
                     b"atime" => e.atime = None,
                     _ => {
-                        if let Some((name, _)) = pax::xattr(k, b"").map_err(perr)? {
-                            e.xattrs.remove(&name);
+                        // Not a revert: an xattr record with an empty value
+                        // is an xattr with an empty value, as GNU tar,
+                        // bsdtar and Go's archive/tar read and write it.
+                        if let Some((name, value)) = pax::xattr(k, b"").map_err(perr)? {
+                            e.xattrs.insert(name, value);
                         }
                     }
                 }
