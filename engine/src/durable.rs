@@ -52,17 +52,26 @@ fn fsync_all(fds: &mut Vec<OwnedFd>) -> io::Result<()> {
         let hs: Vec<_> = fds
             .chunks(per)
             .map(|c| {
-                s.spawn(move || {
+                let sync = move || {
                     for fd in c {
                         rfs::fsync(fd)?;
                     }
                     Ok::<(), io::Error>(())
-                })
+                };
+                // A thread the system refuses: the same fsyncs, here.
+                std::thread::Builder::new()
+                    .name("unlade-fsync".into())
+                    .spawn_scoped(s, sync)
+                    .map_err(|_| sync)
             })
             .collect();
         for h in hs {
-            h.join()
-                .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))?;
+            match h {
+                Ok(h) => h
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("fsync thread panicked")))?,
+                Err(sync) => sync()?,
+            }
         }
         Ok(())
     });

@@ -86,11 +86,12 @@ pub trait BlobSource: Send + Sync {
         offset: u64,
         cancel: &Cancel,
     ) -> Result<Box<dyn Read + Send>, SourceError>;
-    /// The local file holding blob `d`, when the source is a directory:
-    /// it is then applied in place (memory-mapped) while a copy goes into
-    /// the content store.
-    fn local_path(&self, _d: &Digest) -> Option<PathBuf> {
-        None
+    /// The local file holding blob `d` and its size, opened, when the
+    /// source is a directory that has it: it is then applied in place
+    /// (memory-mapped) while a copy goes into the content store.
+    /// `Ok(None)`: not here (fetch it, or report it missing).
+    fn local_file(&self, _d: &Digest) -> Result<Option<(File, u64)>, SourceError> {
+        Ok(None)
     }
     /// Names the source in errors ("the layout /x", "registry r/x").
     fn describe(&self) -> String;
@@ -104,7 +105,7 @@ impl BlobSource for crate::image::Layout {
         _cancel: &Cancel,
     ) -> Result<Box<dyn Read + Send>, SourceError> {
         let p = crate::image::Layout::blob_path(self, d);
-        let mut f = File::open(&p).map_err(|e| {
+        let (mut f, _) = self.open_blob(d).map_err(|e| {
             let kind = if e.kind() == io::ErrorKind::NotFound {
                 SourceErrorKind::NotFound
             } else {
@@ -119,9 +120,15 @@ impl BlobSource for crate::image::Layout {
         Ok(Box::new(f))
     }
 
-    fn local_path(&self, d: &Digest) -> Option<PathBuf> {
-        let p = crate::image::Layout::blob_path(self, d);
-        p.is_file().then_some(p)
+    fn local_file(&self, d: &Digest) -> Result<Option<(File, u64)>, SourceError> {
+        match self.open_blob(d) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SourceError::fatal(format!(
+                "{}: {e}",
+                crate::image::Layout::blob_path(self, d).display()
+            ))),
+        }
     }
 
     fn describe(&self) -> String {

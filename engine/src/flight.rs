@@ -359,10 +359,13 @@ pub(crate) fn flock_wait(
         Err(e) => return Err(LockError::Io(e.into())),
     }
     let (tx, rx) = crossbeam_channel::bounded(1);
-    std::thread::spawn(move || {
-        let r = rfs::flock(&fd, op).map(|()| fd);
-        let _ = tx.send(r);
-    });
+    std::thread::Builder::new()
+        .name("unlade-flock".into())
+        .spawn(move || {
+            let r = rfs::flock(&fd, op).map(|()| fd);
+            let _ = tx.send(r);
+        })
+        .map_err(LockError::Io)?;
     crossbeam_channel::select! {
         recv(rx) -> r => match r {
             Ok(Ok(fd)) => Ok(fd),

@@ -7,8 +7,12 @@
 //! bounded in size, nested indexes in depth, and layer and diff ID counts
 //! must agree.
 
+use std::fs::File;
 use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, ResolveFlags};
 
 use serde::Deserialize;
 
@@ -18,6 +22,10 @@ use crate::digest::{chain_ids, Digest};
 pub const MAX_JSON: u64 = 4 << 20;
 /// Deepest chain of nested indexes followed.
 const MAX_INDEX_DEPTH: usize = 4;
+/// Most layers an image may have: overlayfs stacks at most 500 lower
+/// directories (its `OVL_MAX_STACK`), so an image with more could be
+/// unpacked but never mounted. Docker refuses at 128.
+pub const MAX_LAYERS: usize = 500;
 
 /// Why an image could not be resolved.
 #[derive(Debug, thiserror::Error)]
@@ -271,27 +279,84 @@ fn parse_digest(what: &str, s: &str) -> Result<Digest, ImageError> {
 }
 
 /// An OCI image layout directory: `oci-layout`, `index.json`, `blobs/`.
+///
+/// A layout may be hostile: every file in it is opened beneath the
+/// directory (no symlink may lead out of it, no `/proc` magic link is
+/// followed), must be a regular file (a FIFO would block the reader
+/// forever, `/dev/zero` would never end), and is bounded by its size
+/// before a byte is read.
 pub struct Layout {
     dir: PathBuf,
+    fd: OwnedFd,
+}
+
+/// Opens `rel` beneath `dir` for reading, as a regular file: with
+/// `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`, first as `O_PATH`
+/// to look at what it is without opening it (opening a FIFO blocks, a
+/// device may act on open), then for reading, checking that it is still
+/// the same file. Returns the file and its size.
+pub fn open_regular_beneath(dir: BorrowedFd<'_>, rel: &Path) -> std::io::Result<(File, u64)> {
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let explain = |e: rustix::io::Errno| -> std::io::Error {
+        match e {
+            rustix::io::Errno::XDEV => std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "resolves outside the layout directory (refused)",
+            ),
+            e => e.into(),
+        }
+    };
+    let path = rfs::openat2(dir, rel, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), how)
+        .map_err(explain)?;
+    let st = rfs::fstat(&path)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    if kind != FileType::RegularFile {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file ({kind:?})"),
+        ));
+    }
+    let fd = rfs::openat2(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+        how,
+    )
+    .map_err(explain)?;
+    let st2 = rfs::fstat(&fd)?;
+    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) {
+        return Err(std::io::Error::other("replaced while being opened"));
+    }
+    // Regular files ignore O_NONBLOCK; clear it all the same.
+    rfs::fcntl_setfl(&fd, OFlags::empty())?;
+    Ok((File::from(fd), u64::try_from(st2.st_size).unwrap_or(0)))
 }
 
 impl Layout {
     /// Opens a layout, checking its `oci-layout` marker.
     pub fn open(dir: &Path) -> Result<Layout, ImageError> {
-        let marker = dir.join("oci-layout");
-        let text = std::fs::read_to_string(&marker).map_err(|source| ImageError::Io {
-            path: marker.clone(),
-            source,
+        let fd = rfs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ImageError::Io {
+            path: dir.to_path_buf(),
+            source: e.into(),
         })?;
-        if !text.contains("imageLayoutVersion") {
+        let layout = Layout {
+            dir: dir.to_path_buf(),
+            fd,
+        };
+        let text = layout.read_bounded(Path::new("oci-layout"), "oci-layout")?;
+        if !String::from_utf8_lossy(&text).contains("imageLayoutVersion") {
             return Err(invalid(
-                marker.display().to_string(),
+                dir.join("oci-layout").display().to_string(),
                 "not an OCI image layout marker",
             ));
         }
-        Ok(Layout {
-            dir: dir.to_path_buf(),
-        })
+        Ok(layout)
     }
 
     /// The layout directory.
@@ -299,31 +364,46 @@ impl Layout {
         &self.dir
     }
 
-    /// Where blob `d` lives.
+    /// Where blob `d` lives, relative to the layout directory.
+    fn blob_rel(d: &Digest) -> PathBuf {
+        Path::new("blobs/sha256").join(d.hex())
+    }
+
+    /// Where blob `d` lives (for messages; open it with
+    /// [`Layout::open_blob`]).
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(d.hex())
+        self.dir.join(Self::blob_rel(d))
+    }
+
+    /// Opens blob `d` (see [`open_regular_beneath`]): the file and its
+    /// size.
+    pub fn open_blob(&self, d: &Digest) -> std::io::Result<(File, u64)> {
+        open_regular_beneath(self.fd.as_fd(), &Self::blob_rel(d))
+    }
+
+    /// Reads `rel`, refusing it by its size before reading when it is
+    /// larger than [`MAX_JSON`] (and stopping there if it grows).
+    fn read_bounded(&self, rel: &Path, what: &str) -> Result<Vec<u8>, ImageError> {
+        let io = |source| ImageError::Io {
+            path: self.dir.join(rel),
+            source,
+        };
+        let (f, size) = open_regular_beneath(self.fd.as_fd(), rel).map_err(io)?;
+        let too_large = || invalid(what, format!("larger than {MAX_JSON} bytes"));
+        if size > MAX_JSON {
+            return Err(too_large());
+        }
+        let mut buf = Vec::with_capacity(size as usize);
+        f.take(MAX_JSON + 1).read_to_end(&mut buf).map_err(io)?;
+        if buf.len() as u64 > MAX_JSON {
+            return Err(too_large());
+        }
+        Ok(buf)
     }
 
     /// Reads a JSON blob, bounded and verified against its digest.
     fn read_json_blob(&self, d: &Digest) -> Result<Vec<u8>, ImageError> {
-        let p = self.blob_path(d);
-        let f = std::fs::File::open(&p).map_err(|source| ImageError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        let mut buf = Vec::new();
-        f.take(MAX_JSON + 1)
-            .read_to_end(&mut buf)
-            .map_err(|source| ImageError::Io {
-                path: p.clone(),
-                source,
-            })?;
-        if buf.len() as u64 > MAX_JSON {
-            return Err(invalid(
-                format!("blob {d}"),
-                format!("larger than {MAX_JSON} bytes"),
-            ));
-        }
+        let buf = self.read_bounded(&Self::blob_rel(d), &format!("blob {d}"))?;
         let actual = Digest::of(&buf);
         if actual != *d {
             return Err(ImageError::DigestMismatch { digest: *d, actual });
@@ -340,17 +420,7 @@ impl Layout {
         tag: Option<&str>,
         platform: Option<&Platform>,
     ) -> Result<Image, ImageError> {
-        let index_path = self.dir.join("index.json");
-        let raw = std::fs::read(&index_path).map_err(|source| ImageError::Io {
-            path: index_path.clone(),
-            source,
-        })?;
-        if raw.len() as u64 > MAX_JSON {
-            return Err(invalid(
-                "index.json",
-                format!("larger than {MAX_JSON} bytes"),
-            ));
-        }
+        let raw = self.read_bounded(Path::new("index.json"), "index.json")?;
         let index: Index =
             serde_json::from_slice(&raw).map_err(|e| invalid("index.json", e.to_string()))?;
         let mut candidates: Vec<&Descriptor> = index.manifests.iter().collect();
@@ -518,6 +588,15 @@ fn build(
         .iter()
         .map(|s| parse_digest(&cwhat, s))
         .collect::<Result<Vec<_>, _>>()?;
+    if m.layers.len() > MAX_LAYERS {
+        return Err(invalid(
+            format!("manifest {manifest}"),
+            format!(
+                "{} layers: more than {MAX_LAYERS}, the most overlayfs can stack",
+                m.layers.len()
+            ),
+        ));
+    }
     if diff_ids.len() != m.layers.len() {
         return Err(invalid(
             format!("manifest {manifest}"),

@@ -343,6 +343,7 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
     let r = root
         .unpack(std::sync::Arc::new(layout), &image, &name, &cancel)
         .map_err(|e| e.to_string())?;
+    warn(&r.warnings);
     let stats = root.stats();
     let mut out = Vec::new();
     if !a.quiet {
@@ -422,6 +423,7 @@ fn pull(a: PullArgs) -> Result<(), String> {
         d.finish();
     }
     let p = r.map_err(|e| e.to_string())?;
+    warn(&p.unpacked.warnings);
     let stats = root.stats();
     let mut out = Vec::new();
     if a.json {
@@ -705,6 +707,7 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let started = std::time::Instant::now();
             let r = apply_layer(input, &dest, &opts).map_err(|e| e.to_string())?;
+            warn(&r.warnings);
             let mut out = Vec::new();
             if !quiet {
                 let secs = started.elapsed().as_secs_f64();
@@ -723,6 +726,14 @@ fn run(cli: Cli) -> Result<(), String> {
             out.push(r.diff_id.to_string());
             emit(&out)
         }
+    }
+}
+
+/// Prints warnings on stderr, one line each (even with `--quiet`: the
+/// layer was not applied exactly as written).
+fn warn(lines: &[String]) {
+    for l in lines {
+        eprintln!("unlade: warning: {l}");
     }
 }
 

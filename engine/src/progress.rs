@@ -148,7 +148,10 @@ impl Progress for Display {
         if self.live {
             // The thread holds the display until finish() ends it.
             if let Some(d) = self.me.upgrade() {
-                std::thread::spawn(move || d.draw_loop());
+                // Without the thread the display just stays still.
+                let _ = std::thread::Builder::new()
+                    .name("unlade-progress".into())
+                    .spawn(move || d.draw_loop());
             }
         }
     }

@@ -88,6 +88,15 @@ pub enum UnpackError {
     /// blob, which would fail the same way).
     #[error(transparent)]
     Shared(Arc<UnpackError>),
+    /// The system refused a thread the work needs (a memory or task
+    /// limit): nothing half-done is committed.
+    #[error("start a thread to {what}: {source}")]
+    Thread {
+        /// What the thread was for.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The caller's token was cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -34,15 +34,34 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce(&Cancel) -> T + Send + 'static) -
         cv: Condvar::new(),
     });
     let (s, c) = (shared.clone(), cancel.clone());
-    std::thread::spawn(move || {
-        let v = f(&c);
-        let mut g = s.slot.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 = Some(v);
-        if let Some(w) = g.1.take() {
-            w.wake();
+    // Kept outside the thread's closure so that a thread the system
+    // refuses (a memory or task limit) runs the work here instead of
+    // panicking: the caller blocks, but gets its result.
+    let work = Arc::new(Mutex::new(Some(f)));
+    let w = work.clone();
+    let run = move || {
+        let f = w.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(f) = f {
+            let v = f(&c);
+            let mut g = s.slot.lock().unwrap_or_else(|p| p.into_inner());
+            g.0 = Some(v);
+            if let Some(w) = g.1.take() {
+                w.wake();
+            }
+            s.cv.notify_all();
         }
-        s.cv.notify_all();
-    });
+    };
+    if let Err(refused) = std::thread::Builder::new()
+        .name("unlade-task".into())
+        .spawn(run)
+    {
+        drop(refused);
+        let f = work.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(f) = f {
+            let v = f(&cancel);
+            shared.slot.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(v);
+        }
+    }
     Task {
         shared,
         cancel,

@@ -6,7 +6,8 @@
 //!
 //! 1. The highest committed chain ID is found; nothing at or below it is
 //!    read again (its blobs are not even opened).
-//! 2. Every missing layer `i` gets a thread that joins the flight
+//! 2. Every missing layer `i`, bottom first, is taken by one of a bounded
+//!    pool of layer workers ([`layer_workers`]), which joins the flight
 //!    `Snapshot(ci)`. Its leader takes the lock file of `ci` (so a second
 //!    process waits for it), re-checks that `ci` is still missing, prepares
 //!    an active snapshot on `ci-1` (which may itself still be in progress),
@@ -29,7 +30,7 @@
 //! committed before the record that references it exists.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
@@ -79,6 +80,20 @@ pub struct Unpacked {
     pub already: usize,
     /// Per layer above those: how this call got it.
     pub roles: Vec<(Digest, Role)>,
+    /// What the layers this call applied did otherwise than they asked
+    /// (see [`crate::ApplyReport::warnings`]), each line naming its layer.
+    pub warnings: Vec<String>,
+}
+
+/// How one layer of an unpack ended.
+type LayerResult = Result<Role, Arc<UnpackError>>;
+
+/// How many layer workers one unpack runs: enough for every apply permit,
+/// every download slot and as many layers again waiting for the commits
+/// below them, never one per layer (a 10,000-layer manifest must not cost
+/// 10,000 threads).
+pub fn layer_workers(opts: &crate::RootOptions, layers: usize) -> usize {
+    (2 * opts.parallel_layers.max(1) + opts.max_downloads.max(1)).min(layers.max(1))
 }
 
 /// Limits how many layer applies run at once in this process, whatever
@@ -151,6 +166,8 @@ struct Job {
     progress: Option<Arc<dyn Progress>>,
     /// Blobs being downloaded for this job, whose readers a cancel wakes.
     growing: Mutex<Vec<std::sync::Weak<Growing>>>,
+    /// Warnings of the layers this job applied.
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Job {
@@ -252,6 +269,7 @@ impl Root {
             cancel: Cancel::new(),
             progress,
             growing: Mutex::new(Vec::new()),
+            warnings: Mutex::new(Vec::new()),
         });
         if let Some(p) = &job.progress {
             p.start(image);
@@ -259,40 +277,88 @@ impl Root {
         for i in 0..already {
             job.report(i, ProgressEvent::Present);
         }
-        let results = std::thread::scope(|s| {
+        let n = image.layers.len();
+        let slots: Vec<Mutex<Option<LayerResult>>> =
+            (already..n).map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(already);
+        let spawned = std::thread::scope(|s| -> Result<(), UnpackError> {
             let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
+            let thread = |what| move |source| UnpackError::Thread { what, source };
             // The caller's cancel stops this job's layers.
             let watcher = {
                 let job = job.clone();
                 let outer = cancel.clone();
-                s.spawn(move || {
-                    crossbeam_channel::select! {
-                        recv(outer.signal()) -> _ => job.stop(),
-                        recv(done_rx) -> _ => {}
-                    }
-                })
-            };
-            let handles: Vec<_> = (already..image.layers.len())
-                .map(|i| {
-                    let job = job.clone();
-                    s.spawn(move || {
-                        let r = ensure_layer(&job, i);
-                        match &r {
-                            Ok(role) => job.report(i, ProgressEvent::Committed(*role)),
-                            Err(_) => job.stop(),
+                std::thread::Builder::new()
+                    .name("unlade-cancel".into())
+                    .spawn_scoped(s, move || {
+                        crossbeam_channel::select! {
+                            recv(outer.signal()) -> _ => job.stop(),
+                            recv(done_rx) -> _ => {}
                         }
-                        r
                     })
-                })
-                .collect();
-            let results: Vec<_> = handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled))))
-                .collect();
+                    .map_err(thread("watch for cancellation"))?
+            };
+            // Workers take layers bottom first, so the lowest unfinished
+            // layer always has one: a worker waiting for the commit below
+            // it waits for work that is under way.
+            let work = || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let r = if job.cancel.is_cancelled() {
+                    Err(Arc::new(UnpackError::Cancelled))
+                } else {
+                    ensure_layer(&job, i)
+                };
+                match &r {
+                    Ok(role) => job.report(i, ProgressEvent::Committed(*role)),
+                    Err(_) => job.stop(),
+                }
+                *slots[i - already].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            };
+            let mut workers = Vec::new();
+            let mut refused = None;
+            for _ in 0..layer_workers(&self.0.opts, n - already) {
+                match std::thread::Builder::new()
+                    .name("unlade-layer".into())
+                    .spawn_scoped(s, work)
+                {
+                    Ok(h) => workers.push(h),
+                    // Fewer workers are slower, not wrong.
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            let r = match refused {
+                Some(e) if workers.is_empty() && n > already => {
+                    job.stop();
+                    Err(thread("apply layers")(e))
+                }
+                _ => Ok(()),
+            };
+            for w in workers {
+                // A panicking worker leaves its layer's slot empty:
+                // reported as cancelled below.
+                if w.join().is_err() {
+                    job.stop();
+                }
+            }
             drop(done_tx);
             let _ = watcher.join();
-            results
+            r
         });
+        spawned?;
+        let results: Vec<LayerResult> = slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .unwrap_or(Err(Arc::new(UnpackError::Cancelled)))
+            })
+            .collect();
         let mut roles = Vec::new();
         let mut first_err: Option<Arc<UnpackError>> = None;
         for (i, r) in results.into_iter().enumerate() {
@@ -340,11 +406,13 @@ impl Root {
         self.0
             .images
             .put(&record, self.0.opts.durability != Durability::None)?;
+        let warnings = std::mem::take(&mut *job.warnings.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(Unpacked {
             top_chain: chain_ids.last().copied(),
             chain_ids,
             already,
             roles,
+            warnings,
         })
     }
 
@@ -504,9 +572,25 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
     let root = &job.root;
     let stored = root.0.content.contains(&layer.digest);
     let local = if stored {
-        Some(root.0.content.path(&layer.digest))
+        Some(LayerInput::Path(root.0.content.path(&layer.digest)))
     } else {
-        job.source.local_path(&layer.digest)
+        match job.source.local_file(&layer.digest) {
+            // Refused by its size before a byte is read.
+            Ok(Some((_, size))) if size != layer.size => {
+                return Err(source_error(
+                    job.source.as_ref(),
+                    &layer.digest,
+                    crate::fetch::SourceError::fatal(format!(
+                        "{}: {size} bytes, but the manifest says {}",
+                        job.source.describe(),
+                        layer.size
+                    )),
+                    "",
+                ));
+            }
+            Ok(f) => f.map(|(f, _)| LayerInput::File(f)),
+            Err(e) => return Err(source_error(job.source.as_ref(), &layer.digest, e, "")),
+        }
     };
     let growing = local.is_none().then(|| {
         let g = Arc::new(Growing::new());
@@ -530,12 +614,19 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
         })),
     };
     let (applied, ingested) = std::thread::scope(|s| {
-        // The download starts before the apply waits for its permit.
-        let ing = (!stored).then(|| s.spawn(|| ensure_blob(job, i, growing.as_deref())));
+        // The download starts before the apply waits for its permit. A
+        // thread the system refuses makes it happen first, whole: slower,
+        // not wrong.
+        let ing = (!stored).then(|| {
+            std::thread::Builder::new()
+                .name("unlade-fetch".into())
+                .spawn_scoped(s, || ensure_blob(job, i, growing.as_deref()))
+                .map_err(|_| ensure_blob(job, i, growing.as_deref()))
+        });
         let applied = root.0.permits.acquire(&job.cancel).and_then(|permit| {
             job.report(i, ProgressEvent::Applying);
-            let input = match (&local, &growing) {
-                (Some(p), _) => LayerInput::Path(p.clone()),
+            let input = match (local, &growing) {
+                (Some(input), _) => input,
                 (None, Some(g)) => LayerInput::Reader(Box::new(g.reader())),
                 (None, None) => unreachable!("a blob is local or downloaded"),
             };
@@ -544,9 +635,11 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
             drop(permit);
             r
         });
-        let ingested = ing.map_or(Ok(()), |h| {
-            h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled)))
-        });
+        let ingested = match ing {
+            None => Ok(()),
+            Some(Ok(h)) => h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled))),
+            Some(Err(done)) => done,
+        };
         (applied, ingested)
     });
     // A blob that does not match its digest is the root cause of anything
@@ -555,7 +648,16 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
     if applied.is_err() && job.cancel.is_cancelled() {
         return Err(UnpackError::Cancelled);
     }
-    applied?;
+    let report = applied?;
+    if !report.warnings.is_empty() {
+        let mut w = job.warnings.lock().unwrap_or_else(|p| p.into_inner());
+        w.extend(
+            report
+                .warnings
+                .into_iter()
+                .map(|m| format!("layer {}: {m}", layer.digest)),
+        );
+    }
     Ok(())
 }
 
