@@ -4,7 +4,8 @@
 //! Roots are the image records (their manifest, config and layer blobs,
 //! and their top snapshot with everything below it) and the writable
 //! snapshots (their parent chains). Everything else committed, and every
-//! blob nobody lists, goes. Active snapshots are never touched: they
+//! blob nobody lists, goes, and so do the short links (`snapshots/l/`)
+//! whose snapshot is gone. Active snapshots are never touched: they
 //! belong to running operations (and a crashed one's are cleaned when a
 //! root is opened). gc holds `gc.lock` exclusively while it works, and
 //! every operation that creates something unreferenced-until-done holds it
@@ -27,6 +28,9 @@ pub struct GcReport {
     pub snapshots: Vec<Digest>,
     /// Blobs removed, with their sizes.
     pub blobs: Vec<(Digest, u64)>,
+    /// Short links (`snapshots/l/`) removed because their snapshot is
+    /// gone.
+    pub links: usize,
 }
 
 impl Root {
@@ -83,6 +87,9 @@ impl Root {
             snaps.remove(&chain)?;
             report.snapshots.push(chain);
         }
+        // `remove` takes a snapshot's links with it; these are the ones
+        // left by removals that did not finish.
+        report.links = snaps.sweep_links()?;
         for (d, size) in self.0.content.list()? {
             if !keep_blobs.contains(&d) && self.0.content.remove(&d)? {
                 report.blobs.push((d, size));

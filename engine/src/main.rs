@@ -145,6 +145,9 @@ enum Cmd {
     /// Print, as the last stdout line, the `mount` command that mounts
     /// committed snapshot CHAINID read-only at TARGET, or with --rw a new
     /// writable snapshot KEY on top of it (as `ctr snapshots mounts`).
+    /// For images of more than about 35 layers (up to 500) the line starts
+    /// with `cd ROOT/snapshots/l && `: its options name the layers by
+    /// short links there, to fit the kernel's 4096 bytes of options.
     Mounts {
         /// Where the mount command mounts.
         target: PathBuf,
@@ -240,7 +243,8 @@ fn snapshots(root: &std::path::Path, cmd: SnapshotsCmd) -> Result<(), String> {
         SnapshotsCmd::Rm { names } => {
             for n in names {
                 if n.starts_with("sha256:") {
-                    snaps.remove(&digest(&n)?).map_err(|e| e.to_string())?;
+                    root.remove_snapshot(&digest(&n)?)
+                        .map_err(|e| e.to_string())?;
                 } else {
                     root.remove_rw(&n).map_err(|e| e.to_string())?;
                 }
@@ -620,9 +624,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             let freed: u64 = r.blobs.iter().map(|(_, s)| s).sum();
             emit(&[format!(
-                "removed {} snapshots, {} blobs ({freed} bytes)",
+                "removed {} snapshots, {} blobs ({freed} bytes), {} links",
                 r.snapshots.len(),
-                r.blobs.len()
+                r.blobs.len(),
+                r.links
             )])
         }
         Cmd::Mounts {

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! ROOT/content/     blobs by digest (content.rs)
-//! ROOT/snapshots/   active, committed (by chain ID), rw, trash (snapshot.rs)
+//! ROOT/snapshots/   active, committed (by chain ID), rw, l (short links), trash (snapshot.rs)
 //! ROOT/images/      image records (images.rs)
 //! ROOT/locks/       one lock file per flight key (flight.rs)
 //! ROOT/gc.lock      shared by operations that create things, exclusive for gc
@@ -301,9 +301,22 @@ impl Root {
             .map_err(|e| UnpackError::lock(self.0.dir.join("locks").join(name), e))
     }
 
-    /// How to mount committed snapshot `chain` read-only.
+    /// How to mount committed snapshot `chain` read-only (see
+    /// [`Snapshotter::mounts`]: the mount of a chain of more than about 35
+    /// layers is relative to [`Mount::cwd`]). Holds `gc.lock` shared while
+    /// it makes the short links such a mount names, so that gc, which
+    /// removes the links of snapshots that are gone, never runs beside.
     pub fn mounts(&self, chain: &Digest) -> Result<Mount, UnpackError> {
+        let _gc = self.gc_lock(false, &Cancel::new())?;
         Ok(self.0.snapshots.mounts(chain)?)
+    }
+
+    /// Removes committed snapshot `chain`, which no other snapshot may
+    /// stack on, with its short links (holding `gc.lock` shared, as link
+    /// removal requires).
+    pub fn remove_snapshot(&self, chain: &Digest) -> Result<(), UnpackError> {
+        let _gc = self.gc_lock(false, &Cancel::new())?;
+        Ok(self.0.snapshots.remove(chain)?)
     }
 
     /// Creates writable snapshot `key` on top of committed snapshot

@@ -1167,7 +1167,8 @@ pub fn last_line(out: &Output) -> String {
 }
 
 /// Mounts `chain` of `root` read-only with the command `unlade mounts`
-/// prints, snapshots the merged tree, and unmounts.
+/// prints (`mount …`, or `cd ROOT/snapshots/l && mount …` for many
+/// layers), snapshots the merged tree, and unmounts.
 pub fn mounted_tree(root: &Path, chain: &str, work: &Path) -> Tree {
     let target = work.join(format!("mnt-{}", &chain[7..19]));
     fs::create_dir_all(&target).expect("mkdir");
@@ -1180,7 +1181,10 @@ pub fn mounted_tree(root: &Path, chain: &str, work: &Path) -> Tree {
         .output()
         .expect("run unlade mounts");
     let line = last_line(&out);
-    assert!(line.starts_with("mount "), "{line}");
+    assert!(
+        line.starts_with("mount ") || line.starts_with("cd "),
+        "{line}"
+    );
     sh(Command::new("sh").arg("-c").arg(&line));
     let tree = snapshot(&target);
     sh(Command::new("umount").arg(&target));
