@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(split(b"c"), (&b""[..], &b"c"[..]));
         let deep = "a/".repeat(MAX_PATH / 2) + "b";
         assert_eq!(normalize(deep.as_bytes()).unwrap().len(), MAX_PATH);
-        let deeper = "a/".repeat(MAX_PATH / 2 + 1);
+        let deeper = "a/".repeat(MAX_PATH / 2) + "bc";
         assert!(normalize(deeper.as_bytes()).is_err());
         // Empty components do not count.
         let slashes = "/".repeat(10_000) + "x";
