@@ -113,8 +113,9 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
 const UNLOCKED_GRACE_SECS: u64 = 600;
 
 /// The most lower directories overlayfs stacks (the kernel's
-/// `OVL_MAX_STACK`): the most layers an image may have to be mounted.
-pub const MAX_LAYERS: usize = 500;
+/// `OVL_MAX_STACK`): the most layers an image may have to be mounted, and
+/// so the most [`crate::image`] accepts in a manifest.
+pub use crate::image::MAX_LAYERS;
 
 /// The longest option string mount(2) takes: the kernel copies one page of
 /// options, NUL included, and 4096 bytes is the smallest page Linux runs
