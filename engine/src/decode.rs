@@ -248,12 +248,137 @@ pub fn stream(
                 flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, counting));
             pump(dec, send, comp, |d| d.get_ref().get_ref())
         }
-        Compression::Zstd => {
-            let dec = zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
-                1 << 17,
-                counting,
-            ))?;
-            pump(dec, send, comp, |d| d.get_ref().get_ref())
+        Compression::Zstd => pump(ZstdFrames::new(counting), send, comp, |d| &d.inner),
+    }
+}
+
+/// Largest zstd frame header (`ZSTD_FRAMEHEADERSIZE_MAX`): what must be
+/// in the buffer to read a frame's declared content size.
+const ZSTD_HEADER_MAX: usize = 18;
+
+/// A streaming zstd decoder of concatenated frames that holds every frame
+/// to the content size its header declares. libzstd's streaming decoder
+/// checks that size only on its single-pass path, which it takes when the
+/// output space left can hold the whole frame: so whether a frame that
+/// lies about its size was refused depended on where it fell in an output
+/// block (found by the `decode` fuzz target). Here a frame that ends with
+/// more or fewer bytes than it declares is always corrupt, as `zstd -t`
+/// says.
+struct ZstdFrames<R> {
+    inner: R,
+    dctx: zstd::zstd_safe::DCtx<'static>,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Inside a frame: its declared size (None: not declared) and the
+    /// bytes it produced so far.
+    frame: Option<(Option<u64>, u64)>,
+}
+
+impl<R: Read> ZstdFrames<R> {
+    fn new(inner: R) -> Self {
+        ZstdFrames {
+            inner,
+            dctx: zstd::zstd_safe::DCtx::create(),
+            buf: vec![0; 1 << 17],
+            start: 0,
+            end: 0,
+            eof: false,
+            frame: None,
+        }
+    }
+
+    /// Reads until at least `want` bytes are buffered or the input ends.
+    fn fill(&mut self, want: usize) -> io::Result<()> {
+        if self.end - self.start >= want || self.eof {
+            return Ok(());
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        while self.end < want.min(self.buf.len()) {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn zstd_corrupt(detail: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, detail.into())
+}
+
+impl<R: Read> Read for ZstdFrames<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let want = if self.frame.is_none() {
+                ZSTD_HEADER_MAX
+            } else {
+                1
+            };
+            self.fill(want)?;
+            let input = &self.buf[self.start..self.end];
+            if input.is_empty() {
+                return match self.frame {
+                    Some(_) => Err(zstd_corrupt("the stream ends inside a frame")),
+                    None => Ok(0),
+                };
+            }
+            let frame = match self.frame {
+                Some(f) => f,
+                // A frame starts here: what does its header declare?
+                // (Skippable frames and frames without the field declare
+                // nothing; a malformed header is the decoder's to refuse.)
+                None => (
+                    zstd::zstd_safe::get_frame_content_size(input)
+                        .ok()
+                        .flatten(),
+                    0,
+                ),
+            };
+            let mut inb = zstd::zstd_safe::InBuffer::around(input);
+            let mut outb = zstd::zstd_safe::OutBuffer::around(&mut *out);
+            let hint = self
+                .dctx
+                .decompress_stream(&mut outb, &mut inb)
+                .map_err(|code| zstd_corrupt(zstd::zstd_safe::get_error_name(code)))?;
+            let (used, written) = (inb.pos(), outb.pos());
+            self.start += used;
+            let produced = frame.1 + written as u64;
+            if hint == 0 {
+                if let Some(declared) = frame.0 {
+                    if declared != produced {
+                        return Err(zstd_corrupt(format!(
+                            "a frame declares {declared} bytes but holds {produced}"
+                        )));
+                    }
+                }
+                self.frame = None;
+            } else {
+                self.frame = Some((frame.0, produced));
+            }
+            if written > 0 {
+                return Ok(written);
+            }
+            if used == 0 && hint != 0 {
+                // No progress on what is buffered: it needs more input.
+                let have = self.end - self.start;
+                self.fill(have + 1)?;
+                if self.end - self.start == have {
+                    return Err(zstd_corrupt("the stream ends inside a frame"));
+                }
+            }
         }
     }
 }
@@ -338,5 +463,51 @@ mod tests {
             Compression::detect(b"BZh9hello").unwrap(),
             Compression::Plain
         );
+    }
+
+    fn unzstd(input: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let mut out = Vec::new();
+        stream(input, Compression::Zstd, |b| {
+            out.extend_from_slice(&b);
+            true
+        })?;
+        Ok(out)
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn zstd_frames_are_held_to_their_declared_size() {
+        // Frames, a skippable frame between them, one without a declared
+        // size (streamed), empty ones: all decode.
+        let a: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut input = zstd::bulk::compress(&a[..1_500_000], 3).unwrap();
+        input.extend_from_slice(&[0x50, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+        let mut w = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        std::io::Write::write_all(&mut w, &a[1_500_000..]).unwrap();
+        input.extend_from_slice(&w.finish().unwrap());
+        input.extend_from_slice(&zstd::bulk::compress(b"", 1).unwrap());
+        assert_eq!(unzstd(&input).unwrap(), a);
+        // Found by the decode fuzz target: a frame of 1,048,476 bytes, then
+        // one that declares 198 bytes and holds none. libzstd's streaming
+        // decoder let the second through when it started that close to the
+        // end of a 1 MiB output block, and refused it elsewhere.
+        let lie = hex(
+            "28b52ffda09cff0f005400001061610100fbff39c002020010610200106102001061020010610200\
+             106102001061e3fc0f6128b52ffd20c6010000",
+        );
+        let e = unzstd(&lie).unwrap_err().to_string();
+        assert!(e.contains("declares 198 bytes but holds 0"), "{e}");
+        // The same lie at the start of a block.
+        let e = unzstd(&lie[lie.len() - 8..]).unwrap_err().to_string();
+        assert!(e.contains("zstd data corrupt"), "{e}");
+        // A truncated frame.
+        let e = unzstd(&input[..100]).unwrap_err().to_string();
+        assert!(e.contains("ends inside a frame"), "{e}");
     }
 }
