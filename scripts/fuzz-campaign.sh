@@ -5,7 +5,8 @@
 #
 #   FUZZ_SECONDS_PER_TARGET=480 scripts/fuzz-campaign.sh
 #   FUZZ_TOTAL_SECONDS=3600 scripts/fuzz-campaign.sh        # split evenly
-#   FUZZ_MINIMIZE=1 ...   # then merge each corpus down to a minimal one
+#   FUZZ_MINIMIZE=1 ...   # then merge each corpus down (same edges, few inputs)
+#   FUZZ_SECONDS_PER_TARGET=0 FUZZ_MINIMIZE=1 ...   # only that
 #
 # Prints, per target, the executions (libFuzzer's
 # stat::number_of_executed_units), their rate, the corpus size and whether
@@ -41,6 +42,7 @@ for t in "${targets[@]}"; do
   # shellcheck disable=SC2207
   seeds=($(fuzz_seed_dirs "$t"))
   log=artifacts/logs/$t.log
+  ((per > 0)) || continue
   echo "== $t: $per s, corpus $before inputs, seeds ${seeds[*]:-none}"
   start=$(date +%s)
   rc=0
@@ -69,12 +71,11 @@ done
 if [[ ${FUZZ_MINIMIZE:-0} == 1 ]]; then
   for t in "${targets[@]}"; do
     echo "== $t: minimizing corpus/$t"
-    # shellcheck disable=SC2046
-    cargo fuzz cmin -s none "$t" "corpus/$t" -- $(fuzz_opts "$t") >"artifacts/logs/$t.cmin.log" 2>&1
+    fuzz_minimize "$t"
     echo "$t: corpus now $(find "corpus/$t" -type f | wc -l) inputs ($(du -sh "corpus/$t" | cut -f1))"
   done
 fi
 
 echo "== summary"
-printf '%s\n' "${summary[@]}"
+((${#summary[@]})) && printf '%s\n' "${summary[@]}"
 exit "$crashed"

@@ -81,3 +81,21 @@ fuzz_keep_artifacts() {
 fuzz_stat() {
   sed -n "s/^stat::$2: *//p" "$1" | tail -n 1
 }
+
+# Merges corpus/$1 down to a small set with the same edge coverage: a set
+# cover over edges only (-use_counters=0: hit counts would keep ten times
+# as many inputs), so the committed corpora stay small.
+fuzz_minimize() {
+  local t=$1 tmp
+  tmp=$(mktemp -d)
+  # shellcheck disable=SC2046
+  cargo fuzz run -s none "$t" "$tmp" "corpus/$t" -- $(fuzz_opts "$t") \
+    -set_cover_merge=1 -use_counters=0 >"artifacts/logs/$t.merge.log" 2>&1 || {
+    rm -rf "$tmp"
+    tail -n 20 "artifacts/logs/$t.merge.log"
+    return 1
+  }
+  rm -rf "corpus/$t"
+  mv "$tmp" "corpus/$t"
+  chmod 755 "corpus/$t"
+}

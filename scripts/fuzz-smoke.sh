@@ -26,7 +26,8 @@ for t in $(fuzz_targets); do
   # shellcheck disable=SC2046
   if ! cargo fuzz run -s none "$t" "${corpora[@]}" -- $(fuzz_opts "$t") \
     -max_total_time="${FUZZ_SECONDS:-20}" -print_final_stats=1 >"$log" 2>&1; then
-    tail -n 40 "$log"
+    grep -m1 -A12 -E "panicked at|ERROR: libFuzzer|==ERROR" "$log" || tail -n 40 "$log"
+    grep -A1 "Test unit written" "$log" || true
     echo "fuzz smoke: $t crashed; the input is in fuzz/artifacts/$t/" >&2
     exit 1
   fi
