@@ -38,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
         // Errors are fine; what matters is what they cannot do.
         let _ = apply_layer(LayerInput::Path(layer.clone()), &dest, &opts);
         assert_eq!(fs::read(w.join("outside/victim")).unwrap(), b"original");
-        let mut names: Vec<_> = fs::read_dir(w).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<_> = fs::read_dir(w)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         assert_eq!(names, ["dest", "layer", "outside"]);
         assert_eq!(fs::read_dir(w.join("outside")).unwrap().count(), 1);

@@ -79,8 +79,20 @@ pub fn credentials_for(path: &std::path::Path, host: &str) -> Result<Option<Cred
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
+    credentials_from_str(&text, path, host)
+}
+
+/// Credentials for `host` from the Docker config text `text`:
+/// [`credentials_for`] once it has read the file at `path` (which only
+/// names it in errors). Public so that the parser can be driven without a
+/// file (the `auth` fuzz target).
+pub fn credentials_from_str(
+    text: &str,
+    path: &std::path::Path,
+    host: &str,
+) -> Result<Option<Credentials>, String> {
     let cfg: DockerConfig =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
     let hub = ["docker.io", "index.docker.io", "registry-1.docker.io"];
     let wanted = |k: &str| {
         let h = auth_key_host(k);

@@ -114,16 +114,30 @@ pub fn endpoints(
         .map_err(|e| invalid(Path::new(registry), e))?]);
     };
     let text = std::fs::read_to_string(&path).map_err(|e| invalid(&path, e))?;
-    let parsed: HostsFile = toml::from_str(&text).map_err(|e| invalid(&path, e.message()))?;
+    endpoints_from_str(&text, &path, registry, plain_http)
+}
+
+/// The endpoints the `hosts.toml` text `text` gives for `registry`:
+/// [`endpoints`] once it has found and read the file. `path` is where the
+/// text came from: it names the file in errors, and relative `ca` paths
+/// are taken from its directory. Public so that the parser can be driven
+/// without a file (the `hosts` fuzz target).
+pub fn endpoints_from_str(
+    text: &str,
+    path: &Path,
+    registry: &str,
+    plain_http: bool,
+) -> Result<Vec<Endpoint>, SourceError> {
+    let parsed: HostsFile = toml::from_str(text).map_err(|e| invalid(path, e.message()))?;
     let dir = path.parent().unwrap_or(Path::new("/"));
     let mut out = Vec::new();
     for (url, v) in &parsed.host {
         let s: Settings = v.clone().try_into().map_err(|e: toml::de::Error| {
-            invalid(&path, format!("host {url:?}: {}", e.message()))
+            invalid(path, format!("host {url:?}: {}", e.message()))
         })?;
         out.push(
             endpoint(url, &s, true, dir)
-                .map_err(|e| invalid(&path, format!("host {url:?}: {e}")))?,
+                .map_err(|e| invalid(path, format!("host {url:?}: {e}")))?,
         );
     }
     let server = parsed
@@ -131,7 +145,7 @@ pub fn endpoints(
         .clone()
         .unwrap_or_else(|| default_server(registry, plain_http));
     let up = endpoint(&server, &parsed.settings, false, dir)
-        .map_err(|e| invalid(&path, format!("server {server:?}: {e}")))?;
+        .map_err(|e| invalid(path, format!("server {server:?}: {e}")))?;
     out.push(up);
     Ok(out)
 }
