@@ -440,11 +440,9 @@ impl Remote {
                     .or(t.access_token)
                     .filter(|t| !t.is_empty())
                     .ok_or_else(|| SourceError::fatal(format!("{what}: no token in the answer")))?;
-                // Renew a little before the server's deadline.
-                let life = t.expires_in.unwrap_or(60).max(10);
                 Auth {
                     header: format!("Bearer {token}"),
-                    until: Some(Instant::now() + Duration::from_secs(life * 9 / 10)),
+                    until: Some(Instant::now() + token_reuse(t.expires_in)),
                 }
             }
             other => {
@@ -621,5 +619,28 @@ impl BlobSource for RemoteBlobs {
 
     fn describe(&self) -> String {
         format!("registry {}", self.0.reference.name())
+    }
+}
+
+/// How long a token is reused: until a little before the deadline the
+/// registry gave (`expires_in`, 60 s when absent), at least 9 s; a lifetime
+/// past a day is taken as a day, so a huge `expires_in` can overflow
+/// neither the arithmetic nor the clock.
+fn token_reuse(expires_in: Option<u64>) -> Duration {
+    let life = expires_in.unwrap_or(60).clamp(10, 86_400);
+    Duration::from_secs(life - life / 10)
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn token_reuse_is_bounded() {
+        assert_eq!(token_reuse(None), Duration::from_secs(54));
+        assert_eq!(token_reuse(Some(0)), Duration::from_secs(9));
+        assert_eq!(token_reuse(Some(u64::MAX)), Duration::from_secs(77_760));
+        // Found in review beside the fuzz campaign: `life * 9 / 10` overflowed.
+        let _ = Instant::now() + token_reuse(Some(3_000_000_000_000_000_000));
     }
 }
