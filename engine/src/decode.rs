@@ -274,6 +274,8 @@ struct ZstdFrames<R> {
     /// Inside a frame: its declared size (None: not declared) and the
     /// bytes it produced so far.
     frame: Option<(Option<u64>, u64)>,
+    /// Whether a frame began: a stream of none is not zstd.
+    any: bool,
 }
 
 impl<R: Read> ZstdFrames<R> {
@@ -286,6 +288,7 @@ impl<R: Read> ZstdFrames<R> {
             end: 0,
             eof: false,
             frame: None,
+            any: false,
         }
     }
 
@@ -332,9 +335,11 @@ impl<R: Read> Read for ZstdFrames<R> {
             if input.is_empty() {
                 return match self.frame {
                     Some(_) => Err(zstd_corrupt("the stream ends inside a frame")),
+                    None if !self.any => Err(zstd_corrupt("no zstd frame")),
                     None => Ok(0),
                 };
             }
+            self.any = true;
             let frame = match self.frame {
                 Some(f) => f,
                 // A frame starts here: what does its header declare?
@@ -506,6 +511,8 @@ mod tests {
         // The same lie at the start of a block.
         let e = unzstd(&lie[lie.len() - 8..]).unwrap_err().to_string();
         assert!(e.contains("zstd data corrupt"), "{e}");
+        // Nothing at all (as zstd -t says: not zstd).
+        assert!(unzstd(b"").is_err());
         // A truncated frame.
         let e = unzstd(&input[..100]).unwrap_err().to_string();
         assert!(e.contains("ends inside a frame"), "{e}");
