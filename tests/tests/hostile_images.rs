@@ -520,15 +520,21 @@ impl PidsCgroup {
         PidsCgroup(dir)
     }
 
-    /// Runs `unlade ARGS` inside the cgroup.
-    fn run(&self, args: &[&std::ffi::OsStr]) -> Output {
+    /// Runs `unlade unpack LAYOUT --root ROOT --parallel 2` inside the
+    /// cgroup (two apply permits: a worker pool of the same size on any
+    /// machine).
+    fn unpack(&self, layout: &Path, root: &Path) -> Output {
         let procs = self.0.join("cgroup.procs");
         Command::new("sh")
             .arg("-c")
             .arg("echo $$ > \"$0\" && exec \"$@\"")
             .arg(&procs)
             .arg(bin())
-            .args(args)
+            .arg("unpack")
+            .arg(layout)
+            .arg("--root")
+            .arg(root)
+            .args(["--parallel", "2"])
             .output()
             .expect("run in cgroup")
     }
@@ -559,14 +565,7 @@ fn layer_count_and_threads_are_bounded() {
     let (layout, chains) = many_layers(&w.path().join("mid"), 200);
     let root = w.path().join("r1");
     let cg = PidsCgroup::new(40);
-    let out = cg.run(&[
-        "unpack".as_ref(),
-        layout.as_os_str(),
-        "--root".as_ref(),
-        root.as_os_str(),
-        "--parallel".as_ref(),
-        "2".as_ref(),
-    ]);
+    let out = cg.unpack(&layout, &root);
     assert_eq!(last_line(&out), chains[199]);
     // Every layer is there, committed.
     for c in &chains {
@@ -576,14 +575,7 @@ fn layer_count_and_threads_are_bounded() {
 
     let root = w.path().join("r2");
     let cg = PidsCgroup::new(2);
-    let out = cg.run(&[
-        "unpack".as_ref(),
-        layout.as_os_str(),
-        "--root".as_ref(),
-        root.as_os_str(),
-        "--parallel".as_ref(),
-        "2".as_ref(),
-    ]);
+    let out = cg.unpack(&layout, &root);
     let line = clear_error(&out);
     assert!(line.contains("thread"), "{line}");
     let committed = root.join("snapshots/committed");
