@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use unlade::decode::{self, Compression, DecodeOptions, DecodeStrategy};
+use unlade::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
 use unlade::{apply_layer, ApplyOptions, LayerInput};
 use unlade_tests::{noise, RawTar};
 

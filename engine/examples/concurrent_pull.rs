@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use unlade::remote::RemoteOptions;
+use unlade::source::remote::RemoteOptions;
 use unlade::{Cancel, PullOptions, Reference, Root, RootOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

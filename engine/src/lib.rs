@@ -33,43 +33,34 @@
 //! # Ok(())
 //! # }
 //! ```
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
-pub mod apply;
+// The stages, in the order a blob flows through them; each depends only
+// on the ones above it (checked by `tests/tests/layering.rs`).
 pub mod cancel;
-pub mod content;
-pub mod decode;
-pub mod digest;
-pub mod durable;
-pub mod error;
-pub mod fetch;
-pub mod flight;
-pub mod fsops;
-pub mod gc;
-pub mod image;
-pub mod images;
-pub mod progress;
-pub mod pull;
-pub mod reference;
-pub mod remote;
+pub mod layer;
+pub mod oci;
+pub mod pipeline;
 pub mod root;
-pub mod snapshot;
 pub mod source;
-mod statedir;
+pub mod store;
+// Every `unsafe` block of the crate: the syscalls and FFI the stages
+// wrap.
+#[allow(unsafe_code)]
 mod sys;
-pub mod tar;
-pub mod task;
-pub mod unpack;
 
-pub use apply::{apply_layer, ApplyOptions, ApplyReport, LayerInput};
 pub use cancel::Cancel;
-pub use digest::Digest;
-pub use error::{Error, ErrorKind};
-pub use image::{Image, Layout, Platform};
-pub use pull::{PullOptions, Pulled};
-pub use reference::Reference;
+pub use layer::apply::{apply_layer, ApplyOptions, ApplyReport, LayerInput};
+pub use layer::error::{Error, ErrorKind};
+pub use oci::digest::Digest;
+pub use oci::image::{Image, Platform};
+pub use oci::reference::Reference;
+pub use pipeline::pull::{PullOptions, Pulled};
+pub use pipeline::task::Task;
+pub use pipeline::unpack::{Progress, ProgressEvent, Unpacked};
 pub use root::{Root, RootOptions, UnpackError};
-pub use snapshot::Mount;
-pub use task::Task;
-pub use unpack::{BlobSource, Progress, ProgressEvent, Unpacked};
+pub use source::layout::Layout;
+pub use source::BlobSource;
+pub use store::snapshot::Mount;

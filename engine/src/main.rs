@@ -2,18 +2,21 @@
 //! subcommand parses its arguments, calls one library function and prints
 //! its result; scripts rely on the last stdout line of each command.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
 use unlade::cancel::Cancel;
-use unlade::content::ContentStore;
-use unlade::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
-use unlade::durable::Durability;
-use unlade::flight::Role;
-use unlade::image::{Layout, Platform};
+use unlade::layer::decode::{DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
+use unlade::oci::image::Platform;
+use unlade::pipeline::flight::Role;
 use unlade::root::{Root, RootOptions};
+use unlade::source::layout::Layout;
+use unlade::store::content::ContentStore;
+use unlade::store::durable::Durability;
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 
 #[derive(Parser)]
@@ -406,14 +409,14 @@ fn pull(a: PullArgs) -> Result<(), String> {
     }
     let root = Root::open(&a.root, opts).map_err(|e| e.to_string())?;
     let popts = unlade::PullOptions {
-        remote: unlade::remote::RemoteOptions {
+        remote: unlade::source::remote::RemoteOptions {
             plain_http: a.plain_http,
             hosts_dir: Some(a.hosts_dir),
             ..Default::default()
         },
         platform,
     };
-    let display = (!a.quiet).then(unlade::progress::Display::new);
+    let display = (!a.quiet).then(cli::progress::Display::new);
     let cancel = Cancel::new();
     let r = root.pull(
         &reference,

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use unlade::decode::{DecodeOptions, DecodeStrategy};
+use unlade::layer::decode::{DecodeOptions, DecodeStrategy};
 use unlade::{apply_layer, ApplyOptions, LayerInput};
 
 fn world() -> &'static PathBuf {

@@ -24,7 +24,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
-use unlade::remote::auth::{credentials_from_str, parse_challenge, Challenge, TokenResponse};
+use unlade::source::remote::auth::{credentials_from_str, parse_challenge, Challenge, TokenResponse};
 
 fn write_back(c: &Challenge) -> String {
     let params: Vec<String> = c

@@ -48,7 +48,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use sha2::Digest as _;
-use unlade::decode::{self, Compression};
+use unlade::layer::decode::{self, Compression};
 
 /// Largest output compared in full.
 const LIMIT: usize = 4 << 20;

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use unlade::remote::hosts::endpoints_from_str;
+use unlade::source::remote::hosts::endpoints_from_str;
 
 const REGISTRIES: [&str; 4] = ["docker.io", "localhost:5000", "quay.io", "[::1]:5000"];
 

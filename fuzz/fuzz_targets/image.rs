@@ -28,8 +28,8 @@
 use std::cell::RefCell;
 
 use libfuzzer_sys::fuzz_target;
-use unlade::digest::chain_ids;
-use unlade::image::{resolve_from, Documents, ImageError};
+use unlade::oci::digest::chain_ids;
+use unlade::oci::image::{resolve_from, Documents, ImageError};
 use unlade::{Digest, Platform};
 
 const MEDIA_TYPES: [&str; 8] = [

@@ -25,8 +25,8 @@
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use unlade::source::{SliceSource, Source, StreamSource};
-use unlade::tar::{Entry, Reader, BLOCK};
+use unlade::layer::stream::{SliceSource, Source, StreamSource};
+use unlade::layer::tar::{Entry, Reader, BLOCK};
 
 #[derive(PartialEq, Eq, Debug)]
 struct Outcome {
@@ -129,7 +129,7 @@ fn parse<'a, S: Source<'a>>(
 
 /// Splits `data` into blocks of pseudo-random sizes (0 to 1536 bytes),
 /// seeded by the input, as a decoder thread would hand them over.
-fn blocks(data: &[u8]) -> crossbeam_channel::Receiver<unlade::source::BlockMsg> {
+fn blocks(data: &[u8]) -> crossbeam_channel::Receiver<unlade::layer::stream::BlockMsg> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut seed = data.len() as u64 ^ 0x9e37_79b9_7f4a_7c15;
     for &b in data.iter().take(16) {

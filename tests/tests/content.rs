@@ -5,7 +5,7 @@
 use std::fs;
 use std::process::{Command, Stdio};
 
-use unlade::content::{ContentError, ContentStore};
+use unlade::store::content::{ContentError, ContentStore};
 use unlade::Digest;
 use unlade_tests::*;
 

@@ -13,9 +13,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use unlade::cancel::Cancel;
-use unlade::flight::Role;
-use unlade::image::Layout;
+use unlade::pipeline::flight::Role;
 use unlade::root::{Root, RootOptions, UnpackError};
+use unlade::source::layout::Layout;
 use unlade_tests::*;
 
 /// A layer of `n` small files in directories of 100, slow enough to apply

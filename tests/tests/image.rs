@@ -2,8 +2,9 @@
 //! Docker media types, chain IDs, and hostile layouts (tampered blobs,
 //! count mismatches, unknown media types, foreign platforms).
 
-use unlade::digest::chain_ids;
-use unlade::image::{ImageError, LayerKind, Layout, Platform};
+use unlade::oci::digest::chain_ids;
+use unlade::oci::image::{ImageError, LayerKind, Platform};
+use unlade::source::layout::Layout;
 use unlade::Digest;
 use unlade_tests::*;
 

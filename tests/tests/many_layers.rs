@@ -11,7 +11,7 @@ use std::fs;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use unlade::snapshot::Snapshotter;
+use unlade::store::snapshot::Snapshotter;
 use unlade::Digest;
 use unlade_tests::*;
 

@@ -499,7 +499,7 @@ fn twenty_concurrent_pulls_fetch_each_blob_once() {
     )
     .expect("open root");
     let opts = unlade::PullOptions {
-        remote: unlade::remote::RemoteOptions {
+        remote: unlade::source::remote::RemoteOptions {
             plain_http: true,
             hosts_dir: None,
             docker_config: Some(env.docker_config.join("config.json")),

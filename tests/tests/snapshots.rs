@@ -7,8 +7,8 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use unlade::digest::chain_ids;
-use unlade::snapshot::{SnapshotError, Snapshotter};
+use unlade::oci::digest::chain_ids;
+use unlade::store::snapshot::{SnapshotError, Snapshotter};
 use unlade::{apply_layer, ApplyOptions, Digest, LayerInput};
 use unlade_tests::*;
 

@@ -1,0 +1,311 @@
+//! `apply`: one layer blob → one overlay upper directory.
+//!
+//! [`apply_layer`] is the whole job behind `unlade apply`: open the blob
+//! (memory-mapped where it is a file), detect its compression, decode it
+//! whole or streaming ([`crate::layer::decode`]), hash the uncompressed bytes on
+//! a second thread, parse ([`crate::layer::tar`]) and apply every entry
+//! ([`Applier`]) through a file-system backend ([`crate::layer::fsops`]), then
+//! compare the digest with the expected diff ID.
+//!
+//! The target may hold anything when a call fails: callers that need
+//! all-or-nothing (the snapshotter) apply into a private directory and
+//! publish it only on success.
+
+mod applier;
+mod dirs;
+mod lower;
+mod path;
+
+pub use applier::{Applier, Counts, MAX_DELAYED_BYTES, MAX_DELAYED_DIRS, MAX_WARNINGS};
+pub use lower::LowerLayers;
+pub use path::{normalize, MAX_PATH};
+
+use std::fs::File;
+use std::io::{self, Cursor, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+
+use crate::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
+use crate::layer::error::{Error, ErrorKind};
+use crate::layer::fsops::syscalls::Syscalls;
+use crate::layer::stream::{SliceSource, Source, StreamSource};
+use crate::layer::tar::Reader;
+use crate::oci::digest::Digest;
+
+/// Where a layer blob comes from.
+pub enum LayerInput {
+    /// A file (memory-mapped when it is a regular file).
+    Path(PathBuf),
+    /// Standard input (memory-mapped when it is a redirected regular file).
+    Stdin,
+    /// A file the caller opened (memory-mapped when it is a regular file):
+    /// for blobs of a layout, opened safely beneath it.
+    File(File),
+    /// Any byte stream (always streams).
+    Reader(Box<dyn Read + Send>),
+}
+
+/// How to apply.
+#[derive(Debug, Clone, Default)]
+pub struct ApplyOptions {
+    /// Decoder settings: strategy and memory cap.
+    pub decode: DecodeOptions,
+    /// Keep the archive's numeric owners. `None`: when running as root.
+    pub same_owner: Option<bool>,
+    /// The diff ID the layer must hash to.
+    pub diff_id: Option<Digest>,
+    /// Stops the apply at the next entry when tripped.
+    pub cancel: Option<crate::cancel::Cancel>,
+    /// The layers below, for hard links to their files (parallel apply).
+    pub lower: Option<std::sync::Arc<dyn LowerLayers>>,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// sha256 of the whole uncompressed stream.
+    pub diff_id: Digest,
+    /// How the blob was compressed.
+    pub compression: Compression,
+    /// Whether it was decoded into one buffer (else streamed).
+    pub whole_buffer: bool,
+    /// Uncompressed size.
+    pub uncompressed_bytes: u64,
+    /// Entry, file, directory, whiteout and byte counts.
+    pub counts: Counts,
+    /// What the apply did otherwise than the layer asked, one line each
+    /// naming the entry (dropped overlay control xattrs); bounded by
+    /// [`MAX_WARNINGS`] plus a line counting the rest. A caller shows them
+    /// to the user: the layer applied, but not exactly as written.
+    pub warnings: Vec<String>,
+}
+
+/// Applies one layer blob to `dest` (created if missing) as an overlay
+/// upper directory. `name` labels errors (a file name or a digest).
+pub fn apply_layer(
+    input: LayerInput,
+    dest: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    let name = match &input {
+        LayerInput::Path(p) => p.display().to_string(),
+        LayerInput::Stdin => "-".to_string(),
+        LayerInput::File(_) => "file".to_string(),
+        LayerInput::Reader(_) => "stream".to_string(),
+    };
+    apply_inner(input, dest, opts).map_err(|e| e.layer(&name))
+}
+
+fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<ApplyReport, Error> {
+    std::fs::create_dir_all(dest)
+        .map_err(|e| Error::fs(format!("create {}", dest.display()), e))?;
+    let root = rfs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| Error::fs(format!("open {}", dest.display()), e.into()))?;
+    let same_owner = opts
+        .same_owner
+        .unwrap_or_else(|| rustix::process::geteuid().is_root());
+    let report = match input {
+        LayerInput::Path(p) => {
+            let f = File::open(&p).map_err(|e| Error::fs("open layer", e))?;
+            from_file(f, root, same_owner, opts)?
+        }
+        LayerInput::Stdin => {
+            let fd = rustix::io::dup(std::io::stdin().as_fd())
+                .map_err(|e| Error::fs("read stdin", e.into()))?;
+            from_file(File::from(fd), root, same_owner, opts)?
+        }
+        LayerInput::File(f) => from_file(f, root, same_owner, opts)?,
+        LayerInput::Reader(r) => from_reader(r, root, same_owner, opts)?,
+    };
+    if let Some(want) = opts.diff_id {
+        if want != report.diff_id {
+            return Err(Error::new(ErrorKind::DiffIdMismatch {
+                expected: want.to_string(),
+                actual: report.diff_id.to_string(),
+            }));
+        }
+    }
+    Ok(report)
+}
+
+fn from_file(
+    f: File,
+    root: OwnedFd,
+    same_owner: bool,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    let st = rfs::fstat(&f).map_err(|e| Error::fs("stat layer", e.into()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return from_reader(Box::new(f), root, same_owner, opts);
+    }
+    if st.st_size == 0 {
+        return whole(&[], Compression::Plain, root, same_owner, opts);
+    }
+    let map = crate::sys::map_layer(&f).map_err(|e| Error::fs("map layer", e))?;
+    let comp = Compression::detect(&map[..map.len().min(16)])?;
+    let strategy = opts.decode.strategy;
+    match comp {
+        Compression::Plain if strategy != DecodeStrategy::Streaming => {
+            whole(&map, comp, root, same_owner, opts)
+        }
+        Compression::Gzip if strategy.gzip_whole() => {
+            match decode::gunzip_whole(&map, opts.decode.memory_cap) {
+                Some(buf) => whole(&buf, comp, root, same_owner, opts),
+                None => streaming(&map[..], comp, root, same_owner, opts),
+            }
+        }
+        _ => streaming(&map[..], comp, root, same_owner, opts),
+    }
+}
+
+fn from_reader(
+    mut r: Box<dyn Read + Send>,
+    root: OwnedFd,
+    same_owner: bool,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    // Peek the magic without losing it.
+    let mut head = [0u8; 16];
+    let mut n = 0;
+    while n < head.len() {
+        match r.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::fs("read layer", e)),
+        }
+    }
+    let comp = Compression::detect(&head[..n])?;
+    let input = Cursor::new(head[..n].to_vec()).chain(r);
+    streaming(input, comp, root, same_owner, opts)
+}
+
+/// Applies a fully decoded layer, hashing it on a second thread.
+fn whole(
+    buf: &[u8],
+    comp: Compression,
+    root: OwnedFd,
+    same_owner: bool,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    std::thread::scope(|s| {
+        let hasher = std::thread::Builder::new()
+            .name("unlade-hash".into())
+            .spawn_scoped(s, || decode::hash_whole(buf))
+            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
+        let done = drive(SliceSource::new(buf), applier(root, same_owner, opts));
+        let diff_id = hasher
+            .join()
+            .map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
+        let (counts, warnings) = done?;
+        Ok(ApplyReport {
+            diff_id,
+            compression: comp,
+            whole_buffer: true,
+            uncompressed_bytes: buf.len() as u64,
+            counts,
+            warnings,
+        })
+    })
+}
+
+/// Decodes, hashes and applies on three threads connected by bounded
+/// channels: memory stays at a few blocks, and two cores stay busy.
+fn streaming(
+    input: impl Read + Send,
+    comp: Compression,
+    root: OwnedFd,
+    same_owner: bool,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, Error> {
+    let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
+    let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
+    std::thread::scope(|s| {
+        let decoder = std::thread::Builder::new()
+            .name("unlade-decode".into())
+            .spawn_scoped(s, move || {
+                let r = decode::stream(input, comp, |b| {
+                    htx.send(b.clone()).is_ok() && tx.send(Ok(b)).is_ok()
+                });
+                match r {
+                    Ok(complete) => complete,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        false
+                    }
+                }
+            })
+            .map_err(|e| Error::fs("start a thread to decode the layer", e))?;
+        let hasher = std::thread::Builder::new()
+            .name("unlade-hash".into())
+            .spawn_scoped(s, move || decode::hash_blocks(hrx))
+            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
+        let mut src_len = 0u64;
+        let done = drive_stream(
+            StreamSource::new(rx),
+            applier(root, same_owner, opts),
+            &mut src_len,
+        );
+        let panicked =
+            |what: &str| Error::fs(what.to_string(), io::Error::other("thread panicked"));
+        let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
+        let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
+        let (counts, warnings) = done?;
+        if !complete {
+            return Err(Error::fs(
+                "decode layer",
+                io::Error::other("decoder stopped early"),
+            ));
+        }
+        Ok(ApplyReport {
+            diff_id,
+            compression: comp,
+            whole_buffer: false,
+            uncompressed_bytes: src_len,
+            counts,
+            warnings,
+        })
+    })
+}
+
+fn applier<'a>(root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Applier<'a, Syscalls> {
+    Applier::new(root, Syscalls, same_owner)
+        .with_cancel(opts.cancel.clone())
+        .with_lower(opts.lower.clone())
+}
+
+fn drive_stream(
+    src: StreamSource,
+    mut ap: Applier<'_, Syscalls>,
+    len: &mut u64,
+) -> Result<(Counts, Vec<String>), Error> {
+    let mut r = Reader::new(src);
+    while let Some(e) = r.next_entry()? {
+        ap.entry(&mut r, e)?;
+    }
+    let warnings = ap.take_warnings();
+    let counts = ap.finish()?;
+    let src = r.finish()?;
+    *len = src.offset();
+    Ok((counts, warnings))
+}
+
+fn drive<'a, S: Source<'a>>(
+    src: S,
+    mut ap: Applier<'a, Syscalls>,
+) -> Result<(Counts, Vec<String>), Error> {
+    let mut r = Reader::new(src);
+    while let Some(e) = r.next_entry()? {
+        ap.entry(&mut r, e)?;
+    }
+    let warnings = ap.take_warnings();
+    let counts = ap.finish()?;
+    r.finish()?;
+    Ok((counts, warnings))
+}

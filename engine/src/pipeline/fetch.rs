@@ -1,0 +1,517 @@
+//! Getting a blob from where an image comes from (an OCI layout, a
+//! registry) into the content store, once, resuming after interruptions,
+//! while an apply may read the same bytes as they arrive.
+//!
+//! - [`BlobSource`] is what an image source offers: a reader of a blob from
+//!   a byte offset on (a registry answers that with a `Range` request), and
+//!   for local sources the file itself.
+//! - [`Fetcher::fetch_into`] writes a blob into a private content-store file,
+//!   hashing as it goes; when the stream breaks it reopens the source at
+//!   the number of bytes already written and hashed, with back-off and
+//!   `Retry-After`; it publishes only a blob whose digest matches.
+//! - [`Growing`] lets an apply read that private file while it is being
+//!   written: the reader blocks at the write position until more bytes,
+//!   the end, or a failure arrive. So a layer decodes and applies while it
+//!   downloads, and the bytes cross the network once.
+//! - [`Slots`] limits concurrent downloads, lowest layer first.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+
+use crate::cancel::Cancel;
+use crate::oci::digest::Digest;
+use crate::source::{BlobSource, Retry, SourceError, SourceErrorKind};
+use crate::store::content::{ContentError, ContentStore, Ingested};
+
+/// Why [`fetch_into`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The source failed (after retries, where retrying made sense).
+    #[error("blob {digest}: {source}")]
+    Source {
+        /// The blob.
+        digest: Digest,
+        /// The last failure.
+        #[source]
+        source: SourceError,
+    },
+    /// The content store refused it (digest mismatch, too large, I/O).
+    #[error(transparent)]
+    Content(#[from] ContentError),
+    /// The caller's token was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Where a blob goes, where it comes from, and how hard to try: see
+/// [`Fetcher::fetch_into`].
+pub struct Fetcher<'a> {
+    /// The destination.
+    pub store: &'a ContentStore,
+    /// The origin.
+    pub source: &'a dyn BlobSource,
+    /// Retry policy for broken streams and refused requests.
+    pub retry: &'a Retry,
+    /// Stops the copy between two reads.
+    pub cancel: &'a Cancel,
+    /// Told the bytes written so far, after each read.
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl Fetcher<'_> {
+    /// Copies blob `d` (of `size` bytes) into the store, resuming from
+    /// what was written when the stream breaks, and publishes it if its
+    /// digest matches. `growing` (if given) is fed the file and the
+    /// progress so that an apply can read along; it is told the outcome
+    /// either way.
+    pub fn fetch_into(
+        &self,
+        d: &Digest,
+        size: u64,
+        growing: Option<&Growing>,
+    ) -> Result<Ingested, FetchError> {
+        let r = self.fetch_inner(d, size, growing);
+        if let Some(g) = growing {
+            match &r {
+                Ok(_) => g.finish_at(self.store.path(d)),
+                Err(e) => g.fail(e.to_string()),
+            }
+        }
+        r
+    }
+
+    fn fetch_inner(
+        &self,
+        d: &Digest,
+        size: u64,
+        growing: Option<&Growing>,
+    ) -> Result<Ingested, FetchError> {
+        let (source, cancel) = (self.source, self.cancel);
+        let mut w = self.store.writer(d, Some(size))?;
+        if let Some(g) = growing {
+            g.start(w.read_handle()?);
+        }
+        let mut buf = vec![0u8; 256 << 10];
+        let mut failures = 0u32;
+        'attempts: loop {
+            if cancel.is_cancelled() {
+                return Err(FetchError::Cancelled);
+            }
+            let last = match source.open(d, w.written(), cancel) {
+                Ok(mut r) => loop {
+                    if cancel.is_cancelled() {
+                        return Err(FetchError::Cancelled);
+                    }
+                    match r.read(&mut buf) {
+                        Ok(0) => break 'attempts,
+                        Ok(n) => {
+                            w.write(&buf[..n])?;
+                            failures = 0;
+                            if let Some(g) = growing {
+                                g.advance(w.written());
+                            }
+                            (self.progress)(w.written());
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            break SourceError::transient(format!(
+                                "{}: stream broke at byte {}: {e}",
+                                source.describe(),
+                                w.written()
+                            ))
+                        }
+                    }
+                },
+                Err(e) => e,
+            };
+            failures += 1;
+            if last.kind != SourceErrorKind::Transient || failures >= self.retry.attempts {
+                return Err(FetchError::Source {
+                    digest: *d,
+                    source: last,
+                });
+            }
+            if !self.retry.wait(failures, last.retry_after, cancel) {
+                return Err(FetchError::Cancelled);
+            }
+        }
+        if w.written() < size {
+            // Publishing would fail the digest anyway; say what happened.
+            return Err(FetchError::Source {
+                digest: *d,
+                source: SourceError::fatal(format!(
+                    "{}: blob ended after {} of {size} bytes",
+                    source.describe(),
+                    w.written()
+                )),
+            });
+        }
+        Ok(w.publish()?)
+    }
+}
+
+/// A blob file that one thread writes and others read as it grows.
+#[derive(Debug, Default)]
+pub struct Growing {
+    state: Mutex<GrowState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GrowState {
+    file: Option<Arc<File>>,
+    written: u64,
+    /// Where the whole blob is once complete (the content store).
+    done: Option<PathBuf>,
+    failed: Option<String>,
+    cancelled: bool,
+}
+
+impl Growing {
+    /// A blob nothing has been written to yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GrowState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start(&self, f: File) {
+        let mut g = self.lock();
+        g.file = Some(Arc::new(f));
+        g.written = 0;
+    }
+
+    fn advance(&self, written: u64) {
+        self.lock().written = written;
+        self.cv.notify_all();
+    }
+
+    /// The blob is complete at `path` (written here, or by someone else
+    /// whose file readers never saw).
+    pub fn finish_at(&self, path: PathBuf) {
+        self.lock().done = Some(path);
+        self.cv.notify_all();
+    }
+
+    /// The blob will not be complete; readers get `why`.
+    pub fn fail(&self, why: String) {
+        self.lock().failed = Some(why);
+        self.cv.notify_all();
+    }
+
+    /// Wakes readers with a cancellation error.
+    pub fn cancel(&self) {
+        self.lock().cancelled = true;
+        self.cv.notify_all();
+    }
+
+    /// A reader from byte 0.
+    pub fn reader(self: &Arc<Self>) -> GrowingReader {
+        GrowingReader {
+            g: self.clone(),
+            pos: 0,
+            done_file: None,
+        }
+    }
+}
+
+/// Reads a [`Growing`] blob: blocks at the write position until there is
+/// more, the end, or a failure.
+pub struct GrowingReader {
+    g: Arc<Growing>,
+    pos: u64,
+    done_file: Option<File>,
+}
+
+impl Read for GrowingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(f) = &self.done_file {
+            let n = f.read_at(buf, self.pos)?;
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let mut st = self.g.lock();
+        loop {
+            if st.cancelled {
+                return Err(io::Error::other("cancelled"));
+            }
+            if let Some(why) = &st.failed {
+                return Err(io::Error::other(format!("download failed: {why}")));
+            }
+            if self.pos < st.written {
+                let f = st.file.clone();
+                let avail = (st.written - self.pos).min(buf.len() as u64) as usize;
+                drop(st);
+                let Some(f) = f else {
+                    return Err(io::Error::other("download lost its file"));
+                };
+                let n = f.read_at(&mut buf[..avail], self.pos)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            if let Some(p) = st.done.clone() {
+                drop(st);
+                // The rest (all of it if someone else downloaded it) from
+                // the published blob.
+                let f = File::open(&p)?;
+                let n = f.read_at(buf, self.pos)?;
+                self.pos += n as u64;
+                self.done_file = Some(f);
+                return Ok(n);
+            }
+            st = self.g.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Download slots: at most `n` at once; a freed slot goes to the waiter
+/// with the lowest priority number (the lowest layer, so that commits in
+/// chain order are not held up by downloads of layers above).
+#[derive(Debug)]
+pub struct Slots {
+    state: Mutex<(usize, std::collections::BTreeMap<u64, usize>)>,
+    cv: Condvar,
+}
+
+/// A held download slot; dropping it frees it.
+pub struct Slot<'a>(&'a Slots);
+
+impl Slots {
+    /// `n` slots (at least one).
+    pub fn new(n: usize) -> Self {
+        Slots {
+            state: Mutex::new((n.max(1), Default::default())),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Takes a slot when one is free and no waiter with a lower `prio`
+    /// wants it; `None` if cancelled first.
+    pub fn acquire(&self, prio: u64, cancel: &Cancel) -> Option<Slot<'_>> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *g.1.entry(prio).or_default() += 1;
+        loop {
+            let first = g.1.keys().next().copied();
+            if cancel.is_cancelled() || (g.0 > 0 && first == Some(prio)) {
+                let e = g.1.entry(prio).or_default();
+                *e -= 1;
+                if *e == 0 {
+                    g.1.remove(&prio);
+                }
+                if cancel.is_cancelled() {
+                    drop(g);
+                    self.cv.notify_all();
+                    return None;
+                }
+                g.0 -= 1;
+                return Some(Slot(self));
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Wakes waiters so that cancelled ones leave.
+    pub fn wake_all(&self) {
+        let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        drop(g);
+        self.0.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A source that serves `data` but cuts every stream after `cut`
+    /// bytes, the first `cuts` times, and counts opens and their offsets.
+    struct Flaky {
+        data: Vec<u8>,
+        cut: usize,
+        cuts: AtomicU32,
+        offsets: Mutex<Vec<u64>>,
+    }
+
+    struct Cut<'a> {
+        rest: &'a [u8],
+        fail: bool,
+    }
+
+    impl Read for Cut<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.rest.is_empty() && self.fail {
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+            }
+            let n = self.rest.len().min(buf.len()).min(1000);
+            buf[..n].copy_from_slice(&self.rest[..n]);
+            self.rest = &self.rest[n..];
+            Ok(n)
+        }
+    }
+
+    impl BlobSource for Flaky {
+        fn open(
+            &self,
+            _d: &Digest,
+            offset: u64,
+            _c: &Cancel,
+        ) -> Result<Box<dyn Read + Send>, SourceError> {
+            self.offsets.lock().unwrap().push(offset);
+            let rest = &self.data[offset as usize..];
+            let fail = self
+                .cuts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                .is_ok();
+            let take = if fail {
+                rest.len().min(self.cut)
+            } else {
+                rest.len()
+            };
+            // 'static for the box: leak a copy; tests only.
+            let v: &'static [u8] = Box::leak(rest[..take].to_vec().into_boxed_slice());
+            Ok(Box::new(Cut { rest: v, fail }))
+        }
+        fn describe(&self) -> String {
+            "flaky".into()
+        }
+    }
+
+    fn store(name: &str) -> (PathBuf, ContentStore) {
+        let t = std::env::temp_dir().join(format!("unlade-fetch-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        let s = ContentStore::open(&t, false).unwrap();
+        (t, s)
+    }
+
+    const FAST: Retry = Retry {
+        attempts: 3,
+        base: Duration::from_millis(1),
+        max: Duration::from_millis(5),
+    };
+
+    fn fetcher<'a>(s: &'a ContentStore, src: &'a dyn BlobSource) -> Fetcher<'a> {
+        static CANCEL: std::sync::OnceLock<Cancel> = std::sync::OnceLock::new();
+        Fetcher {
+            store: s,
+            source: src,
+            retry: &FAST,
+            cancel: CANCEL.get_or_init(Cancel::new),
+            progress: &|_| {},
+        }
+    }
+
+    #[test]
+    fn resumes_where_it_broke_and_a_reader_follows() {
+        let (t, s) = store("resume");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = Digest::of(&data);
+        let src = Flaky {
+            data: data.clone(),
+            cut: 100_000,
+            cuts: AtomicU32::new(2),
+            offsets: Mutex::new(vec![]),
+        };
+        let g = Arc::new(Growing::new());
+        let mut reader = g.reader();
+        let got = std::thread::scope(|sc| {
+            let h = sc.spawn(move || {
+                let mut v = Vec::new();
+                reader.read_to_end(&mut v).map(|_| v)
+            });
+            fetcher(&s, &src)
+                .fetch_into(&d, data.len() as u64, Some(&g))
+                .unwrap();
+            h.join().unwrap().unwrap()
+        });
+        assert_eq!(got, data);
+        assert_eq!(*src.offsets.lock().unwrap(), vec![0, 100_000, 200_000]);
+        assert_eq!(std::fs::read(s.path(&d)).unwrap(), data);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn wrong_bytes_are_not_kept_and_readers_hear_of_it() {
+        let (t, s) = store("wrong");
+        let data = vec![1u8; 5000];
+        let d = Digest::of(b"something else");
+        let src = Flaky {
+            data: data.clone(),
+            cut: 0,
+            cuts: AtomicU32::new(0),
+            offsets: Mutex::new(vec![]),
+        };
+        let g = Arc::new(Growing::new());
+        let mut reader = g.reader();
+        let e = fetcher(&s, &src)
+            .fetch_into(&d, 5000, Some(&g))
+            .unwrap_err();
+        assert!(
+            matches!(e, FetchError::Content(ContentError::DigestMismatch { .. })),
+            "{e}"
+        );
+        let mut v = Vec::new();
+        let err = reader.read_to_end(&mut v).unwrap_err();
+        assert!(err.to_string().contains("download failed"), "{err}");
+        assert!(!s.contains(&d));
+        assert_eq!(
+            std::fs::read_dir(t.join("content/ingest")).unwrap().count(),
+            0
+        );
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn gives_up_after_attempts_without_progress() {
+        let (t, s) = store("giveup");
+        let data = vec![3u8; 5000];
+        let d = Digest::of(&data);
+        let src = Flaky {
+            data,
+            cut: 0,
+            cuts: AtomicU32::new(100),
+            offsets: Mutex::new(vec![]),
+        };
+        let e = fetcher(&s, &src).fetch_into(&d, 5000, None).unwrap_err();
+        assert!(e.to_string().contains("stream broke at byte 0"), "{e}");
+        assert_eq!(src.offsets.lock().unwrap().len(), 3);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    #[test]
+    fn slots_go_to_the_lowest_waiter() {
+        let slots = Arc::new(Slots::new(1));
+        let c = Cancel::new();
+        let first = slots.acquire(5, &c).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let hs: Vec<_> = [9u64, 3, 7]
+            .into_iter()
+            .map(|p| {
+                let (slots, order, c) = (slots.clone(), order.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let _s = slots.acquire(p, &c).unwrap();
+                    order.lock().unwrap().push(p);
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(first);
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![3, 7, 9]);
+    }
+}

@@ -1,0 +1,179 @@
+//! The work of a root: blobs fetched from a [`crate::layer::stream`] into the
+//! [`crate::store`] once ([`fetch`], deduplicated by [`flight`]), layers
+//! applied ([`crate::layer`]) in order into committed snapshots
+//! ([`unpack`]), references resolved and pulled from registries
+//! ([`pull`]), unreferenced things removed ([`gc`]), and any of it run on
+//! its own thread as a [`task::Task`].
+
+pub mod error;
+pub mod fetch;
+pub mod flight;
+pub mod gc;
+pub mod pull;
+pub mod task;
+pub mod unpack;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rustix::fs::{self as rfs, Mode, OFlags};
+
+use crate::cancel::Cancel;
+use crate::layer::decode::DecodeOptions;
+use crate::source::Retry;
+use crate::store::content::ContentStore;
+use crate::store::durable::Durability;
+use crate::store::images::ImageStore;
+use crate::store::lock::{FileLock, LockError};
+use crate::store::snapshot::Snapshotter;
+use error::UnpackError;
+use flight::Flights;
+
+/// How a root works.
+#[derive(Debug, Clone)]
+pub struct RootOptions {
+    /// Whether and how blobs, snapshots and records are made durable
+    /// before they become visible (README, "Durability").
+    pub durability: Durability,
+    /// How layers are decoded.
+    pub decode: DecodeOptions,
+    /// Most layers applied at the same time by this root, however many
+    /// unpacks run (waiting for another's result takes none).
+    pub parallel_layers: usize,
+    /// Most blobs downloaded at the same time by this root (containerd's
+    /// `max_concurrent_downloads`, 3 by default); lower layers first.
+    pub max_downloads: usize,
+    /// How interrupted or refused downloads are retried.
+    pub retry: Retry,
+}
+
+impl Default for RootOptions {
+    fn default() -> Self {
+        RootOptions {
+            durability: Durability::None,
+            decode: DecodeOptions::default(),
+            parallel_layers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .clamp(2, 8),
+            max_downloads: 3,
+            retry: Retry::default(),
+        }
+    }
+}
+
+/// Counters of the work a root did in this process: what the tests of
+/// duplicate suppression count.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Layers applied into a snapshot (by this process).
+    pub layers_applied: AtomicU64,
+    /// Layer blobs copied into the content store (by this process).
+    pub blobs_ingested: AtomicU64,
+}
+
+/// A copy of [`Stats`] at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// See [`Stats::layers_applied`].
+    pub layers_applied: u64,
+    /// See [`Stats::blobs_ingested`].
+    pub blobs_ingested: u64,
+}
+
+/// The parts of an open root that the pipeline works with: the stores,
+/// the flights and limits of this process, and its options. The public
+/// face is [`crate::Root`], which owns one [`Context`] and hands it to the
+/// pipeline's operations.
+pub(crate) struct Parts {
+    pub(crate) dir: PathBuf,
+    pub(crate) content: ContentStore,
+    pub(crate) snapshots: Snapshotter,
+    pub(crate) images: ImageStore,
+    pub(crate) locks: OwnedFd,
+    pub(crate) flights: Flights<(), Arc<UnpackError>>,
+    /// Concurrent pulls of one reference share one resolution (and its
+    /// registry client, documents and token).
+    pub(crate) resolves: Flights<pull::Resolved, Arc<UnpackError>>,
+    pub(crate) opts: RootOptions,
+    pub(crate) stats: Stats,
+    pub(crate) permits: unpack::Permits,
+    pub(crate) downloads: fetch::Slots,
+    gc_lock_path: PathBuf,
+}
+
+/// A shared handle on [`Parts`]: cheap to clone into the threads of an
+/// unpack.
+#[derive(Clone)]
+pub(crate) struct Context(pub(crate) Arc<Parts>);
+
+/// The shared side of `ROOT/gc.lock`, held by operations that create what
+/// gc would otherwise see as unreferenced (a snapshot committed before its
+/// image record is written).
+pub(crate) struct GcGuard {
+    _fd: OwnedFd,
+}
+
+impl Context {
+    /// The parts themselves.
+    pub(crate) fn parts(&self) -> &Parts {
+        &self.0
+    }
+
+    /// Opens (creating) the stores of the root at `dir`.
+    pub(crate) fn open(dir: &Path, opts: RootOptions) -> Result<Context, UnpackError> {
+        let content = ContentStore::open(dir, opts.durability != Durability::None)?;
+        let snapshots = Snapshotter::open(dir)?;
+        let images = ImageStore::open(dir)?;
+        let locks_dir = dir.join("locks");
+        let locks =
+            crate::store::statedir::open_dir(&locks_dir).map_err(|source| UnpackError::Lock {
+                path: locks_dir,
+                source,
+            })?;
+        Ok(Context(Arc::new(Parts {
+            dir: dir.to_path_buf(),
+            content,
+            snapshots,
+            images,
+            locks,
+            flights: Flights::new(),
+            resolves: Flights::new(),
+            permits: unpack::Permits::new(opts.parallel_layers),
+            downloads: fetch::Slots::new(opts.max_downloads),
+            opts,
+            stats: Stats::default(),
+            gc_lock_path: dir.join("gc.lock"),
+        })))
+    }
+
+    /// What this process did so far.
+    pub(crate) fn stats(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            layers_applied: self.0.stats.layers_applied.load(Ordering::Relaxed),
+            blobs_ingested: self.0.stats.blobs_ingested.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes `ROOT/gc.lock`: exclusive for gc, shared for whatever creates
+    /// something gc must not see half-made.
+    pub(crate) fn gc_lock(&self, exclusive: bool, cancel: &Cancel) -> Result<GcGuard, UnpackError> {
+        let path = &self.0.gc_lock_path;
+        let fd = rfs::open(
+            path,
+            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| UnpackError::lock(path.clone(), LockError::Io(e.into())))?;
+        let fd = crate::store::lock::flock_wait(fd, exclusive, cancel)
+            .map_err(|e| UnpackError::lock(path.clone(), e))?;
+        Ok(GcGuard { _fd: fd })
+    }
+
+    /// Takes the lock file `name` of a flight.
+    pub(crate) fn file_lock(&self, name: &str, cancel: &Cancel) -> Result<FileLock, UnpackError> {
+        FileLock::acquire(&self.0.locks, name, cancel)
+            .map_err(|e| UnpackError::lock(self.0.dir.join("locks").join(name), e))
+    }
+}

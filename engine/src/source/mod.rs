@@ -1,0 +1,123 @@
+//! Where an image comes from: what every source offers ([`BlobSource`]:
+//! a blob from a byte offset on, or the local file holding it), how its
+//! failures are told apart ([`SourceError`]), how hard a caller retries
+//! ([`Retry`]), and the two sources: an OCI layout directory ([`layout`])
+//! and a registry ([`remote`]).
+
+use std::fs::File;
+use std::io::Read;
+use std::time::Duration;
+
+use crate::cancel::Cancel;
+use crate::oci::digest::Digest;
+
+pub mod layout;
+pub mod remote;
+
+/// How a source failed, which decides what the caller does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceErrorKind {
+    /// The source does not have it (HTTP 404, a missing file).
+    NotFound,
+    /// Worth trying again: a connection error, a cut stream, HTTP 5xx or
+    /// 429.
+    Transient,
+    /// Credentials missing or refused (HTTP 401/403).
+    Denied,
+    /// Anything else: retrying would fail the same way.
+    Fatal,
+}
+
+/// Why a source could not deliver a blob or document. One line, naming
+/// the host or file and the HTTP status when there is one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SourceError {
+    /// What to do about it.
+    pub kind: SourceErrorKind,
+    /// The line shown to the user.
+    pub message: String,
+    /// How long the server asked us to wait (`Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl SourceError {
+    /// An error of `kind` with `message`.
+    pub fn new(kind: SourceErrorKind, message: impl Into<String>) -> Self {
+        SourceError {
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A failure that retrying would repeat.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Fatal, message)
+    }
+
+    /// A failure worth retrying (a connection error, a cut stream).
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Transient, message)
+    }
+}
+
+/// Where an image's blobs come from when they are not in the content
+/// store yet: an OCI layout directory, a registry.
+pub trait BlobSource: Send + Sync {
+    /// A reader of blob `d` from byte `offset` to its end. A registry
+    /// resumes with a `Range` request; a source that cannot seek may
+    /// return the whole blob only for offset 0.
+    fn open(
+        &self,
+        d: &Digest,
+        offset: u64,
+        cancel: &Cancel,
+    ) -> Result<Box<dyn Read + Send>, SourceError>;
+    /// The local file holding blob `d` and its size, opened, when the
+    /// source is a directory that has it: it is then applied in place
+    /// (memory-mapped) while a copy goes into the content store.
+    /// `Ok(None)`: not here (fetch it, or report it missing).
+    fn local_file(&self, _d: &Digest) -> Result<Option<(File, u64)>, SourceError> {
+        Ok(None)
+    }
+    /// Names the source in errors ("the layout /x", "registry r/x").
+    fn describe(&self) -> String;
+}
+
+/// How hard a fetch tries.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts in a row without progress before giving up.
+    pub attempts: u32,
+    /// First back-off; doubles each attempt.
+    pub base: Duration,
+    /// Longest back-off, and longest `Retry-After` honoured.
+    pub max: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 5,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Retry {
+    /// Waits before attempt `n` (1-based), or less if cancelled; false if
+    /// cancelled.
+    pub fn wait(&self, n: u32, asked: Option<Duration>, cancel: &Cancel) -> bool {
+        let backoff = self
+            .base
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(self.max);
+        let d = asked.map_or(backoff, |a| a.min(self.max).max(backoff));
+        crossbeam_channel::select! {
+            recv(cancel.signal()) -> _ => false,
+            default(d) => !cancel.is_cancelled(),
+        }
+    }
+}

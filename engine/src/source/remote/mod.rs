@@ -1,0 +1,649 @@
+//! A client for one repository of an OCI distribution (Docker Registry
+//! HTTP API v2) registry: resolve a tag to a manifest digest, fetch
+//! manifests and blobs — through the mirrors of `hosts.toml` first, with
+//! the registry's auth challenge answered.
+//!
+//! [`Remote`] is both the [`Documents`] that image resolution reads
+//! (indexes, manifests, configs, each checked against its digest and
+//! bounded in size) and the [`BlobSource`] the unpack pipeline downloads
+//! layers from (`Range` requests resume a broken download).
+//!
+//! Requests make one attempt per endpoint; whoever drives them retries
+//! (the fetcher for blobs, [`Remote::with_retry`] for documents), so a
+//! mirror that is down costs one failed connection per request before the
+//! next endpoint is asked.
+
+pub mod auth;
+pub mod hosts;
+mod tls;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cancel::Cancel;
+use crate::oci::digest::Digest;
+use crate::oci::image::{Documents, ImageError, MAX_JSON};
+use crate::oci::reference::Reference;
+use crate::source::{BlobSource, Retry, SourceError, SourceErrorKind};
+
+pub use hosts::Endpoint;
+
+/// How to reach a registry.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Talk plain HTTP to the registry itself when no `hosts.toml` says
+    /// otherwise (a local test registry).
+    pub plain_http: bool,
+    /// Where `<registry>/hosts.toml` files live (containerd's
+    /// `certs.d` layout); `None`: no mirrors, defaults only.
+    pub hosts_dir: Option<PathBuf>,
+    /// The Docker config file with credentials; `None`: the default place
+    /// (`$DOCKER_CONFIG/config.json`, `~/.docker/config.json`).
+    pub docker_config: Option<PathBuf>,
+    /// Retries of document requests (blob downloads use the root's).
+    pub retry: Retry,
+    /// Longest wait for a connection.
+    pub connect_timeout: Duration,
+    /// Longest silence while reading a response.
+    pub read_timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            plain_http: false,
+            hosts_dir: Some(PathBuf::from("/etc/unlade/certs.d")),
+            docker_config: None,
+            retry: Retry::default(),
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Counters of what a [`Remote`] asked and got.
+#[derive(Debug, Default)]
+pub struct RemoteStats {
+    /// HTTP requests sent (token requests included).
+    pub requests: AtomicU64,
+    /// Response body bytes read from blob downloads.
+    pub blob_bytes: AtomicU64,
+}
+
+/// A document's bytes and media type.
+type Doc = (Arc<Vec<u8>>, String);
+
+struct Auth {
+    header: String,
+    until: Option<Instant>,
+}
+
+/// One repository of one registry (see the module docs).
+pub struct Remote {
+    reference: Reference,
+    endpoints: Vec<(Endpoint, ureq::Agent)>,
+    docker_config: Option<PathBuf>,
+    auth: Mutex<HashMap<String, Auth>>,
+    docs: Mutex<HashMap<Digest, Doc>>,
+    retry: Retry,
+    /// What this client did.
+    pub stats: RemoteStats,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.reference)
+    }
+}
+
+/// What a request is for: which endpoints may serve it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cap {
+    Resolve,
+    Pull,
+}
+
+const ACCEPT_ERR_BODY: u64 = 4096;
+
+impl Remote {
+    /// A client for `reference`'s repository with the endpoints its
+    /// registry's `hosts.toml` lists (or the registry itself).
+    pub fn new(reference: &Reference, opts: &RemoteOptions) -> Result<Remote, SourceError> {
+        let eps = hosts::endpoints(
+            opts.hosts_dir.as_deref(),
+            &reference.registry,
+            opts.plain_http,
+        )?;
+        let mut endpoints = Vec::with_capacity(eps.len());
+        for ep in eps {
+            let mut b = ureq::AgentBuilder::new()
+                .timeout_connect(opts.connect_timeout)
+                .timeout_read(opts.read_timeout)
+                .timeout_write(opts.read_timeout)
+                .redirects(8)
+                .user_agent(concat!("unlade/", env!("CARGO_PKG_VERSION")));
+            if ep.base.starts_with("https://") {
+                b = b.tls_config(tls::client_config(&ep)?);
+            }
+            endpoints.push((ep, b.build()));
+        }
+        Ok(Remote {
+            reference: reference.clone(),
+            endpoints,
+            docker_config: opts.docker_config.clone().or_else(auth::docker_config_path),
+            auth: Mutex::new(HashMap::new()),
+            docs: Mutex::new(HashMap::new()),
+            retry: opts.retry,
+            stats: RemoteStats::default(),
+        })
+    }
+
+    /// The reference this client serves.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    /// The endpoints tried, in order.
+    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
+        self.endpoints.iter().map(|(e, _)| e)
+    }
+
+    /// Runs `f` until it succeeds, fails for good, or has failed
+    /// `retry.attempts` times with transient errors (waiting with back-off
+    /// and `Retry-After` in between).
+    pub fn with_retry<T>(
+        &self,
+        cancel: &Cancel,
+        mut f: impl FnMut() -> Result<T, SourceError>,
+    ) -> Result<T, SourceError> {
+        let mut n = 0;
+        loop {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e) if e.kind == SourceErrorKind::Transient && n + 1 < self.retry.attempts => {
+                    n += 1;
+                    if !self.retry.wait(n, e.retry_after, cancel) {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Resolves the reference to its top manifest or index: digest and
+    /// media type. A tag is asked with HEAD (the digest comes in
+    /// `Docker-Content-Digest`), and with GET where HEAD does not say; a
+    /// digest reference is fetched and checked.
+    pub fn resolve(&self, cancel: &Cancel) -> Result<(Digest, String), SourceError> {
+        if let Some(d) = self.reference.digest {
+            let (_, mt) = self.with_retry(cancel, || self.document(&d, true))?;
+            return Ok((d, mt));
+        }
+        let object = self.reference.object();
+        let path = format!("/{}/manifests/{object}", self.reference.repository);
+        let head = self.with_retry(cancel, || {
+            let (resp, _) = self.request(Cap::Resolve, "HEAD", &path, &[])?;
+            let d = resp
+                .header("Docker-Content-Digest")
+                .and_then(|h| h.trim().parse::<Digest>().ok());
+            let mt = content_type(&resp);
+            Ok(d.zip(mt))
+        })?;
+        if let Some((d, mt)) = head {
+            if crate::oci::image::is_manifest_type(&mt) {
+                return Ok((d, mt));
+            }
+        }
+        // No usable HEAD answer: GET by tag and hash the body.
+        let (d, mt) = self.with_retry(cancel, || {
+            let (resp, ep) = self.request(Cap::Resolve, "GET", &path, &[])?;
+            let ct = content_type(&resp);
+            let header = resp
+                .header("Docker-Content-Digest")
+                .and_then(|h| h.trim().parse::<Digest>().ok());
+            let body = read_bounded(resp, &ep.authority, &path)?;
+            let d = Digest::of(&body);
+            if header.is_some_and(|h| h != d) {
+                return Err(SourceError::fatal(format!(
+                    "{}{path}: body hashes to {d}, not the Docker-Content-Digest the registry sent",
+                    ep.authority
+                )));
+            }
+            let mt = media_type_of(&body, ct.as_deref())?;
+            let (_, mt) = self.remember(d, body, mt);
+            Ok((d, mt))
+        })?;
+        Ok((d, mt))
+    }
+
+    fn remember(&self, d: Digest, body: Vec<u8>, media_type: String) -> Doc {
+        let doc = (Arc::new(body), media_type);
+        self.docs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(d, doc.clone());
+        doc
+    }
+
+    fn cached(&self, d: &Digest) -> Option<Doc> {
+        self.docs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(d)
+            .cloned()
+    }
+
+    /// Manifest or index `d` (`manifest`), or config blob `d`: its bytes,
+    /// bounded and checked against `d`, and (for a manifest) its media
+    /// type. Kept for the content store.
+    fn document(&self, d: &Digest, manifest: bool) -> Result<Doc, SourceError> {
+        if let Some(hit) = self.cached(d) {
+            return Ok(hit);
+        }
+        let (section, what) = if manifest {
+            ("manifests", "manifest")
+        } else {
+            ("blobs", "blob")
+        };
+        let path = format!("/{}/{section}/{d}", self.reference.repository);
+        let (resp, ep) = self.request(Cap::Pull, "GET", &path, &[])?;
+        let ct = content_type(&resp);
+        let body = read_bounded(resp, &ep.authority, &path)?;
+        let actual = Digest::of(&body);
+        if actual != *d {
+            return Err(SourceError::fatal(format!(
+                "{}{path}: {what} hashes to {actual}, not {d}",
+                ep.authority
+            )));
+        }
+        let mt = if manifest {
+            media_type_of(&body, ct.as_deref())?
+        } else {
+            String::new()
+        };
+        Ok(self.remember(*d, body, mt))
+    }
+
+    /// Sends one request to the first endpoint (with capability `cap`)
+    /// that answers it successfully; mirrors that fail are skipped. The
+    /// error is the last endpoint's (the upstream's).
+    fn request(
+        &self,
+        cap: Cap,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<(ureq::Response, &Endpoint), SourceError> {
+        let mut last = None;
+        for (ep, agent) in &self.endpoints {
+            let allowed = match cap {
+                Cap::Resolve => ep.resolve,
+                Cap::Pull => ep.pull,
+            };
+            if !allowed {
+                continue;
+            }
+            match self.request_one(ep, agent, method, path, headers) {
+                Ok(r) => return Ok((r, ep)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            SourceError::fatal(format!(
+                "{}: no endpoint in hosts.toml may serve this request",
+                self.reference.registry
+            ))
+        }))
+    }
+
+    fn request_one(
+        &self,
+        ep: &Endpoint,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<ureq::Response, SourceError> {
+        let mut url = format!("{}{path}", ep.base);
+        if ep.mirror {
+            url.push_str("?ns=");
+            url.push_str(&self.reference.registry);
+        }
+        let accept = crate::oci::image::manifest_types()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut answered_challenge = false;
+        loop {
+            let mut req = agent.request(method, &url).set("Accept", &accept);
+            for (k, v) in &ep.headers {
+                req = req.set(k, v);
+            }
+            for (k, v) in headers {
+                req = req.set(k, v);
+            }
+            if let Some(h) = self.auth_header(&ep.authority) {
+                req = req.set("Authorization", &h);
+            }
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let what = format!("{} {method} {url}", ep.authority);
+            match req.call() {
+                Ok(r) => return Ok(r),
+                Err(ureq::Error::Status(401, resp)) if !answered_challenge => {
+                    let ch = resp.header("WWW-Authenticate").map(str::to_string);
+                    let Some(ch) = ch else {
+                        return Err(status_error(&what, 401, resp));
+                    };
+                    self.answer_challenge(ep, agent, &ch)?;
+                    answered_challenge = true;
+                }
+                Err(ureq::Error::Status(code, resp)) => {
+                    return Err(status_error(&what, code, resp))
+                }
+                Err(ureq::Error::Transport(t)) => {
+                    return Err(SourceError::transient(format!("{what}: {t}")))
+                }
+            }
+        }
+    }
+
+    fn auth_header(&self, authority: &str) -> Option<String> {
+        let g = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        let a = g.get(authority)?;
+        if a.until.is_some_and(|t| Instant::now() >= t) {
+            return None;
+        }
+        Some(a.header.clone())
+    }
+
+    fn credentials(&self, ep: &Endpoint) -> Result<Option<auth::Credentials>, SourceError> {
+        let Some(p) = &self.docker_config else {
+            return Ok(None);
+        };
+        // The registry's own entry serves its mirrors too.
+        for host in [&ep.authority, &self.reference.registry] {
+            if let Some(c) = auth::credentials_for(p, host).map_err(SourceError::fatal)? {
+                return Ok(Some(c));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Answers a 401's `WWW-Authenticate` challenge: Basic with the
+    /// configured credentials, or a Bearer token from the realm.
+    fn answer_challenge(
+        &self,
+        ep: &Endpoint,
+        agent: &ureq::Agent,
+        header: &str,
+    ) -> Result<(), SourceError> {
+        let denied = |m: String| SourceError::new(SourceErrorKind::Denied, m);
+        let ch = auth::parse_challenge(header).ok_or_else(|| {
+            SourceError::fatal(format!(
+                "{}: unreadable WWW-Authenticate header {header:?}",
+                ep.authority
+            ))
+        })?;
+        let creds = self.credentials(ep)?;
+        let auth = match ch.scheme.as_str() {
+            "basic" => {
+                let c = creds.ok_or_else(|| {
+                    denied(format!(
+                        "{}: authentication required (Basic) and the Docker config has no credentials for it",
+                        ep.authority
+                    ))
+                })?;
+                Auth {
+                    header: c.basic(),
+                    until: None,
+                }
+            }
+            "bearer" => {
+                let realm = ch.params.get("realm").ok_or_else(|| {
+                    SourceError::fatal(format!(
+                        "{}: Bearer challenge without a realm",
+                        ep.authority
+                    ))
+                })?;
+                let scope = format!("repository:{}:pull", self.reference.repository);
+                let mut req = agent.get(realm).query("scope", &scope);
+                if let Some(s) = ch.params.get("service") {
+                    req = req.query("service", s);
+                }
+                if let Some(c) = &creds {
+                    req = req.set("Authorization", &c.basic());
+                }
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let what = format!("token from {realm}");
+                let resp = match req.call() {
+                    Ok(r) => r,
+                    Err(ureq::Error::Status(code, resp)) => {
+                        let mut e = status_error(&what, code, resp);
+                        if code == 401 || code == 403 {
+                            e.kind = SourceErrorKind::Denied;
+                        }
+                        return Err(e);
+                    }
+                    Err(ureq::Error::Transport(t)) => {
+                        return Err(SourceError::transient(format!("{what}: {t}")))
+                    }
+                };
+                let body = read_bounded(resp, realm, "")?;
+                let t: auth::TokenResponse = serde_json::from_slice(&body)
+                    .map_err(|e| SourceError::fatal(format!("{what}: {e}")))?;
+                let token = t
+                    .token
+                    .or(t.access_token)
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| SourceError::fatal(format!("{what}: no token in the answer")))?;
+                Auth {
+                    header: format!("Bearer {token}"),
+                    until: Some(Instant::now() + token_reuse(t.expires_in)),
+                }
+            }
+            other => {
+                return Err(SourceError::fatal(format!(
+                    "{}: unsupported auth scheme {other:?}",
+                    ep.authority
+                )))
+            }
+        };
+        self.auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ep.authority.clone(), auth);
+        Ok(())
+    }
+}
+
+/// The response's media type, without parameters.
+fn content_type(resp: &ureq::Response) -> Option<String> {
+    resp.header("Content-Type")
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|c| !c.is_empty())
+}
+
+/// A document's media type: its `mediaType` field, else a manifest type
+/// from the `Content-Type`, else its shape.
+fn media_type_of(body: &[u8], content_type: Option<&str>) -> Result<String, SourceError> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde::de::IgnoredAny>,
+        layers: Option<serde::de::IgnoredAny>,
+    }
+    let p: Peek = serde_json::from_slice(body)
+        .map_err(|e| SourceError::fatal(format!("manifest is not JSON: {e}")))?;
+    if let Some(mt) = p
+        .media_type
+        .filter(|m| crate::oci::image::is_manifest_type(m))
+    {
+        return Ok(mt);
+    }
+    if let Some(ct) = content_type.filter(|c| crate::oci::image::is_manifest_type(c)) {
+        return Ok(ct.to_string());
+    }
+    if p.manifests.is_some() {
+        return Ok("application/vnd.oci.image.index.v1+json".into());
+    }
+    if p.layers.is_some() {
+        return Ok("application/vnd.oci.image.manifest.v1+json".into());
+    }
+    Err(SourceError::fatal(
+        "the registry's answer is neither an image index nor a manifest",
+    ))
+}
+
+fn read_bounded(resp: ureq::Response, host: &str, path: &str) -> Result<Vec<u8>, SourceError> {
+    let mut body = Vec::new();
+    resp.into_reader()
+        .take(MAX_JSON + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| SourceError::transient(format!("{host}{path}: reading the answer: {e}")))?;
+    if body.len() as u64 > MAX_JSON {
+        return Err(SourceError::fatal(format!(
+            "{host}{path}: document larger than {MAX_JSON} bytes"
+        )));
+    }
+    Ok(body)
+}
+
+/// An HTTP error status as one line: the status, the registry's error
+/// code and message, and what to do about it; 429 and 5xx are transient.
+fn status_error(what: &str, code: u16, resp: ureq::Response) -> SourceError {
+    let retry_after = resp
+        .header("Retry-After")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let mut body = String::new();
+    let _ = resp
+        .into_reader()
+        .take(ACCEPT_ERR_BODY)
+        .read_to_string(&mut body);
+    let detail = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("errors")?.get(0)?;
+            Some(format!(
+                " ({}: {})",
+                e.get("code")?.as_str()?,
+                e.get("message").and_then(|m| m.as_str()).unwrap_or("")
+            ))
+        })
+        .unwrap_or_default();
+    let (kind, what_now) = match code {
+        401 => (
+            SourceErrorKind::Denied,
+            ": authentication failed; check the credentials in the Docker config",
+        ),
+        403 => (SourceErrorKind::Denied, ": access denied"),
+        404 => (SourceErrorKind::NotFound, ": not found"),
+        429 => (SourceErrorKind::Transient, ": too many requests"),
+        500..=599 => (SourceErrorKind::Transient, ""),
+        _ => (SourceErrorKind::Fatal, ""),
+    };
+    SourceError {
+        kind,
+        message: format!("{what}: HTTP {code}{what_now}{detail}"),
+        retry_after,
+    }
+}
+
+/// Counts a download's bytes.
+struct Counted<R> {
+    inner: R,
+    remote: Arc<Remote>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.remote
+            .stats
+            .blob_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Documents for Remote {
+    fn document(&self, d: &Digest, config: bool) -> Result<Vec<u8>, ImageError> {
+        let cancel = Cancel::new();
+        self.with_retry(&cancel, || self.document(d, !config))
+            .map(|(b, _)| b.as_ref().clone())
+            .map_err(|e| ImageError::Source(Box::new(e)))
+    }
+}
+
+/// A blob source over an `Arc<Remote>` (it counts bytes into the remote).
+#[derive(Debug, Clone)]
+pub struct RemoteBlobs(pub Arc<Remote>);
+
+impl BlobSource for RemoteBlobs {
+    fn open(
+        &self,
+        d: &Digest,
+        offset: u64,
+        _cancel: &Cancel,
+    ) -> Result<Box<dyn Read + Send>, SourceError> {
+        let remote = &self.0;
+        if let Some((b, _)) = remote.cached(d) {
+            let mut c = std::io::Cursor::new(b.as_ref().clone());
+            c.set_position(offset);
+            return Ok(Box::new(c));
+        }
+        let path = format!("/{}/blobs/{d}", remote.reference.repository);
+        let range = [("Range", format!("bytes={offset}-"))];
+        let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
+        let (resp, ep) = remote.request(Cap::Pull, "GET", &path, headers)?;
+        let partial = resp.status() == 206;
+        let mut r: Box<dyn Read + Send> = Box::new(Counted {
+            inner: resp.into_reader(),
+            remote: remote.clone(),
+        });
+        if offset > 0 && !partial {
+            // The server ignored the Range: skip what we have.
+            let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
+                .map_err(|e| SourceError::transient(format!("{}{path}: {e}", ep.authority)))?;
+            if skipped < offset {
+                return Err(SourceError::transient(format!(
+                    "{}{path}: blob shorter than {offset} bytes",
+                    ep.authority
+                )));
+            }
+        }
+        Ok(r)
+    }
+
+    fn describe(&self) -> String {
+        format!("registry {}", self.0.reference.name())
+    }
+}
+
+/// How long a token is reused: until a little before the deadline the
+/// registry gave (`expires_in`, 60 s when absent), at least 9 s; a lifetime
+/// past a day is taken as a day, so a huge `expires_in` can overflow
+/// neither the arithmetic nor the clock.
+fn token_reuse(expires_in: Option<u64>) -> Duration {
+    let life = expires_in.unwrap_or(60).clamp(10, 86_400);
+    Duration::from_secs(life - life / 10)
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn token_reuse_is_bounded() {
+        assert_eq!(token_reuse(None), Duration::from_secs(54));
+        assert_eq!(token_reuse(Some(0)), Duration::from_secs(9));
+        assert_eq!(token_reuse(Some(u64::MAX)), Duration::from_secs(77_760));
+        // Found in review beside the fuzz campaign: `life * 9 / 10` overflowed.
+        let _ = Instant::now() + token_reuse(Some(3_000_000_000_000_000_000));
+    }
+}
