@@ -6,7 +6,7 @@
 # Installs cargo-fuzz if it is missing.
 fuzz_install() {
   if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "installing cargo-fuzz (a few minutes, once)"
+    echo "== installing cargo-fuzz (a few minutes, once; quiet until done)"
     cargo install cargo-fuzz --locked --quiet
   fi
 }

@@ -2,7 +2,9 @@
 # The whole test suite, from a fresh Debian machine with only the Rust
 # toolchain: installs the real tools the tests drive (GNU tar, bsdtar, Go,
 # Python, pigz, zstd, docker-registry, skopeo; as root), then format, lint,
-# every test, and a short fuzz run. CI (.ci/run) calls exactly this.
+# README.md's opening commands (scripts/readme-commands.sh), every test, and
+# a short fuzz run (installing cargo-fuzz first if missing: a few quiet
+# minutes). CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +40,11 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# README.md's first command and mount snippet, as written there. Before the
+# tests: a broken first command fails in minutes, not after the whole suite;
+# after clippy --locked, so Cargo.lock is known current before the README's
+# plain `cargo run` builds.
+scripts/readme-commands.sh
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
