@@ -53,14 +53,14 @@ mod sys;
 
 pub use cancel::Cancel;
 pub use layer::apply::{apply_layer, ApplyOptions, ApplyReport, LayerInput};
-pub use layer::error::{Error, ErrorKind};
+pub use layer::error::{ApplyError, ErrorKind};
 pub use oci::digest::Digest;
 pub use oci::image::{Image, Platform};
 pub use oci::reference::Reference;
 pub use pipeline::pull::{PullOptions, Pulled};
 pub use pipeline::task::Task;
 pub use pipeline::unpack::{Progress, ProgressEvent, Unpacked};
-pub use root::{Root, RootOptions, UnpackError};
+pub use root::{Root, RootError, RootOptions};
 pub use source::layout::Layout;
 pub use source::BlobSource;
 pub use store::snapshot::Mount;

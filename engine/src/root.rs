@@ -33,7 +33,7 @@ use crate::store::content::ContentStore;
 use crate::store::images::{ImageRecord, ImageStore};
 use crate::store::snapshot::{Mount, Snapshotter};
 
-pub use crate::pipeline::error::UnpackError;
+pub use crate::pipeline::error::RootError;
 pub use crate::pipeline::{RootOptions, Stats, StatsSnapshot};
 
 /// An open unlade root. Clones share everything, flights included.
@@ -51,7 +51,7 @@ impl std::fmt::Debug for Root {
 impl Root {
     /// Opens (creating) the root at `dir`, cleaning what crashed processes
     /// left behind (unheld active snapshots, trash, stale ingest files).
-    pub fn open(dir: &Path, opts: RootOptions) -> Result<Root, UnpackError> {
+    pub fn open(dir: &Path, opts: RootOptions) -> Result<Root, RootError> {
         Context::open(dir, opts).map(Root)
     }
 
@@ -90,7 +90,7 @@ impl Root {
         image: &Image,
         name: &str,
         cancel: &Cancel,
-    ) -> Result<Unpacked, UnpackError> {
+    ) -> Result<Unpacked, RootError> {
         self.0.unpack(source, image, name, cancel)
     }
 
@@ -102,7 +102,7 @@ impl Root {
         name: &str,
         progress: Option<Arc<dyn Progress>>,
         cancel: &Cancel,
-    ) -> Result<Unpacked, UnpackError> {
+    ) -> Result<Unpacked, RootError> {
         self.0
             .unpack_observed(source, image, name, progress, cancel)
     }
@@ -120,13 +120,13 @@ impl Root {
         opts: &PullOptions,
         progress: Option<Arc<dyn Progress>>,
         cancel: &Cancel,
-    ) -> Result<Pulled, UnpackError> {
+    ) -> Result<Pulled, RootError> {
         self.0.pull(reference, opts, progress, cancel)
     }
 
     /// Removes unreferenced committed snapshots and blobs (see
     /// [`crate::pipeline::gc`]). Waits for running unpacks to finish first.
-    pub fn gc(&self, cancel: &Cancel) -> Result<GcReport, UnpackError> {
+    pub fn gc(&self, cancel: &Cancel) -> Result<GcReport, RootError> {
         self.0.gc(cancel)
     }
 
@@ -135,7 +135,7 @@ impl Root {
     /// layers is relative to [`Mount::cwd`]). Holds `gc.lock` shared while
     /// it makes the short links such a mount names, so that gc, which
     /// removes the links of snapshots that are gone, never runs beside.
-    pub fn mounts(&self, chain: &Digest) -> Result<Mount, UnpackError> {
+    pub fn mounts(&self, chain: &Digest) -> Result<Mount, RootError> {
         let _gc = self.0.gc_lock(false, &Cancel::new())?;
         Ok(self.0.parts().snapshots.mounts(chain)?)
     }
@@ -143,7 +143,7 @@ impl Root {
     /// Removes committed snapshot `chain`, which no other snapshot may
     /// stack on, with its short links (holding `gc.lock` shared, as link
     /// removal requires).
-    pub fn remove_snapshot(&self, chain: &Digest) -> Result<(), UnpackError> {
+    pub fn remove_snapshot(&self, chain: &Digest) -> Result<(), RootError> {
         let _gc = self.0.gc_lock(false, &Cancel::new())?;
         Ok(self.0.parts().snapshots.remove(chain)?)
     }
@@ -156,13 +156,13 @@ impl Root {
         key: &str,
         parent: Option<&Digest>,
         cancel: &Cancel,
-    ) -> Result<Mount, UnpackError> {
+    ) -> Result<Mount, RootError> {
         let _gc = self.0.gc_lock(false, cancel)?;
         Ok(self.0.parts().snapshots.create_rw(key, parent)?)
     }
 
     /// Removes writable snapshot `key` (unmount it first).
-    pub fn remove_rw(&self, key: &str) -> Result<(), UnpackError> {
+    pub fn remove_rw(&self, key: &str) -> Result<(), RootError> {
         Ok(self.0.parts().snapshots.remove_rw(key)?)
     }
 
@@ -173,24 +173,24 @@ impl Root {
         source: Arc<dyn crate::source::BlobSource>,
         image: Image,
         name: String,
-    ) -> Task<Result<Unpacked, UnpackError>> {
+    ) -> Task<Result<Unpacked, RootError>> {
         let root = self.clone();
         crate::pipeline::task::spawn(move |cancel| root.unpack(source, &image, &name, cancel))
     }
 
     /// [`Root::gc`] on its own thread, as a [`Task`].
-    pub fn gc_task(&self) -> Task<Result<GcReport, UnpackError>> {
+    pub fn gc_task(&self) -> Task<Result<GcReport, RootError>> {
         let root = self.clone();
         crate::pipeline::task::spawn(move |cancel| root.gc(cancel))
     }
 
     /// Image records, sorted by name.
-    pub fn list_images(&self) -> Result<Vec<ImageRecord>, UnpackError> {
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, RootError> {
         Ok(self.0.parts().images.list()?)
     }
 
     /// Forgets image `name`; [`Root::gc`] then removes what only it used.
-    pub fn remove_image(&self, name: &str) -> Result<(), UnpackError> {
+    pub fn remove_image(&self, name: &str) -> Result<(), RootError> {
         Ok(self.0.parts().images.remove(name)?)
     }
 }

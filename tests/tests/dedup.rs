@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use unlade::cancel::Cancel;
 use unlade::pipeline::flight::Role;
-use unlade::root::{Root, RootOptions, UnpackError};
+use unlade::root::{Root, RootError, RootOptions};
 use unlade::source::layout::Layout;
 use unlade_tests::*;
 
@@ -236,7 +236,7 @@ fn cancelled_leader_is_taken_over_by_a_waiter() {
         std::thread::sleep(Duration::from_millis(50));
         leader_cancel.cancel();
         let lr = leader.join().unwrap();
-        assert!(matches!(lr, Err(UnpackError::Cancelled)), "{lr:?}");
+        assert!(matches!(lr, Err(RootError::Cancelled)), "{lr:?}");
         let roles: Vec<Role> = waiters
             .into_iter()
             .map(|h| h.join().unwrap().unwrap().roles[0].1)

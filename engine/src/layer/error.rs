@@ -35,7 +35,7 @@ fn at(offset: Option<u64>, what: &str) -> String {
     }
 }
 
-/// What went wrong, without the "where" (see [`Error`]).
+/// What went wrong, without the "where" (see [`ApplyError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ErrorKind {
     /// Decompression failed.
@@ -95,7 +95,7 @@ pub enum ErrorKind {
 /// Displays as one line, e.g.
 /// `layer base.tar.gz: entry "usr/bin/ls" at offset 1536: truncated layer: ...`.
 #[derive(Debug)]
-pub struct Error {
+pub struct ApplyError {
     /// The layer, as the caller named it (file name or digest).
     pub layer: String,
     /// The entry being processed, as named in the archive (lossy UTF-8).
@@ -107,10 +107,10 @@ pub struct Error {
     pub kind: ErrorKind,
 }
 
-impl Error {
-    /// An error with no entry or offset yet; [`Error::at`] adds them.
+impl ApplyError {
+    /// An error with no entry or offset yet; [`ApplyError::at`] adds them.
     pub fn new(kind: impl Into<ErrorKind>) -> Self {
-        Error {
+        ApplyError {
             layer: String::new(),
             entry: None,
             offset: None,
@@ -145,20 +145,20 @@ impl Error {
 
     /// A file-system error for operation `op`.
     pub fn fs(op: impl Into<String>, source: io::Error) -> Self {
-        Error::new(ErrorKind::Fs {
+        ApplyError::new(ErrorKind::Fs {
             op: op.into(),
             source,
         })
     }
 }
 
-impl From<DecodeError> for Error {
+impl From<DecodeError> for ApplyError {
     fn from(e: DecodeError) -> Self {
-        Error::new(ErrorKind::Decode(e))
+        ApplyError::new(ErrorKind::Decode(e))
     }
 }
 
-impl fmt::Display for Error {
+impl fmt::Display for ApplyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.layer.is_empty() {
             write!(f, "layer {}: ", self.layer)?;
@@ -178,11 +178,11 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
+impl std::error::Error for ApplyError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&self.kind)
     }
 }
 
 /// Shorthand for results of this crate.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub type Result<T, E = ApplyError> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@ use crate::store::snapshot::SnapshotError;
 /// Why a root operation failed. Displays as one line naming the layer,
 /// blob or snapshot concerned.
 #[derive(Debug, thiserror::Error)]
-pub enum UnpackError {
+pub enum RootError {
     /// Resolving the image (index, manifest, config) failed.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -33,7 +33,7 @@ pub enum UnpackError {
     Images(#[from] ImagesError),
     /// Applying a layer failed; the error names the layer, entry, offset.
     #[error(transparent)]
-    Apply(#[from] crate::layer::error::Error),
+    Apply(#[from] crate::layer::error::ApplyError),
     /// A layer's blob is neither in the content store nor in the source.
     #[error("layer {digest}: blob not found in {place}{hint}")]
     MissingBlob {
@@ -63,12 +63,12 @@ pub enum UnpackError {
         digest: Digest,
         /// What failed.
         #[source]
-        source: Box<UnpackError>,
+        source: Box<RootError>,
     },
     /// Another operation failed; this one adopted its outcome (the same
     /// blob, which would fail the same way).
     #[error(transparent)]
-    Shared(Arc<UnpackError>),
+    Shared(Arc<RootError>),
     /// The system refused a thread the work needs (a memory or task
     /// limit): nothing half-done is committed.
     #[error("start a thread to {what}: {source}")]
@@ -83,7 +83,7 @@ pub enum UnpackError {
     Cancelled,
 }
 
-impl UnpackError {
+impl RootError {
     /// The blob whose content caused this error, if the error is about
     /// content (corrupt data, digest or diff ID mismatch, a malformed or
     /// hostile archive) rather than the environment (I/O, space,
@@ -92,29 +92,29 @@ impl UnpackError {
     pub fn content_fault(&self) -> Option<Digest> {
         use crate::layer::error::ErrorKind as K;
         match self {
-            UnpackError::Content(ContentError::DigestMismatch { expected, .. }) => Some(*expected),
-            UnpackError::Content(ContentError::TooLarge { digest, .. }) => Some(*digest),
-            UnpackError::Apply(e) => match e.kind {
+            RootError::Content(ContentError::DigestMismatch { expected, .. }) => Some(*expected),
+            RootError::Content(ContentError::TooLarge { digest, .. }) => Some(*digest),
+            RootError::Apply(e) => match e.kind {
                 K::Fs { .. }
                 | K::Cancelled
                 | K::Invalid(_)
                 | K::Decode(crate::layer::error::DecodeError::Io(_)) => None,
                 _ => e.layer.parse().ok(),
             },
-            UnpackError::Fetch(crate::pipeline::fetch::FetchError::Content(
+            RootError::Fetch(crate::pipeline::fetch::FetchError::Content(
                 ContentError::DigestMismatch { expected: d, .. }
                 | ContentError::TooLarge { digest: d, .. },
             )) => Some(*d),
-            UnpackError::Shared(e) => e.content_fault(),
-            UnpackError::Layer { source, .. } => source.content_fault(),
+            RootError::Shared(e) => e.content_fault(),
+            RootError::Layer { source, .. } => source.content_fault(),
             _ => None,
         }
     }
 
-    pub(crate) fn lock(path: PathBuf, e: LockError) -> UnpackError {
+    pub(crate) fn lock(path: PathBuf, e: LockError) -> RootError {
         match e {
-            LockError::Cancelled => UnpackError::Cancelled,
-            LockError::Io(source) => UnpackError::Lock { path, source },
+            LockError::Cancelled => RootError::Cancelled,
+            LockError::Io(source) => RootError::Lock { path, source },
         }
     }
 }

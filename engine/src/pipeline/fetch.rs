@@ -334,8 +334,8 @@ impl Drop for Slot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
 
     /// A source that serves `data` but cuts every stream after `cut`
     /// bytes, the first `cuts` times, and counts opens and their offsets.

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
-use crate::pipeline::error::UnpackError;
+use crate::pipeline::error::RootError;
 use crate::pipeline::Context;
 use crate::store::lock::FileLock;
 
@@ -37,7 +37,7 @@ pub struct GcReport {
 impl Context {
     /// Removes unreferenced committed snapshots and blobs (see the module
     /// documentation). Waits for running unpacks to finish first.
-    pub(crate) fn gc(&self, cancel: &Cancel) -> Result<GcReport, UnpackError> {
+    pub(crate) fn gc(&self, cancel: &Cancel) -> Result<GcReport, RootError> {
         let _gc = self.gc_lock(true, cancel)?;
         let snaps = &self.0.snapshots;
         let committed = snaps.list()?;
@@ -83,7 +83,7 @@ impl Context {
         let mut report = GcReport::default();
         for (_, chain) in doomed {
             if cancel.is_cancelled() {
-                return Err(UnpackError::Cancelled);
+                return Err(RootError::Cancelled);
             }
             snaps.remove(&chain)?;
             report.snapshots.push(chain);

@@ -28,7 +28,7 @@ use crate::store::durable::Durability;
 use crate::store::images::ImageStore;
 use crate::store::lock::{FileLock, LockError};
 use crate::store::snapshot::Snapshotter;
-use error::UnpackError;
+use error::RootError;
 use flight::Flights;
 
 /// How a root works.
@@ -92,10 +92,10 @@ pub(crate) struct Parts {
     pub(crate) snapshots: Snapshotter,
     pub(crate) images: ImageStore,
     pub(crate) locks: OwnedFd,
-    pub(crate) flights: Flights<(), Arc<UnpackError>>,
+    pub(crate) flights: Flights<(), Arc<RootError>>,
     /// Concurrent pulls of one reference share one resolution (and its
     /// registry client, documents and token).
-    pub(crate) resolves: Flights<pull::Resolved, Arc<UnpackError>>,
+    pub(crate) resolves: Flights<pull::Resolved, Arc<RootError>>,
     pub(crate) opts: RootOptions,
     pub(crate) stats: Stats,
     pub(crate) permits: unpack::Permits,
@@ -122,13 +122,13 @@ impl Context {
     }
 
     /// Opens (creating) the stores of the root at `dir`.
-    pub(crate) fn open(dir: &Path, opts: RootOptions) -> Result<Context, UnpackError> {
+    pub(crate) fn open(dir: &Path, opts: RootOptions) -> Result<Context, RootError> {
         let content = ContentStore::open(dir, opts.durability != Durability::None)?;
         let snapshots = Snapshotter::open(dir)?;
         let images = ImageStore::open(dir)?;
         let locks_dir = dir.join("locks");
         let locks =
-            crate::store::statedir::open_dir(&locks_dir).map_err(|source| UnpackError::Lock {
+            crate::store::statedir::open_dir(&locks_dir).map_err(|source| RootError::Lock {
                 path: locks_dir,
                 source,
             })?;
@@ -158,22 +158,22 @@ impl Context {
 
     /// Takes `ROOT/gc.lock`: exclusive for gc, shared for whatever creates
     /// something gc must not see half-made.
-    pub(crate) fn gc_lock(&self, exclusive: bool, cancel: &Cancel) -> Result<GcGuard, UnpackError> {
+    pub(crate) fn gc_lock(&self, exclusive: bool, cancel: &Cancel) -> Result<GcGuard, RootError> {
         let path = &self.0.gc_lock_path;
         let fd = rfs::open(
             path,
             OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
-        .map_err(|e| UnpackError::lock(path.clone(), LockError::Io(e.into())))?;
+        .map_err(|e| RootError::lock(path.clone(), LockError::Io(e.into())))?;
         let fd = crate::store::lock::flock_wait(fd, exclusive, cancel)
-            .map_err(|e| UnpackError::lock(path.clone(), e))?;
+            .map_err(|e| RootError::lock(path.clone(), e))?;
         Ok(GcGuard { _fd: fd })
     }
 
     /// Takes the lock file `name` of a flight.
-    pub(crate) fn file_lock(&self, name: &str, cancel: &Cancel) -> Result<FileLock, UnpackError> {
+    pub(crate) fn file_lock(&self, name: &str, cancel: &Cancel) -> Result<FileLock, RootError> {
         FileLock::acquire(&self.0.locks, name, cancel)
-            .map_err(|e| UnpackError::lock(self.0.dir.join("locks").join(name), e))
+            .map_err(|e| RootError::lock(self.0.dir.join("locks").join(name), e))
     }
 }

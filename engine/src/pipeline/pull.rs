@@ -17,7 +17,7 @@ use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
 use crate::oci::image::{Image, Platform};
 use crate::oci::reference::Reference;
-use crate::pipeline::error::UnpackError;
+use crate::pipeline::error::RootError;
 use crate::pipeline::flight::Key;
 use crate::pipeline::unpack::{Progress, Unpacked};
 use crate::pipeline::Context;
@@ -77,7 +77,7 @@ impl Context {
         opts: &PullOptions,
         progress: Option<Arc<dyn Progress>>,
         cancel: &Cancel,
-    ) -> Result<Pulled, UnpackError> {
+    ) -> Result<Pulled, RootError> {
         let key = Key::Resolve(Digest::of(
             format!(
                 "{reference}\n{:?}\n{:?}\n{:?}\n{}",
@@ -88,7 +88,7 @@ impl Context {
             )
             .as_bytes(),
         ));
-        let adopt = |e: &Arc<UnpackError>| !crate::pipeline::unpack::is_cancel(e);
+        let adopt = |e: &Arc<RootError>| !crate::pipeline::unpack::is_cancel(e);
         let r = self.0.resolves.run(key, cancel, adopt, || {
             self.resolve(reference, opts, cancel).map_err(Arc::new)
         });
@@ -123,12 +123,12 @@ impl Context {
         reference: &Reference,
         opts: &PullOptions,
         cancel: &Cancel,
-    ) -> Result<Resolved, UnpackError> {
+    ) -> Result<Resolved, RootError> {
         let t0 = Instant::now();
         let remote = Arc::new(Remote::new(reference, &opts.remote)?);
         let (digest, media_type) = remote.resolve(cancel).map_err(|mut e| {
             e.message = format!("resolve {reference}: {}", e.message);
-            UnpackError::Source(e)
+            RootError::Source(e)
         })?;
         let docs = StoreFirst {
             root: self,

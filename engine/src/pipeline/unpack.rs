@@ -37,7 +37,7 @@ use crate::cancel::Cancel;
 use crate::layer::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
 use crate::oci::digest::Digest;
 use crate::oci::image::{Image, Layer, LayerKind};
-use crate::pipeline::error::UnpackError;
+use crate::pipeline::error::RootError;
 use crate::pipeline::fetch::{FetchError, Growing};
 use crate::pipeline::flight::{FlightError, Key, Role};
 use crate::pipeline::Context;
@@ -87,7 +87,7 @@ pub struct Unpacked {
 }
 
 /// How one layer of an unpack ended.
-type LayerResult = Result<Role, Arc<UnpackError>>;
+type LayerResult = Result<Role, Arc<RootError>>;
 
 /// How many layer workers one unpack runs: enough for every apply permit,
 /// every download slot and as many layers again waiting for the commits
@@ -130,11 +130,11 @@ impl Permits {
         *g -= 1;
     }
 
-    fn acquire(&self, cancel: &Cancel) -> Result<PermitGuard<'_>, UnpackError> {
+    fn acquire(&self, cancel: &Cancel) -> Result<PermitGuard<'_>, RootError> {
         let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *g == 0 {
             if cancel.is_cancelled() {
-                return Err(UnpackError::Cancelled);
+                return Err(RootError::Cancelled);
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
@@ -204,7 +204,7 @@ impl std::fmt::Debug for Below {
 }
 
 impl LowerLayers for Below {
-    fn dirs(&self) -> Result<Vec<PathBuf>, crate::layer::error::Error> {
+    fn dirs(&self) -> Result<Vec<PathBuf>, crate::layer::error::ApplyError> {
         let Some(parent) = self.index.checked_sub(1) else {
             return Ok(Vec::new());
         };
@@ -214,14 +214,14 @@ impl LowerLayers for Below {
         let waited = ensure_layer(&self.job, parent);
         permits.resume();
         waited.map_err(|e| {
-            crate::layer::error::Error::fs(
+            crate::layer::error::ApplyError::fs(
                 "wait for the layers below",
                 std::io::Error::other(e.to_string()),
             )
         })?;
         let chain = self.job.image.layers[parent].chain_id;
         self.job.root.0.snapshots.lower_dirs(&chain).map_err(|e| {
-            crate::layer::error::Error::fs("list the layers below", std::io::Error::other(e))
+            crate::layer::error::ApplyError::fs("list the layers below", std::io::Error::other(e))
         })
     }
 }
@@ -237,7 +237,7 @@ impl Context {
         image: &Image,
         name: &str,
         cancel: &Cancel,
-    ) -> Result<Unpacked, UnpackError> {
+    ) -> Result<Unpacked, RootError> {
         self.unpack_observed(source, image, name, None, cancel)
     }
 
@@ -249,7 +249,7 @@ impl Context {
         name: &str,
         progress: Option<Arc<dyn Progress>>,
         cancel: &Cancel,
-    ) -> Result<Unpacked, UnpackError> {
+    ) -> Result<Unpacked, RootError> {
         let _gc = self.gc_lock(false, cancel)?;
         for d in [image.manifest, image.config] {
             self.import_small(source.as_ref(), &d)?;
@@ -279,9 +279,9 @@ impl Context {
         let slots: Vec<Mutex<Option<LayerResult>>> =
             (already..n).map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(already);
-        let spawned = std::thread::scope(|s| -> Result<(), UnpackError> {
+        let spawned = std::thread::scope(|s| -> Result<(), RootError> {
             let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(0);
-            let thread = |what| move |source| UnpackError::Thread { what, source };
+            let thread = |what| move |source| RootError::Thread { what, source };
             // The caller's cancel stops this job's layers.
             let watcher = {
                 let job = job.clone();
@@ -305,7 +305,7 @@ impl Context {
                     break;
                 }
                 let r = if job.cancel.is_cancelled() {
-                    Err(Arc::new(UnpackError::Cancelled))
+                    Err(Arc::new(RootError::Cancelled))
                 } else {
                     ensure_layer(&job, i)
                 };
@@ -354,11 +354,11 @@ impl Context {
             .map(|m| {
                 m.into_inner()
                     .unwrap_or_else(|p| p.into_inner())
-                    .unwrap_or(Err(Arc::new(UnpackError::Cancelled)))
+                    .unwrap_or(Err(Arc::new(RootError::Cancelled)))
             })
             .collect();
         let mut roles = Vec::new();
-        let mut first_err: Option<Arc<UnpackError>> = None;
+        let mut first_err: Option<Arc<RootError>> = None;
         for (i, r) in results.into_iter().enumerate() {
             match r {
                 Ok(role) => roles.push((image.layers[already + i].chain_id, role)),
@@ -376,7 +376,7 @@ impl Context {
         }
         if let Some(e) = first_err {
             if cancel.is_cancelled() {
-                return Err(UnpackError::Cancelled);
+                return Err(RootError::Cancelled);
             }
             return Err(unshare(e));
         }
@@ -415,7 +415,7 @@ impl Context {
     }
 
     /// Copies a small blob (manifest, config) into the content store.
-    fn import_small(&self, source: &dyn BlobSource, d: &Digest) -> Result<(), UnpackError> {
+    fn import_small(&self, source: &dyn BlobSource, d: &Digest) -> Result<(), RootError> {
         if self.0.content.contains(d) {
             return Ok(());
         }
@@ -436,15 +436,15 @@ fn source_error(
     d: &Digest,
     e: crate::source::SourceError,
     hint: &'static str,
-) -> UnpackError {
+) -> RootError {
     if e.kind == crate::source::SourceErrorKind::NotFound {
-        UnpackError::MissingBlob {
+        RootError::MissingBlob {
             digest: *d,
             place: source.describe(),
             hint,
         }
     } else {
-        UnpackError::Fetch(FetchError::Source {
+        RootError::Fetch(FetchError::Source {
             digest: *d,
             source: e,
         })
@@ -454,39 +454,39 @@ fn source_error(
 /// A flight's outcome as this crate passes it on: a waiter's own
 /// cancellation is an error like any other.
 pub(crate) fn flown<T>(
-    r: Result<(T, Role), FlightError<Arc<UnpackError>>>,
-) -> Result<(T, Role), Arc<UnpackError>> {
+    r: Result<(T, Role), FlightError<Arc<RootError>>>,
+) -> Result<(T, Role), Arc<RootError>> {
     match r {
         Ok(v) => Ok(v),
-        Err(FlightError::Cancelled) => Err(Arc::new(UnpackError::Cancelled)),
+        Err(FlightError::Cancelled) => Err(Arc::new(RootError::Cancelled)),
         Err(FlightError::Failed(e)) => Err(e),
     }
 }
 
-pub(crate) fn is_cancel(e: &UnpackError) -> bool {
+pub(crate) fn is_cancel(e: &RootError) -> bool {
     match e {
-        UnpackError::Cancelled => true,
-        UnpackError::Apply(a) => matches!(a.kind, crate::layer::error::ErrorKind::Cancelled),
-        UnpackError::Shared(s) => is_cancel(s),
-        UnpackError::Layer { source, .. } => is_cancel(source),
+        RootError::Cancelled => true,
+        RootError::Apply(a) => matches!(a.kind, crate::layer::error::ErrorKind::Cancelled),
+        RootError::Shared(s) => is_cancel(s),
+        RootError::Layer { source, .. } => is_cancel(source),
         _ => false,
     }
 }
 
 /// An error this caller owns alone becomes a plain error again.
-pub(crate) fn unshare(e: Arc<UnpackError>) -> UnpackError {
-    Arc::try_unwrap(e).unwrap_or_else(UnpackError::Shared)
+pub(crate) fn unshare(e: Arc<RootError>) -> RootError {
+    Arc::try_unwrap(e).unwrap_or_else(RootError::Shared)
 }
 
 /// Makes sure layer `i` of the job is committed: joins (or leads) its
 /// flight.
-fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<UnpackError>> {
+fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<RootError>> {
     let layer = &job.image.layers[i];
     let root = &job.root.0;
     if root.snapshots.stat(&layer.chain_id).is_ok() {
         return Ok(Role::Waited);
     }
-    let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
+    let adopt = |e: &Arc<RootError>| e.content_fault() == Some(layer.digest);
     let r = root
         .flights
         .run(Key::Snapshot(layer.chain_id), &job.cancel, adopt, || {
@@ -497,24 +497,24 @@ fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<UnpackError>> {
 
 /// The leader's work for layer `i`: apply into a fresh active snapshot,
 /// wait for the parent, commit.
-fn lead_layer(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
+fn lead_layer(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
     let digest = job.image.layers[i].digest;
     lead_layer_inner(job, i).map_err(|e| match e {
         // These name the layer already, or are not about it.
-        UnpackError::Apply(_)
-        | UnpackError::MissingBlob { .. }
-        | UnpackError::Content(crate::store::content::ContentError::DigestMismatch { .. })
-        | UnpackError::Shared(_)
-        | UnpackError::Layer { .. }
-        | UnpackError::Cancelled => e,
-        other => UnpackError::Layer {
+        RootError::Apply(_)
+        | RootError::MissingBlob { .. }
+        | RootError::Content(crate::store::content::ContentError::DigestMismatch { .. })
+        | RootError::Shared(_)
+        | RootError::Layer { .. }
+        | RootError::Cancelled => e,
+        other => RootError::Layer {
             digest,
             source: Box::new(other),
         },
     })
 }
 
-fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
+fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
     let layer = &job.image.layers[i];
     let root = &job.root;
     let _lock = root.file_lock(&Key::Snapshot(layer.chain_id).lock_name(), &job.cancel)?;
@@ -533,7 +533,7 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
             Durability::Syncfs => root.0.snapshots.sync_active(&active)?,
             Durability::Written => {
                 crate::store::durable::sync_tree(active.dir()).map_err(|e| {
-                    UnpackError::Snapshot(crate::store::snapshot::SnapshotError::Io {
+                    RootError::Snapshot(crate::store::snapshot::SnapshotError::Io {
                         op: "sync",
                         path: active.dir().to_path_buf(),
                         source: e,
@@ -567,7 +567,7 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), UnpackError> {
 /// apply fails unless it matches its digest: a local file is applied in
 /// place while a second thread copies it; a remote blob is downloaded into
 /// the store while the apply reads the same file as it grows.
-fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError> {
+fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> {
     let layer = &job.image.layers[i];
     let root = &job.root;
     let stored = root.0.content.contains(&layer.digest);
@@ -631,13 +631,13 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
                 (None, None) => unreachable!("a blob is local or downloaded"),
             };
             let r = apply_layer(input, &dest, &opts)
-                .map_err(|e| UnpackError::Apply(e.relabel(&layer.digest.to_string())));
+                .map_err(|e| RootError::Apply(e.relabel(&layer.digest.to_string())));
             drop(permit);
             r
         });
         let ingested = match ing {
             None => Ok(()),
-            Some(Ok(h)) => h.join().unwrap_or(Err(Arc::new(UnpackError::Cancelled))),
+            Some(Ok(h)) => h.join().unwrap_or(Err(Arc::new(RootError::Cancelled))),
             Some(Err(done)) => done,
         };
         (applied, ingested)
@@ -646,7 +646,7 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
     // the apply said about it.
     ingested.map_err(unshare)?;
     if applied.is_err() && job.cancel.is_cancelled() {
-        return Err(UnpackError::Cancelled);
+        return Err(RootError::Cancelled);
     }
     let report = applied?;
     if !report.warnings.is_empty() {
@@ -664,14 +664,10 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), UnpackError
 /// Copies layer `i`'s blob into the content store once (flight `Blob`),
 /// feeding `growing` (a download's readers) with the file or, when
 /// another caller or process got the blob, with the published blob.
-fn ensure_blob(
-    job: &Arc<Job>,
-    i: usize,
-    growing: Option<&Growing>,
-) -> Result<(), Arc<UnpackError>> {
+fn ensure_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), Arc<RootError>> {
     let layer = &job.image.layers[i];
     let root = &job.root;
-    let adopt = |e: &Arc<UnpackError>| e.content_fault() == Some(layer.digest);
+    let adopt = |e: &Arc<RootError>| e.content_fault() == Some(layer.digest);
     let r = root
         .0
         .flights
@@ -692,13 +688,13 @@ fn ensure_blob(
 
 /// The `Blob` flight leader's work: a download slot, the blob's lock
 /// file, then the copy (unless another process finished it meanwhile).
-fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), UnpackError> {
+fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), RootError> {
     let layer = &job.image.layers[i];
     let root = &job.root.0;
     let _slot = root
         .downloads
         .acquire(i as u64, &job.cancel)
-        .ok_or(UnpackError::Cancelled)?;
+        .ok_or(RootError::Cancelled)?;
     let _lock = job
         .root
         .file_lock(&Key::Blob(layer.digest).lock_name(), &job.cancel)?;
@@ -726,7 +722,7 @@ fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(),
         Err(FetchError::Source { digest, source }) => {
             Err(source_error(job.source.as_ref(), &digest, source, hint))
         }
-        Err(FetchError::Content(c)) => Err(UnpackError::Content(c)),
-        Err(FetchError::Cancelled) => Err(UnpackError::Cancelled),
+        Err(FetchError::Content(c)) => Err(RootError::Content(c)),
+        Err(FetchError::Cancelled) => Err(RootError::Cancelled),
     }
 }

@@ -21,7 +21,7 @@ use super::dirs::{self, Dirs, Missing};
 use super::lower::{copy_up, LowerLayers};
 use super::path::{normalize, split};
 use crate::cancel::Cancel;
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 use crate::layer::fsops::{Backend, Done, Job, Meta, NodeKind, Op};
 use crate::layer::stream::{Chunk, Source};
 use crate::layer::tar::{Entry, Kind, Reader};
@@ -153,7 +153,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         w
     }
 
-    fn meta(&mut self, e: &Entry) -> Result<Meta, Error> {
+    fn meta(&mut self, e: &Entry) -> Result<Meta, ApplyError> {
         let mut xattrs = Vec::with_capacity(e.xattrs.len());
         for (k, v) in &e.xattrs {
             if OVERLAY_XATTRS.iter().any(|p| k.starts_with(p)) {
@@ -176,8 +176,9 @@ impl<'a, B: Backend> Applier<'a, B> {
                 }
                 continue;
             }
-            let k = CString::new(k.clone())
-                .map_err(|_| Error::new(ErrorKind::Pax("xattr name contains a NUL byte".into())))?;
+            let k = CString::new(k.clone()).map_err(|_| {
+                ApplyError::new(ErrorKind::Pax("xattr name contains a NUL byte".into()))
+            })?;
             xattrs.push((k, v.clone()));
         }
         Ok(Meta {
@@ -191,17 +192,17 @@ impl<'a, B: Backend> Applier<'a, B> {
 
     /// Runs the pending batch; the first failure (in job order) is the
     /// error.
-    pub fn flush(&mut self) -> Result<(), Error> {
+    pub fn flush(&mut self) -> Result<(), ApplyError> {
         if self.pending.is_empty() {
             return Ok(());
         }
         self.backend.run(&mut self.pending, &mut self.done);
-        let mut first: Option<(usize, Error)> = None;
+        let mut first: Option<(usize, ApplyError)> = None;
         for d in self.done.drain(..) {
             if let Err(oe) = d.result {
                 if first.as_ref().is_none_or(|(id, _)| d.id < *id) {
                     let (name, off) = &self.ctx[d.id];
-                    first = Some((d.id, Error::fs(oe.op, oe.err).at(Some(name), *off)));
+                    first = Some((d.id, ApplyError::fs(oe.op, oe.err).at(Some(name), *off)));
                 }
             }
         }
@@ -238,7 +239,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         dir: Arc<OwnedFd>,
         name: CString,
         op: Op<'a>,
-    ) -> Result<Option<OwnedFd>, Error> {
+    ) -> Result<Option<OwnedFd>, ApplyError> {
         debug_assert!(self.pending.is_empty());
         let mut jobs = vec![Job {
             id: 0,
@@ -250,15 +251,15 @@ impl<'a, B: Backend> Applier<'a, B> {
         let d = self
             .done
             .pop()
-            .ok_or_else(|| Error::fs("backend", Errno::IO.into()))?;
+            .ok_or_else(|| ApplyError::fs("backend", Errno::IO.into()))?;
         self.done.clear();
         d.result
-            .map_err(|oe| Error::fs(oe.op, oe.err).at(Some(who.0), who.1))
+            .map_err(|oe| ApplyError::fs(oe.op, oe.err).at(Some(who.0), who.1))
     }
 
     /// The parent directory of `parent`, creating missing ones (0755,
     /// root-owned like containerd and GNU tar as root make them).
-    fn parent(&mut self, e: &Entry, parent: &[u8]) -> Result<Arc<OwnedFd>, Error> {
+    fn parent(&mut self, e: &Entry, parent: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
         if !self.dirs.is_cached(parent) {
             // A pending job may create or replace something on the way.
             self.flush()?;
@@ -266,7 +267,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         let chown = self.same_owner;
         let backend = &mut self.backend;
         let done = &mut self.done;
-        let mut mk = |dir: &Arc<OwnedFd>, name: &CStr| -> Result<(), Error> {
+        let mut mk = |dir: &Arc<OwnedFd>, name: &CStr| -> Result<(), ApplyError> {
             let mut jobs = vec![Job {
                 id: 0,
                 dir: dir.clone(),
@@ -278,8 +279,8 @@ impl<'a, B: Backend> Applier<'a, B> {
             done.clear();
             match r {
                 Some(Ok(_)) => Ok(()),
-                Some(Err(oe)) => Err(Error::fs(oe.op, oe.err)),
-                None => Err(Error::fs("backend", Errno::IO.into())),
+                Some(Err(oe)) => Err(ApplyError::fs(oe.op, oe.err)),
+                None => Err(ApplyError::fs("backend", Errno::IO.into())),
             }
         };
         self.dirs
@@ -290,7 +291,7 @@ impl<'a, B: Backend> Applier<'a, B> {
     /// Before an entry lands on `path`: if `path` is (or was) a directory
     /// this apply knows, whatever is pending runs first and every cached fd
     /// and delayed metadata at or below it is forgotten.
-    fn replacing(&mut self, path: &[u8]) -> Result<(), Error> {
+    fn replacing(&mut self, path: &[u8]) -> Result<(), ApplyError> {
         if self.pending_paths.contains(path) {
             self.flush()?;
         }
@@ -307,16 +308,20 @@ impl<'a, B: Backend> Applier<'a, B> {
     }
 
     /// Applies one entry; its data are read from `r`.
-    pub fn entry<S: Source<'a>>(&mut self, r: &mut Reader<'a, S>, e: Entry) -> Result<(), Error> {
+    pub fn entry<S: Source<'a>>(
+        &mut self,
+        r: &mut Reader<'a, S>,
+        e: Entry,
+    ) -> Result<(), ApplyError> {
         self.counts.entries += 1;
-        let at = |err: Error| err.at(Some(&e.path), e.offset);
+        let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
-            return Err(at(Error::new(ErrorKind::Cancelled)));
+            return Err(at(ApplyError::new(ErrorKind::Cancelled)));
         }
         let path = normalize(&e.path).map_err(at)?;
         if path.is_empty() {
             if e.kind != Kind::Dir {
-                return Err(at(Error::new(ErrorKind::UnsafePath(
+                return Err(at(ApplyError::new(ErrorKind::UnsafePath(
                     "a non-directory entry would replace the layer root".into(),
                 ))));
             }
@@ -327,7 +332,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         let (parent, base) = split(&path);
         let (parent, base) = (parent.to_vec(), base.to_vec());
         let name = CString::new(base.clone())
-            .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in name".into()))))?;
+            .map_err(|_| at(ApplyError::new(ErrorKind::UnsafePath("NUL in name".into()))))?;
 
         if let Some(wh) = base.strip_prefix(WH) {
             return self.whiteout(&e, &parent, &base, wh);
@@ -356,7 +361,7 @@ impl<'a, B: Backend> Applier<'a, B> {
             Kind::File => self.sparse_file(r, &e, dir, name)?,
             Kind::Symlink => {
                 let target = CString::new(e.link.clone()).map_err(|_| {
-                    at(Error::new(ErrorKind::UnsafePath(
+                    at(ApplyError::new(ErrorKind::UnsafePath(
                         "NUL in symlink target".into(),
                     )))
                 })?;
@@ -383,7 +388,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         path: Vec<u8>,
         meta: Option<Meta>,
         opaque: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<(), ApplyError> {
         // Counted on every update, never given back: a bound, not a tally.
         self.delayed_bytes += path.len()
             + e.path.len()
@@ -396,7 +401,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         if (self.delayed.len() >= MAX_DELAYED_DIRS && !self.delayed.contains_key(&path))
             || self.delayed_bytes > MAX_DELAYED_BYTES
         {
-            return Err(Error::new(ErrorKind::Limit(format!(
+            return Err(ApplyError::new(ErrorKind::Limit(format!(
                 "directory metadata held until the end of the layer exceeds {MAX_DELAYED_DIRS} \
                  directories or {MAX_DELAYED_BYTES} bytes"
             )))
@@ -417,8 +422,14 @@ impl<'a, B: Backend> Applier<'a, B> {
         Ok(())
     }
 
-    fn whiteout(&mut self, e: &Entry, parent: &[u8], base: &[u8], wh: &[u8]) -> Result<(), Error> {
-        let at = |err: Error| err.at(Some(&e.path), e.offset);
+    fn whiteout(
+        &mut self,
+        e: &Entry,
+        parent: &[u8],
+        base: &[u8],
+        wh: &[u8],
+    ) -> Result<(), ApplyError> {
+        let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         if base == OPAQUE {
             // The directory holding the marker hides the layers below.
             self.flush()?;
@@ -431,7 +442,7 @@ impl<'a, B: Backend> Applier<'a, B> {
             return Ok(());
         }
         if wh.is_empty() || wh == b"." || wh == b".." {
-            return Err(at(Error::new(ErrorKind::Whiteout(format!(
+            return Err(at(ApplyError::new(ErrorKind::Whiteout(format!(
                 "{:?} names no file",
                 String::from_utf8_lossy(base)
             )))));
@@ -445,7 +456,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         self.replacing(&target)?;
         let dir = self.parent(e, parent)?;
         let name = CString::new(wh)
-            .map_err(|_| at(Error::new(ErrorKind::Whiteout("NUL in name".into()))))?;
+            .map_err(|_| at(ApplyError::new(ErrorKind::Whiteout("NUL in name".into()))))?;
         let meta = Meta {
             owner: self.same_owner.then_some((e.uid, e.gid)),
             ..Meta::default()
@@ -470,8 +481,8 @@ impl<'a, B: Backend> Applier<'a, B> {
         path: Vec<u8>,
         parent: &[u8],
         name: CString,
-    ) -> Result<(), Error> {
-        let at = |err: Error| err.at(Some(&e.path), e.offset);
+    ) -> Result<(), ApplyError> {
+        let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         self.replacing(&path)?;
         let dir = self.parent(e, parent)?;
         let meta = self.meta(e).map_err(at)?;
@@ -516,7 +527,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         mut first: Option<Chunk<'a>>,
         size: u64,
         meta: Meta,
-    ) -> Result<(), Error> {
+    ) -> Result<(), ApplyError> {
         let fd = self.open(e, dir, name)?;
         let max = r.max_chunk() as u64;
         for &(off, len) in extents {
@@ -527,10 +538,10 @@ impl<'a, B: Backend> Applier<'a, B> {
                     None => r.read((end - at).min(max) as usize)?,
                 };
                 if c.is_empty() {
-                    return Err(
-                        Error::new(ErrorKind::Truncated("file data ends early".into()))
-                            .at(Some(&e.path), e.offset),
-                    );
+                    return Err(ApplyError::new(ErrorKind::Truncated(
+                        "file data ends early".into(),
+                    ))
+                    .at(Some(&e.path), e.offset));
                 }
                 let n = c.len() as u64;
                 let op = Op::Write {
@@ -551,10 +562,15 @@ impl<'a, B: Backend> Applier<'a, B> {
         Ok(())
     }
 
-    fn open(&mut self, e: &Entry, dir: Arc<OwnedFd>, name: CString) -> Result<Arc<OwnedFd>, Error> {
-        let fd = self
-            .run_now(who(e), dir, name, Op::Open)?
-            .ok_or_else(|| Error::fs("open file", Errno::IO.into()).at(Some(&e.path), e.offset))?;
+    fn open(
+        &mut self,
+        e: &Entry,
+        dir: Arc<OwnedFd>,
+        name: CString,
+    ) -> Result<Arc<OwnedFd>, ApplyError> {
+        let fd = self.run_now(who(e), dir, name, Op::Open)?.ok_or_else(|| {
+            ApplyError::fs("open file", Errno::IO.into()).at(Some(&e.path), e.offset)
+        })?;
         Ok(Arc::new(fd))
     }
 
@@ -564,7 +580,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         e: &Entry,
         dir: Arc<OwnedFd>,
         name: CString,
-    ) -> Result<(), Error> {
+    ) -> Result<(), ApplyError> {
         let Some(sp) = &e.sparse else {
             return Ok(());
         };
@@ -582,11 +598,11 @@ impl<'a, B: Backend> Applier<'a, B> {
         path: &[u8],
         dir: Arc<OwnedFd>,
         name: CString,
-    ) -> Result<(), Error> {
-        let at = |err: Error| err.at(Some(&e.path), e.offset);
+    ) -> Result<(), ApplyError> {
+        let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         let target = normalize(&e.link).map_err(at)?;
         if target.is_empty() {
-            return Err(at(Error::new(ErrorKind::UnsafePath(
+            return Err(at(ApplyError::new(ErrorKind::UnsafePath(
                 "hard link to the layer root".into(),
             ))));
         }
@@ -615,20 +631,20 @@ impl<'a, B: Backend> Applier<'a, B> {
         target: &[u8],
         dir: Arc<OwnedFd>,
         name: CString,
-    ) -> Result<(), Error> {
-        let at = |err: Error| err.at(Some(&e.path), e.offset);
+    ) -> Result<(), ApplyError> {
+        let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         let (tparent, tbase) = split(target);
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
             at(match err.kind {
                 ErrorKind::Fs { op, source } => {
-                    Error::fs(format!("hard link target {link:?}: {op}"), source)
+                    ApplyError::fs(format!("hard link target {link:?}: {op}"), source)
                 }
-                other => Error::new(other),
+                other => ApplyError::new(other),
             })
         })?;
         let tname = CString::new(tbase)
-            .map_err(|_| at(Error::new(ErrorKind::UnsafePath("NUL in link".into()))))?;
+            .map_err(|_| at(ApplyError::new(ErrorKind::UnsafePath("NUL in link".into()))))?;
         // A whiteout this layer made is a deletion, not a file: linking to
         // it would make a second whiteout under the link's name. GNU tar
         // extracting the flattened tree fails the same way ("Cannot hard
@@ -638,7 +654,7 @@ impl<'a, B: Backend> Applier<'a, B> {
                 == rustix::fs::FileType::CharacterDevice
                 && st.st_rdev == 0
             {
-                return Err(at(Error::new(ErrorKind::Hardlink(format!(
+                return Err(at(ApplyError::new(ErrorKind::Hardlink(format!(
                     "target {:?} does not exist: this layer deleted it with a whiteout",
                     String::from_utf8_lossy(&e.link)
                 )))));
@@ -658,7 +674,7 @@ impl<'a, B: Backend> Applier<'a, B> {
 
     /// Restores delayed directory metadata and opaque markers, deepest
     /// directories first, after everything else of the layer is written.
-    pub fn finish(mut self) -> Result<Counts, Error> {
+    pub fn finish(mut self) -> Result<Counts, ApplyError> {
         self.flush()?;
         let mut all: Vec<(Vec<u8>, Delayed)> =
             std::mem::take(&mut self.delayed).into_iter().collect();
@@ -676,9 +692,8 @@ impl<'a, B: Backend> Applier<'a, B> {
                     // Replaced by a non-directory later in the layer.
                     Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => continue,
                     Err(err) => {
-                        return Err(
-                            Error::fs("open directory", err.into()).at(Some(&d.name), d.offset)
-                        );
+                        return Err(ApplyError::fs("open directory", err.into())
+                            .at(Some(&d.name), d.offset));
                     }
                 }
             };
@@ -693,6 +708,6 @@ impl<'a, B: Backend> Applier<'a, B> {
 }
 
 /// Whether an error says a hard link's target does not exist.
-fn is_missing(err: &Error) -> bool {
+fn is_missing(err: &ApplyError) -> bool {
     matches!(&err.kind, ErrorKind::Fs { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 use crate::layer::fsops::syscalls::open_dir;
 
 /// Most directory fds kept open; past it the cache starts over (jobs in
@@ -33,7 +33,7 @@ use crate::layer::fsops::syscalls::open_dir;
 const MAX_CACHED: usize = 256;
 
 /// Creates a missing directory: (parent fd, name).
-pub type MakeDir<'f> = dyn FnMut(&Arc<OwnedFd>, &CStr) -> Result<(), Error> + 'f;
+pub type MakeDir<'f> = dyn FnMut(&Arc<OwnedFd>, &CStr) -> Result<(), ApplyError> + 'f;
 
 /// What to do about a missing directory on the way.
 pub enum Missing<'f> {
@@ -53,13 +53,13 @@ fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
-fn cstr(comp: &[u8]) -> Result<CString, Error> {
+fn cstr(comp: &[u8]) -> Result<CString, ApplyError> {
     CString::new(comp)
-        .map_err(|_| Error::new(ErrorKind::UnsafePath("name contains a NUL byte".into())))
+        .map_err(|_| ApplyError::new(ErrorKind::UnsafePath("name contains a NUL byte".into())))
 }
 
-fn walk_err(op: &str, path: &[u8], e: Errno) -> Error {
-    Error::fs(format!("{op} {:?}", lossy(path)), e.into())
+fn walk_err(op: &str, path: &[u8], e: Errno) -> ApplyError {
+    ApplyError::fs(format!("{op} {:?}", lossy(path)), e.into())
 }
 
 impl Dirs {
@@ -92,7 +92,11 @@ impl Dirs {
     }
 
     /// Opens (and caches) the directory at normalized `path`.
-    pub fn get(&mut self, path: &[u8], missing: &mut Missing<'_>) -> Result<Arc<OwnedFd>, Error> {
+    pub fn get(
+        &mut self,
+        path: &[u8],
+        missing: &mut Missing<'_>,
+    ) -> Result<Arc<OwnedFd>, ApplyError> {
         if path.is_empty() {
             return Ok(self.root.clone());
         }
@@ -159,7 +163,7 @@ impl Dirs {
         path: &[u8],
         link_end: usize,
         missing: &mut Missing<'_>,
-    ) -> Result<Arc<OwnedFd>, Error> {
+    ) -> Result<Arc<OwnedFd>, ApplyError> {
         let mut ends: Vec<usize> = path[link_end..]
             .iter()
             .enumerate()
@@ -199,7 +203,7 @@ impl Dirs {
                 Err(e) => return Err(walk_err("resolve", prefix, e)),
             }
         }
-        Err(Error::fs(
+        Err(ApplyError::fs(
             format!("resolve {:?}: dangling symlink", lossy(&path[..link_end])),
             Errno::NOENT.into(),
         ))

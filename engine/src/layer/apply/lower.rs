@@ -24,26 +24,26 @@ use std::path::PathBuf;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 
 /// The layers below the one being applied, for hard links into them.
 pub trait LowerLayers: Send + Sync + fmt::Debug {
     /// Waits until every layer below is complete and returns their
     /// directories, top first.
-    fn dirs(&self) -> Result<Vec<PathBuf>, Error>;
+    fn dirs(&self) -> Result<Vec<PathBuf>, ApplyError>;
 }
 
 const OPAQUE_XATTR: &CStr = c"trusted.overlay.opaque";
 
-fn fs_err(op: &str, path: &[u8], e: Errno) -> Error {
-    Error::fs(
+fn fs_err(op: &str, path: &[u8], e: Errno) -> ApplyError {
+    ApplyError::fs(
         format!("copy up {:?}: {op}", String::from_utf8_lossy(path)),
         e.into(),
     )
 }
 
-fn not_found(path: &[u8], why: &str) -> Error {
-    Error::fs(
+fn not_found(path: &[u8], why: &str) -> ApplyError {
+    ApplyError::fs(
         format!("hard link target {:?} {why}", String::from_utf8_lossy(path)),
         Errno::NOENT.into(),
     )
@@ -74,7 +74,7 @@ pub fn copy_up(
     lowers: &[PathBuf],
     target: &[u8],
     same_owner: bool,
-) -> Result<(), Error> {
+) -> Result<(), ApplyError> {
     let comps: Vec<&[u8]> = target.split(|&b| b == b'/').collect();
     let (last, parents) = comps
         .split_last()
@@ -86,7 +86,7 @@ pub fn copy_up(
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| Error::fs(format!("open lower layer {}", l.display()), e.into()))?;
+        .map_err(|e| ApplyError::fs(format!("open lower layer {}", l.display()), e.into()))?;
         layers.push(fd);
     }
     let mut up = rustix::io::dup(upper).map_err(|e| fs_err("dup", target, e))?;
@@ -114,7 +114,7 @@ pub fn copy_up(
                     if FileType::from_raw_mode(st.st_mode) == FileType::Symlink
                         && next.is_empty() =>
                 {
-                    return Err(Error::new(ErrorKind::Invalid(format!(
+                    return Err(ApplyError::new(ErrorKind::Invalid(format!(
                         "hard link target {:?}: its parent {:?} is a symlink in a lower \
                          layer (not supported with parallel apply)",
                         String::from_utf8_lossy(target),
@@ -160,7 +160,7 @@ pub fn copy_up(
             Err(e) => return Err(fs_err("stat lower", target, e)),
             Ok(st) if is_whiteout(&st) => break,
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                return Err(Error::new(ErrorKind::Invalid(format!(
+                return Err(ApplyError::new(ErrorKind::Invalid(format!(
                     "hard link target {:?} is a directory",
                     String::from_utf8_lossy(target)
                 ))));

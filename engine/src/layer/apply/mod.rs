@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 
 use crate::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 use crate::layer::fsops::syscalls::Syscalls;
 use crate::layer::stream::{SliceSource, Source, StreamSource};
 use crate::layer::tar::Reader;
@@ -88,7 +88,7 @@ pub fn apply_layer(
     input: LayerInput,
     dest: &Path,
     opts: &ApplyOptions,
-) -> Result<ApplyReport, Error> {
+) -> Result<ApplyReport, ApplyError> {
     let name = match &input {
         LayerInput::Path(p) => p.display().to_string(),
         LayerInput::Stdin => "-".to_string(),
@@ -98,26 +98,30 @@ pub fn apply_layer(
     apply_inner(input, dest, opts).map_err(|e| e.layer(&name))
 }
 
-fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<ApplyReport, Error> {
+fn apply_inner(
+    input: LayerInput,
+    dest: &Path,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport, ApplyError> {
     std::fs::create_dir_all(dest)
-        .map_err(|e| Error::fs(format!("create {}", dest.display()), e))?;
+        .map_err(|e| ApplyError::fs(format!("create {}", dest.display()), e))?;
     let root = rfs::open(
         dest,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .map_err(|e| Error::fs(format!("open {}", dest.display()), e.into()))?;
+    .map_err(|e| ApplyError::fs(format!("open {}", dest.display()), e.into()))?;
     let same_owner = opts
         .same_owner
         .unwrap_or_else(|| rustix::process::geteuid().is_root());
     let report = match input {
         LayerInput::Path(p) => {
-            let f = File::open(&p).map_err(|e| Error::fs("open layer", e))?;
+            let f = File::open(&p).map_err(|e| ApplyError::fs("open layer", e))?;
             from_file(f, root, same_owner, opts)?
         }
         LayerInput::Stdin => {
             let fd = rustix::io::dup(std::io::stdin().as_fd())
-                .map_err(|e| Error::fs("read stdin", e.into()))?;
+                .map_err(|e| ApplyError::fs("read stdin", e.into()))?;
             from_file(File::from(fd), root, same_owner, opts)?
         }
         LayerInput::File(f) => from_file(f, root, same_owner, opts)?,
@@ -125,7 +129,7 @@ fn apply_inner(input: LayerInput, dest: &Path, opts: &ApplyOptions) -> Result<Ap
     };
     if let Some(want) = opts.diff_id {
         if want != report.diff_id {
-            return Err(Error::new(ErrorKind::DiffIdMismatch {
+            return Err(ApplyError::new(ErrorKind::DiffIdMismatch {
                 expected: want.to_string(),
                 actual: report.diff_id.to_string(),
             }));
@@ -139,15 +143,15 @@ fn from_file(
     root: OwnedFd,
     same_owner: bool,
     opts: &ApplyOptions,
-) -> Result<ApplyReport, Error> {
-    let st = rfs::fstat(&f).map_err(|e| Error::fs("stat layer", e.into()))?;
+) -> Result<ApplyReport, ApplyError> {
+    let st = rfs::fstat(&f).map_err(|e| ApplyError::fs("stat layer", e.into()))?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return from_reader(Box::new(f), root, same_owner, opts);
     }
     if st.st_size == 0 {
         return whole(&[], Compression::Plain, root, same_owner, opts);
     }
-    let map = crate::sys::map_layer(&f).map_err(|e| Error::fs("map layer", e))?;
+    let map = crate::sys::map_layer(&f).map_err(|e| ApplyError::fs("map layer", e))?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     let strategy = opts.decode.strategy;
     match comp {
@@ -169,7 +173,7 @@ fn from_reader(
     root: OwnedFd,
     same_owner: bool,
     opts: &ApplyOptions,
-) -> Result<ApplyReport, Error> {
+) -> Result<ApplyReport, ApplyError> {
     // Peek the magic without losing it.
     let mut head = [0u8; 16];
     let mut n = 0;
@@ -178,7 +182,7 @@ fn from_reader(
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::fs("read layer", e)),
+            Err(e) => return Err(ApplyError::fs("read layer", e)),
         }
     }
     let comp = Compression::detect(&head[..n])?;
@@ -193,16 +197,16 @@ fn whole(
     root: OwnedFd,
     same_owner: bool,
     opts: &ApplyOptions,
-) -> Result<ApplyReport, Error> {
+) -> Result<ApplyReport, ApplyError> {
     std::thread::scope(|s| {
         let hasher = std::thread::Builder::new()
             .name("unlade-hash".into())
             .spawn_scoped(s, || decode::hash_whole(buf))
-            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
+            .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
         let done = drive(SliceSource::new(buf), applier(root, same_owner, opts));
         let diff_id = hasher
             .join()
-            .map_err(|_| Error::fs("hash layer", io::Error::other("hasher panicked")))?;
+            .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?;
         let (counts, warnings) = done?;
         Ok(ApplyReport {
             diff_id,
@@ -223,7 +227,7 @@ fn streaming(
     root: OwnedFd,
     same_owner: bool,
     opts: &ApplyOptions,
-) -> Result<ApplyReport, Error> {
+) -> Result<ApplyReport, ApplyError> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     std::thread::scope(|s| {
@@ -241,11 +245,11 @@ fn streaming(
                     }
                 }
             })
-            .map_err(|e| Error::fs("start a thread to decode the layer", e))?;
+            .map_err(|e| ApplyError::fs("start a thread to decode the layer", e))?;
         let hasher = std::thread::Builder::new()
             .name("unlade-hash".into())
             .spawn_scoped(s, move || decode::hash_blocks(hrx))
-            .map_err(|e| Error::fs("start a thread to hash the layer", e))?;
+            .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
         let mut src_len = 0u64;
         let done = drive_stream(
             StreamSource::new(rx),
@@ -253,12 +257,12 @@ fn streaming(
             &mut src_len,
         );
         let panicked =
-            |what: &str| Error::fs(what.to_string(), io::Error::other("thread panicked"));
+            |what: &str| ApplyError::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
         let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
         let (counts, warnings) = done?;
         if !complete {
-            return Err(Error::fs(
+            return Err(ApplyError::fs(
                 "decode layer",
                 io::Error::other("decoder stopped early"),
             ));
@@ -284,7 +288,7 @@ fn drive_stream(
     src: StreamSource,
     mut ap: Applier<'_, Syscalls>,
     len: &mut u64,
-) -> Result<(Counts, Vec<String>), Error> {
+) -> Result<(Counts, Vec<String>), ApplyError> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
@@ -299,7 +303,7 @@ fn drive_stream(
 fn drive<'a, S: Source<'a>>(
     src: S,
     mut ap: Applier<'a, Syscalls>,
-) -> Result<(Counts, Vec<String>), Error> {
+) -> Result<(Counts, Vec<String>), ApplyError> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;

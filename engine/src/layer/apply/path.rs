@@ -13,30 +13,30 @@
 //! keeps the memory and directory fds of one entry's walk small however
 //! deep a PAX name nests.
 
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 
 /// Longest normalized entry or hard link target path, in bytes.
 pub const MAX_PATH: usize = 4095;
 
 /// Normalizes an archive name. Returns the path with single `/`
 /// separators, `""` for the root itself.
-pub fn normalize(name: &[u8]) -> Result<Vec<u8>, Error> {
+pub fn normalize(name: &[u8]) -> Result<Vec<u8>, ApplyError> {
     if name.is_empty() {
-        return Err(Error::new(ErrorKind::UnsafePath("empty name".into())));
+        return Err(ApplyError::new(ErrorKind::UnsafePath("empty name".into())));
     }
     let mut out = Vec::with_capacity(name.len());
     for comp in name.split(|&b| b == b'/') {
         match comp {
             b"" | b"." => {}
             b".." => {
-                return Err(Error::new(ErrorKind::UnsafePath(format!(
+                return Err(ApplyError::new(ErrorKind::UnsafePath(format!(
                     "{:?} has a '..' component",
                     String::from_utf8_lossy(name)
                 ))))
             }
             c => {
                 if c.contains(&0) {
-                    return Err(Error::new(ErrorKind::UnsafePath(
+                    return Err(ApplyError::new(ErrorKind::UnsafePath(
                         "name contains a NUL byte".into(),
                     )));
                 }
@@ -45,7 +45,7 @@ pub fn normalize(name: &[u8]) -> Result<Vec<u8>, Error> {
                 }
                 out.extend_from_slice(c);
                 if out.len() > MAX_PATH {
-                    return Err(Error::new(ErrorKind::Limit(format!(
+                    return Err(ApplyError::new(ErrorKind::Limit(format!(
                         "path longer than {MAX_PATH} bytes (PATH_MAX)"
                     ))));
                 }

@@ -24,7 +24,7 @@ use header::{cstr, is_zero, Header};
 
 use std::collections::BTreeMap;
 
-use crate::layer::error::{Error, ErrorKind};
+use crate::layer::error::{ApplyError, ErrorKind};
 use crate::layer::stream::{Chunk, Source};
 
 /// Largest PAX header or GNU long name/link data accepted, per header and
@@ -149,16 +149,18 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
 
     /// Reads the rest of the stream (after the end-of-archive marker), so
     /// that a hashing source has seen every byte, and returns the source.
-    pub fn finish(mut self) -> Result<S, Error> {
+    pub fn finish(mut self) -> Result<S, ApplyError> {
         let at = self.src.offset();
-        self.src.drain().map_err(|e| Error::from(e).at(None, at))?;
+        self.src
+            .drain()
+            .map_err(|e| ApplyError::from(e).at(None, at))?;
         Ok(self.src)
     }
 
     /// Reads up to `max` bytes of the current entry's data; an empty chunk
     /// once all of it has been read. A stream that ends early is an error
     /// naming the entry and offset.
-    pub fn read(&mut self, max: usize) -> Result<Chunk<'a>, Error> {
+    pub fn read(&mut self, max: usize) -> Result<Chunk<'a>, ApplyError> {
         if self.remaining == 0 {
             return Ok(Chunk::Owned(Vec::new()));
         }
@@ -167,7 +169,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         let c = self
             .src
             .data(want)
-            .map_err(|e| Error::from(e).at(Some(&self.current), at))?;
+            .map_err(|e| ApplyError::from(e).at(Some(&self.current), at))?;
         if c.is_empty() {
             return Err(self.truncated(format!(
                 "{} more bytes of file data expected",
@@ -188,35 +190,35 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         self.remaining
     }
 
-    fn truncated(&self, what: String) -> Error {
-        Error::new(ErrorKind::Truncated(what)).at(Some(&self.current), self.src.offset())
+    fn truncated(&self, what: String) -> ApplyError {
+        ApplyError::new(ErrorKind::Truncated(what)).at(Some(&self.current), self.src.offset())
     }
 
     /// Reads one whole block of `what`; a short read is a truncation.
-    fn read_full_block(&mut self, block: &mut [u8; BLOCK], what: &str) -> Result<(), Error> {
+    fn read_full_block(&mut self, block: &mut [u8; BLOCK], what: &str) -> Result<(), ApplyError> {
         let at = self.src.offset();
         let n = self
             .src
             .read_block(block)
-            .map_err(|e| Error::from(e).at(Some(&self.current), at))?;
+            .map_err(|e| ApplyError::from(e).at(Some(&self.current), at))?;
         if n < BLOCK {
             return Err(self.truncated(format!("inside {what}")));
         }
         Ok(())
     }
 
-    fn skip_exact(&mut self, n: u64, entry: &[u8]) -> Result<u64, Error> {
+    fn skip_exact(&mut self, n: u64, entry: &[u8]) -> Result<u64, ApplyError> {
         let at = self.src.offset();
         self.src
             .skip(n)
-            .map_err(|e| Error::from(e).at(Some(entry), at))
+            .map_err(|e| ApplyError::from(e).at(Some(entry), at))
     }
 
     /// Reads the whole data of an extension header (bounded by
     /// [`MAX_EXTENSION`]) and its padding.
-    fn read_ext(&mut self, size: u64, what: &str, at: u64) -> Result<Vec<u8>, Error> {
+    fn read_ext(&mut self, size: u64, what: &str, at: u64) -> Result<Vec<u8>, ApplyError> {
         if size > MAX_EXTENSION {
-            return Err(Error::new(ErrorKind::Limit(format!(
+            return Err(ApplyError::new(ErrorKind::Limit(format!(
                 "{what} of {size} bytes (max {MAX_EXTENSION})"
             )))
             .at(None, at));
@@ -227,10 +229,10 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             let c = self
                 .src
                 .data((size - out.len() as u64) as usize)
-                .map_err(|e| Error::from(e).at(None, pos))?;
+                .map_err(|e| ApplyError::from(e).at(None, pos))?;
             if c.is_empty() {
                 return Err(
-                    Error::new(ErrorKind::Truncated(format!("inside {what}"))).at(None, pos)
+                    ApplyError::new(ErrorKind::Truncated(format!("inside {what}"))).at(None, pos),
                 );
             }
             out.extend_from_slice(&c);
@@ -242,17 +244,17 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
     /// Reads the next block; `None` at the end of the archive (end of
     /// stream, or a zero block: a lone zero block ends the archive as it
     /// does for GNU tar, and anything after it is trailing data).
-    fn next_block(&mut self, block: &mut [u8; BLOCK]) -> Result<bool, Error> {
+    fn next_block(&mut self, block: &mut [u8; BLOCK]) -> Result<bool, ApplyError> {
         let at = self.src.offset();
         let n = self
             .src
             .read_block(block)
-            .map_err(|e| Error::from(e).at(None, at))?;
+            .map_err(|e| ApplyError::from(e).at(None, at))?;
         if n == 0 || is_zero(&block[..n]) {
             return Ok(false);
         }
         if n < BLOCK {
-            return Err(Error::new(ErrorKind::Truncated(format!(
+            return Err(ApplyError::new(ErrorKind::Truncated(format!(
                 "header block has only {n} of {BLOCK} bytes"
             )))
             .at(None, at));
@@ -261,7 +263,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
     }
 
     /// Returns the next entry, or `None` at the end of the archive.
-    pub fn next_entry(&mut self) -> Result<Option<Entry>, Error> {
+    pub fn next_entry(&mut self) -> Result<Option<Entry>, ApplyError> {
         if self.done {
             return Ok(None);
         }
@@ -299,7 +301,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             if !self.next_block(&mut block)? {
                 self.done = true;
                 if !locals.is_empty() || long_name.is_some() || long_link.is_some() {
-                    return Err(Error::new(ErrorKind::Truncated(
+                    return Err(ApplyError::new(ErrorKind::Truncated(
                         "archive ends after an extension header".into(),
                     ))
                     .at(long_name.as_deref(), hdr_at));
@@ -308,7 +310,8 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             }
             let h = Header(&block);
             let name_for_err = h.name();
-            let herr = |e: String| Error::new(ErrorKind::Header(e)).at(Some(&name_for_err), hdr_at);
+            let herr =
+                |e: String| ApplyError::new(ErrorKind::Header(e)).at(Some(&name_for_err), hdr_at);
             h.check_checksum().map_err(herr)?;
             let flag = h.typeflag();
             match flag {
@@ -328,8 +331,10 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                         // Nothing to extract; skip the data.
                         let total = size + pad(size);
                         if self.skip_exact(total, &name_for_err)? < size {
-                            return Err(Error::new(ErrorKind::Truncated(format!("inside {what}")))
-                                .at(None, hdr_at));
+                            return Err(ApplyError::new(ErrorKind::Truncated(format!(
+                                "inside {what}"
+                            )))
+                            .at(None, hdr_at));
                         }
                         continue;
                     }
@@ -337,11 +342,11 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     match flag {
                         b'x' | b'g' => {
                             let recs = pax::parse_records(&data)
-                                .map_err(|e| Error::new(ErrorKind::Pax(e)).at(None, hdr_at))?;
+                                .map_err(|e| ApplyError::new(ErrorKind::Pax(e)).at(None, hdr_at))?;
                             if flag == b'x' {
                                 locals_bytes += size;
                                 if locals_bytes > MAX_EXTENSION {
-                                    return Err(Error::new(ErrorKind::Limit(
+                                    return Err(ApplyError::new(ErrorKind::Limit(
                                         "chained PAX headers exceed 1 MiB".into(),
                                     ))
                                     .at(None, hdr_at));
@@ -375,12 +380,13 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         recs: Vec<(Vec<u8>, Vec<u8>)>,
         size: u64,
         at: u64,
-    ) -> Result<(), Error> {
+    ) -> Result<(), ApplyError> {
         self.globals_bytes += size;
         if self.globals_bytes > MAX_EXTENSION {
-            return Err(
-                Error::new(ErrorKind::Limit("PAX global headers exceed 1 MiB".into())).at(None, at),
-            );
+            return Err(ApplyError::new(ErrorKind::Limit(
+                "PAX global headers exceed 1 MiB".into(),
+            ))
+            .at(None, at));
         }
         for (k, v) in recs {
             if v.is_empty() {
@@ -400,9 +406,9 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
         start: u64,
-    ) -> Result<Entry, Error> {
-        let herr = |e: String| Error::new(ErrorKind::Header(e));
-        let perr = |e: String| Error::new(ErrorKind::Pax(e));
+    ) -> Result<Entry, ApplyError> {
+        let herr = |e: String| ApplyError::new(ErrorKind::Header(e));
+        let perr = |e: String| ApplyError::new(ErrorKind::Pax(e));
         let size = h.size().map_err(herr)?;
         let mut size = u64::try_from(size).map_err(|_| herr(format!("negative size {size}")))?;
         let (maj, min) = h.device().map_err(herr)?;
@@ -521,14 +527,14 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     // 0.0: pairs in order, offset first.
                     let want_offset = sp_map.len() % 2 == 0;
                     if want_offset != (k == b"GNU.sparse.offset") {
-                        return Err(Error::new(ErrorKind::Sparse(
+                        return Err(ApplyError::new(ErrorKind::Sparse(
                             "GNU.sparse.offset/numbytes records out of order".into(),
                         )));
                     }
                     let n = pax::parse_decimal(k, v).map_err(perr)?;
                     sp_map.push(u64::try_from(n).map_err(|_| perr(format!("negative {n}")))?);
                     if sp_map.len() / 2 > MAX_SPARSE_EXTENTS {
-                        return Err(Error::new(ErrorKind::Limit(
+                        return Err(ApplyError::new(ErrorKind::Limit(
                             "too many sparse extents".into(),
                         )));
                     }
@@ -539,7 +545,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                         let n = pax::parse_decimal(k, part).map_err(perr)?;
                         sp_map.push(u64::try_from(n).map_err(|_| perr(format!("negative {n}")))?);
                         if sp_map.len() / 2 > MAX_SPARSE_EXTENTS {
-                            return Err(Error::new(ErrorKind::Limit(
+                            return Err(ApplyError::new(ErrorKind::Limit(
                                 "too many sparse extents".into(),
                             )));
                         }
@@ -595,7 +601,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             while more {
                 self.read_full_block(&mut block, "a GNU sparse extension header")?;
                 if extents.len() > MAX_SPARSE_EXTENTS {
-                    return Err(Error::new(ErrorKind::Limit(
+                    return Err(ApplyError::new(ErrorKind::Limit(
                         "too many sparse extents".into(),
                     )));
                 }
@@ -608,12 +614,12 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             });
         } else if sp_seen {
             let real = sp_realsize
-                .ok_or_else(|| Error::new(ErrorKind::Sparse("no GNU.sparse.size".into())))?;
+                .ok_or_else(|| ApplyError::new(ErrorKind::Sparse("no GNU.sparse.size".into())))?;
             let extents = if sp_major == Some(1) {
                 self.read_sparse_1_0()?
             } else {
                 if sp_map.len() % 2 != 0 {
-                    return Err(Error::new(ErrorKind::Sparse(
+                    return Err(ApplyError::new(ErrorKind::Sparse(
                         "odd number of map values".into(),
                     )));
                 }
@@ -634,7 +640,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
     /// PAX sparse 1.0 keeps its map at the start of the file data: decimal
     /// numbers one per line (count, then offset/length pairs), padded to a
     /// block.
-    fn read_sparse_1_0(&mut self) -> Result<Vec<(u64, u64)>, Error> {
+    fn read_sparse_1_0(&mut self) -> Result<Vec<(u64, u64)>, ApplyError> {
         let mut buf: Vec<u8> = Vec::new();
         let mut pos = 0usize;
         let mut nums: Vec<u64> = Vec::new();
@@ -651,14 +657,14 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
                     break pos + i;
                 }
                 if buf.len() as u64 >= MAX_EXTENSION {
-                    return Err(Error::new(ErrorKind::Limit(
+                    return Err(ApplyError::new(ErrorKind::Limit(
                         "sparse 1.0 map larger than 1 MiB".into(),
                     )));
                 }
                 let mut block = [0u8; BLOCK];
                 let want = self.remaining.min(BLOCK as u64) as usize;
                 if want < BLOCK {
-                    return Err(Error::new(ErrorKind::Sparse(
+                    return Err(ApplyError::new(ErrorKind::Sparse(
                         "map runs past the entry's data".into(),
                     )));
                 }
@@ -668,14 +674,14 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             };
             let line = &buf[pos..nl];
             let n = pax::parse_decimal(b"GNU.sparse map", line)
-                .map_err(|e| Error::new(ErrorKind::Sparse(e)))?;
+                .map_err(|e| ApplyError::new(ErrorKind::Sparse(e)))?;
             let n = u64::try_from(n)
-                .map_err(|_| Error::new(ErrorKind::Sparse("negative value".into())))?;
+                .map_err(|_| ApplyError::new(ErrorKind::Sparse("negative value".into())))?;
             pos = nl + 1;
             match count {
                 None => {
                     if n > MAX_SPARSE_EXTENTS as u64 {
-                        return Err(Error::new(ErrorKind::Limit(
+                        return Err(ApplyError::new(ErrorKind::Limit(
                             "too many sparse extents".into(),
                         )));
                     }
@@ -705,8 +711,8 @@ fn read_old_sparse(area: &[u8], out: &mut Vec<(u64, u64)>) -> Result<bool, Strin
     Ok(true)
 }
 
-fn validate_sparse(sp: &Sparse, data: u64) -> Result<(), Error> {
-    let serr = |m: String| Error::new(ErrorKind::Sparse(m));
+fn validate_sparse(sp: &Sparse, data: u64) -> Result<(), ApplyError> {
+    let serr = |m: String| ApplyError::new(ErrorKind::Sparse(m));
     let mut end = 0u64;
     let mut total = 0u64;
     for &(off, len) in &sp.extents {
