@@ -178,6 +178,14 @@ impl<T: Clone, E: Clone> Flights<T, E> {
         self.shards.iter().map(|s| s.len()).sum()
     }
 
+    /// Callers waiting on the flight of `key` (tests use it to know that
+    /// every caller has joined before the leader finishes).
+    #[cfg(test)]
+    fn waiting(&self, key: &Key) -> usize {
+        let map = self.shard(key).pin();
+        map.get(key).map_or(0, |c| c.lock().waiters)
+    }
+
     /// Runs `work` as the leader of `key`, or waits for the leader's
     /// outcome. `adopt` says whether a failed leader's error is this
     /// caller's too; if not, the caller takes over and runs its own `work`.
@@ -323,6 +331,16 @@ mod tests {
         Key::Snapshot(Digest([n; 32]))
     }
 
+    /// Blocks the leader until `n` other callers wait on its flight, so
+    /// that what a test asserts does not depend on thread timing.
+    fn until_waiting<T: Clone, E: Clone>(f: &Flights<T, E>, k: Key, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while f.waiting(&k) < n {
+            assert!(std::time::Instant::now() < deadline, "callers never joined");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn many_callers_one_run() {
         let f: Flights<u32, String> = Flights::new();
@@ -340,7 +358,7 @@ mod tests {
                                 |_| true,
                                 || {
                                     runs.fetch_add(1, Ordering::SeqCst);
-                                    std::thread::sleep(Duration::from_millis(100));
+                                    until_waiting(&f, key(1), 19);
                                     Ok(7)
                                 },
                             )
@@ -373,7 +391,9 @@ mod tests {
                             |_| false,
                             || {
                                 let n = runs.fetch_add(1, Ordering::SeqCst);
-                                std::thread::sleep(Duration::from_millis(50));
+                                // Every other caller waits on the first
+                                // leader, then on the one taking over.
+                                until_waiting(&f, key(2), 7 - n);
                                 if n == 0 {
                                     Err("first leader fails".to_string())
                                 } else {
@@ -410,7 +430,7 @@ mod tests {
                             |_| true,
                             || {
                                 runs.fetch_add(1, Ordering::SeqCst);
-                                std::thread::sleep(Duration::from_millis(50));
+                                until_waiting(&f, key(3), 5);
                                 Err::<u32, _>("corrupt".to_string())
                             },
                         )
@@ -418,13 +438,13 @@ mod tests {
                 })
                 .collect();
             hs.into_iter()
-                .filter(|_| true)
                 .map(|h| h.join().unwrap())
                 .filter(|r| matches!(r, Err(FlightError::Failed(e)) if e == "corrupt"))
                 .count()
         });
+        // One failure, adopted by every waiter: nobody runs it again.
         assert_eq!(errs, 6);
-        assert!(runs.load(Ordering::SeqCst) < 6);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(f.in_flight(), 0);
     }
 
