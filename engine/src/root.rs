@@ -9,10 +9,10 @@
 //! when the request goes away. Layout of the root:
 //!
 //! ```text
-//! ROOT/content/     blobs by digest (content.rs)
-//! ROOT/snapshots/   active, committed (by chain ID), rw, l (short links), trash (snapshot.rs)
-//! ROOT/images/      image records (images.rs)
-//! ROOT/locks/       one lock file per flight key (flight.rs)
+//! ROOT/content/     blobs by digest (store::content)
+//! ROOT/snapshots/   active, committed (by chain ID), rw, l (short links), trash (store::snapshot)
+//! ROOT/images/      image records (store::images)
+//! ROOT/locks/       one lock file per flight key (store::lock)
 //! ROOT/gc.lock      shared by operations that create things, exclusive for gc
 //! ```
 
