@@ -45,6 +45,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # after clippy --locked, so Cargo.lock is known current before the README's
 # plain `cargo run` builds.
 scripts/readme-commands.sh
+# The stage order of engine/src and no import cycles (also part of cargo
+# test below; first, because it takes a second and says where a new
+# module went wrong).
+echo "== module layering (engine/tests/layering.rs)"
+cargo test -p unlade --locked --test layering -q
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
