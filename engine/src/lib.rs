@@ -47,7 +47,8 @@ pub mod root;
 pub mod source;
 pub mod store;
 // Every `unsafe` block of the crate: the syscalls and FFI the stages
-// wrap.
+// wrap. The one other is the call of the `unsafe fn` `sys::map_layer`
+// (`layer::apply::map`), whose promise only the caller can keep.
 #[allow(unsafe_code)]
 mod sys;
 

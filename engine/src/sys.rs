@@ -22,17 +22,23 @@ impl std::ops::Deref for Map {
 
 /// Maps a layer file read-only, the input of the whole-buffer paths.
 ///
-/// Mapping a file is `unsafe` because the bytes can change under the
-/// reader: a rewrite changes what the parser sees, a truncation turns
-/// reads into SIGBUS. This crate treats layer files as immutable inputs:
-/// content-store blobs are published once and never modified, and a layer
-/// file named on the command line is the user's; what a rewrite could do is
-/// no worse than a hostile layer (every byte is validated and the digest
-/// covers what was actually read), and a truncation during an apply is the
-/// one failure that is not reported as an error but kills the process.
-pub fn map_layer(file: &File) -> io::Result<Map> {
-    // SAFETY: see above: the file is an immutable input by this crate's
-    // contract, and no reference into the map outlives it.
+/// # Safety
+///
+/// The caller promises that nothing writes to or truncates `file` (through
+/// any descriptor or path, in any process) while the returned [`Map`]
+/// lives. The map is handed out as a `&[u8]`, which Rust assumes does not
+/// change: a write under it is undefined behaviour (the parser may see two
+/// different bytes at one place), and reading past a truncation raises
+/// SIGBUS, which kills the process instead of failing the apply.
+///
+/// The promise is the caller's because only the caller knows where the
+/// file comes from (the same choice ripgrep's `MmapChoice` makes): this
+/// function maps whatever it is given. Unlinking or renaming the file is
+/// fine (the map keeps the inode).
+pub unsafe fn map_layer(file: &File) -> io::Result<Map> {
+    // SAFETY: the caller upholds that the file is not modified while the
+    // map lives (see above); the map is read-only and `Map` owns it, so no
+    // slice of it outlives the mapping.
     let m = unsafe { memmap2::MmapOptions::new().map(file)? };
     // Layers are read front to back once.
     let _ = m.advise(memmap2::Advice::Sequential);

@@ -32,7 +32,6 @@ fuzz_target!(|data: &[u8]| {
         (None, Some(t)) => assert_eq!(&r.object(), t),
         (None, None) => unreachable!(),
     }
-    let _ = r.api_host();
 
     let shown = r.to_string();
     let again = Reference::parse(&shown)

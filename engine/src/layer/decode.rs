@@ -395,7 +395,8 @@ pub fn hash_blocks(rx: Receiver<Block>) -> Digest {
     h.finish()
 }
 
-/// Reads `r` to the end in blocks and sends each. `Ok(false)` if a
+/// Reads `r` to the end in blocks, each a fresh allocation (the receivers
+/// keep a block as long as they need it), and sends each. `Ok(false)` if a
 /// receiver hung up.
 fn pump<R: Read, I>(
     mut r: R,

@@ -21,7 +21,12 @@ pub const STREAM_BLOCK: usize = 1 << 20;
 /// File data handed from a [`Source`] to the applier.
 ///
 /// `Borrowed` points into the decoded layer that outlives the whole apply;
-/// `Owned` is a copy made by a streaming source whose blocks are recycled.
+/// `Owned` is a copy out of a streaming source's blocks. Those are not
+/// recycled (the decoder allocates a fresh one for each, see
+/// [`crate::layer::decode`]) but shared with the hasher and dropped once
+/// both have read them: a copy lets a block go as soon as the parser has
+/// moved past it, however long the applier keeps the chunk (a file's data
+/// wait in a batch until the batch runs).
 #[derive(Debug)]
 pub enum Chunk<'a> {
     /// A slice of the whole decoded layer.

@@ -18,6 +18,15 @@ use crate::oci::digest::Digest;
 /// The registry of unqualified names.
 pub const DOCKER_HUB: &str = "docker.io";
 
+/// The host that serves Docker Hub's registry API, where requests for
+/// [`DOCKER_HUB`] go.
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
+/// Every name Docker Hub goes by: [`DOCKER_HUB`], the legacy index host
+/// and [`DOCKER_HUB_API`]. References name it [`DOCKER_HUB`] whichever
+/// they were written with.
+pub const DOCKER_HUB_NAMES: [&str; 3] = [DOCKER_HUB, "index.docker.io", DOCKER_HUB_API];
+
 /// Why a reference was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid reference {input:?}: {reason}")]
@@ -165,7 +174,7 @@ impl Reference {
                 if !host_ok(first) {
                     return Err(err("invalid registry host"));
                 }
-                let reg = if first == "index.docker.io" || first == "registry-1.docker.io" {
+                let reg = if DOCKER_HUB_NAMES.contains(&first) {
                     DOCKER_HUB
                 } else {
                     first
@@ -214,16 +223,6 @@ impl Reference {
             (Some(d), _) => d.to_string(),
             (None, Some(t)) => t.clone(),
             (None, None) => "latest".to_string(),
-        }
-    }
-
-    /// The host serving the registry API (`registry-1.docker.io` for
-    /// Docker Hub).
-    pub fn api_host(&self) -> &str {
-        if self.registry == DOCKER_HUB {
-            "registry-1.docker.io"
-        } else {
-            &self.registry
         }
     }
 }
@@ -283,8 +282,10 @@ mod tests {
         assert_eq!(both.object(), D);
         assert_eq!(both.registry, "host:5000");
         assert_eq!(
-            Reference::parse("redis").unwrap().api_host(),
-            "registry-1.docker.io"
+            Reference::parse("registry-1.docker.io/redis")
+                .unwrap()
+                .to_string(),
+            "docker.io/library/redis:latest"
         );
     }
 

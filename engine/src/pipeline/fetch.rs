@@ -13,7 +13,8 @@
 //!   written: the reader blocks at the write position until more bytes,
 //!   the end, or a failure arrive. So a layer decodes and applies while it
 //!   downloads, and the bytes cross the network once.
-//! - [`Slots`] limits concurrent downloads, lowest layer first.
+//! - Concurrent downloads are limited by the root's download
+//!   [`crate::pipeline::permits::Permits`], lowest layer first.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -269,68 +270,6 @@ impl Read for GrowingReader {
     }
 }
 
-/// Download slots: at most `n` at once; a freed slot goes to the waiter
-/// with the lowest priority number (the lowest layer, so that commits in
-/// chain order are not held up by downloads of layers above).
-#[derive(Debug)]
-pub struct Slots {
-    state: Mutex<(usize, std::collections::BTreeMap<u64, usize>)>,
-    cv: Condvar,
-}
-
-/// A held download slot; dropping it frees it.
-pub struct Slot<'a>(&'a Slots);
-
-impl Slots {
-    /// `n` slots (at least one).
-    pub fn new(n: usize) -> Self {
-        Slots {
-            state: Mutex::new((n.max(1), Default::default())),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// Takes a slot when one is free and no waiter with a lower `prio`
-    /// wants it; `None` if cancelled first.
-    pub fn acquire(&self, prio: u64, cancel: &Cancel) -> Option<Slot<'_>> {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        *g.1.entry(prio).or_default() += 1;
-        loop {
-            let first = g.1.keys().next().copied();
-            if cancel.is_cancelled() || (g.0 > 0 && first == Some(prio)) {
-                let e = g.1.entry(prio).or_default();
-                *e -= 1;
-                if *e == 0 {
-                    g.1.remove(&prio);
-                }
-                if cancel.is_cancelled() {
-                    drop(g);
-                    self.cv.notify_all();
-                    return None;
-                }
-                g.0 -= 1;
-                return Some(Slot(self));
-            }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Wakes waiters so that cancelled ones leave.
-    pub fn wake_all(&self) {
-        let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut g = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        g.0 += 1;
-        drop(g);
-        self.0.cv.notify_all();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,29 +428,5 @@ mod tests {
         assert!(e.to_string().contains("stream broke at byte 0"), "{e}");
         assert_eq!(src.offsets.lock().unwrap().len(), 3);
         std::fs::remove_dir_all(&t).unwrap();
-    }
-
-    #[test]
-    fn slots_go_to_the_lowest_waiter() {
-        let slots = Arc::new(Slots::new(1));
-        let c = Cancel::new();
-        let first = slots.acquire(5, &c).unwrap();
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let hs: Vec<_> = [9u64, 3, 7]
-            .into_iter()
-            .map(|p| {
-                let (slots, order, c) = (slots.clone(), order.clone(), c.clone());
-                std::thread::spawn(move || {
-                    let _s = slots.acquire(p, &c).unwrap();
-                    order.lock().unwrap().push(p);
-                })
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(50));
-        drop(first);
-        for h in hs {
-            h.join().unwrap();
-        }
-        assert_eq!(*order.lock().unwrap(), vec![3, 7, 9]);
     }
 }

@@ -62,31 +62,19 @@ impl Context {
                 cur = parent_of.get(&c).copied().flatten();
             }
         }
-        // Children before parents: deepest first.
-        let depth = |mut c: Digest| {
-            let mut d = 0usize;
-            while let Some(Some(p)) = parent_of.get(&c) {
-                c = *p;
-                d += 1;
-                if d > parent_of.len() {
-                    break;
-                }
-            }
-            d
-        };
-        let mut doomed: Vec<(usize, Digest)> = committed
+        // One batch, children before parents, checked against one listing:
+        // a removal each would list every snapshot again (O(n²)).
+        let doomed: Vec<Digest> = committed
             .iter()
             .filter(|i| !keep_chains.contains(&i.chain_id))
-            .map(|i| (depth(i.chain_id), i.chain_id))
+            .map(|i| i.chain_id)
             .collect();
-        doomed.sort_by(|a, b| b.cmp(a));
-        let mut report = GcReport::default();
-        for (_, chain) in doomed {
-            if cancel.is_cancelled() {
-                return Err(RootError::Cancelled);
-            }
-            snaps.remove(&chain)?;
-            report.snapshots.push(chain);
+        let mut report = GcReport {
+            snapshots: snaps.remove_all(&doomed, cancel)?,
+            ..GcReport::default()
+        };
+        if report.snapshots.len() < doomed.len() {
+            return Err(RootError::Cancelled);
         }
         // `remove` takes a snapshot's links with it; these are the ones
         // left by removals that did not finish.

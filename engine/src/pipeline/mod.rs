@@ -9,6 +9,7 @@ pub mod error;
 pub mod fetch;
 pub mod flight;
 pub mod gc;
+pub(crate) mod permits;
 pub mod pull;
 pub mod task;
 pub mod unpack;
@@ -30,6 +31,7 @@ use crate::store::lock::{FileLock, LockError};
 use crate::store::snapshot::Snapshotter;
 use error::RootError;
 use flight::Flights;
+use permits::Permits;
 
 /// How a root works.
 #[derive(Debug, Clone)]
@@ -98,8 +100,8 @@ pub(crate) struct Parts {
     pub(crate) resolves: Flights<pull::Resolved, Arc<RootError>>,
     pub(crate) opts: RootOptions,
     pub(crate) stats: Stats,
-    pub(crate) permits: unpack::Permits,
-    pub(crate) downloads: fetch::Slots,
+    pub(crate) permits: Permits,
+    pub(crate) downloads: Permits,
     gc_lock_path: PathBuf,
 }
 
@@ -140,8 +142,8 @@ impl Context {
             locks,
             flights: Flights::new(),
             resolves: Flights::new(),
-            permits: unpack::Permits::new(opts.parallel_layers),
-            downloads: fetch::Slots::new(opts.max_downloads),
+            permits: Permits::new(opts.parallel_layers),
+            downloads: Permits::new(opts.max_downloads),
             opts,
             stats: Stats::default(),
             gc_lock_path: dir.join("gc.lock"),

@@ -31,7 +31,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use crate::cancel::Cancel;
 use crate::layer::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
@@ -95,67 +95,6 @@ type LayerResult = Result<Role, Arc<RootError>>;
 /// 10,000 threads).
 pub fn layer_workers(opts: &crate::pipeline::RootOptions, layers: usize) -> usize {
     (2 * opts.parallel_layers.max(1) + opts.max_downloads.max(1)).min(layers.max(1))
-}
-
-/// Limits how many layer applies run at once in this process, whatever
-/// the number of unpacks: leaders of one image's layers may belong to
-/// different callers.
-pub(crate) struct Permits {
-    free: Mutex<usize>,
-    cv: Condvar,
-}
-
-impl Permits {
-    pub(crate) fn new(n: usize) -> Self {
-        Permits {
-            free: Mutex::new(n.max(1)),
-            cv: Condvar::new(),
-        }
-    }
-
-    /// Gives one permit back for a while (a wait that holds none).
-    fn pause(&self) {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        *g += 1;
-        self.cv.notify_one();
-    }
-
-    /// Takes the paused permit again, whatever the cancel state (the
-    /// caller's guard gives it back when dropped).
-    fn resume(&self) {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *g == 0 {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        *g -= 1;
-    }
-
-    fn acquire(&self, cancel: &Cancel) -> Result<PermitGuard<'_>, RootError> {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *g == 0 {
-            if cancel.is_cancelled() {
-                return Err(RootError::Cancelled);
-            }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
-        }
-        *g -= 1;
-        Ok(PermitGuard(self))
-    }
-
-    fn wake_all(&self) {
-        let _g = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        self.cv.notify_all();
-    }
-}
-
-struct PermitGuard<'a>(&'a Permits);
-
-impl Drop for PermitGuard<'_> {
-    fn drop(&mut self) {
-        let mut g = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
-        *g += 1;
-        self.0.cv.notify_one();
-    }
 }
 
 /// One unpack in progress: what its layer threads share.
@@ -623,7 +562,9 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
                 .spawn_scoped(s, || ensure_blob(job, i, growing.as_deref()))
                 .map_err(|_| ensure_blob(job, i, growing.as_deref()))
         });
-        let applied = root.0.permits.acquire(&job.cancel).and_then(|permit| {
+        // Apply permits go in no order of layers (priority 0 for all).
+        let permit = root.0.permits.acquire(0, &job.cancel);
+        let applied = permit.ok_or(RootError::Cancelled).and_then(|permit| {
             job.report(i, ProgressEvent::Applying);
             let input = match (local, &growing) {
                 (Some(input), _) => input,

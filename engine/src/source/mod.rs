@@ -76,7 +76,8 @@ pub trait BlobSource: Send + Sync {
     ) -> Result<Box<dyn Read + Send>, SourceError>;
     /// The local file holding blob `d` and its size, opened, when the
     /// source is a directory that has it: it is then applied in place
-    /// (memory-mapped) while a copy goes into the content store.
+    /// (memory-mapped) while a copy goes into the content store, so it
+    /// must not change while it is applied (see [`crate::LayerInput`]).
     /// `Ok(None)`: not here (fetch it, or report it missing).
     fn local_file(&self, _d: &Digest) -> Result<Option<(File, u64)>, SourceError> {
         Ok(None)

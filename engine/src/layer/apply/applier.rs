@@ -133,11 +133,6 @@ impl<'a, B: Backend> Applier<'a, B> {
         self
     }
 
-    /// What was done so far.
-    pub fn counts(&self) -> Counts {
-        self.counts
-    }
-
     /// What went right but not as the layer asked (dropped overlay
     /// xattrs), one line each naming the entry; at most [`MAX_WARNINGS`],
     /// then one line with the count of the rest. Taken once.

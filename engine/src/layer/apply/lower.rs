@@ -18,6 +18,7 @@
 
 use std::ffi::{CStr, CString};
 use std::fmt;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -25,6 +26,9 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timesta
 use rustix::io::Errno;
 
 use crate::layer::error::{ApplyError, ErrorKind};
+use crate::layer::fsops::syscalls::{open_dir, set_meta_at, set_meta_fd};
+use crate::layer::fsops::Meta;
+use crate::layer::tar::Time;
 
 /// The layers below the one being applied, for hard links into them.
 pub trait LowerLayers: Send + Sync + fmt::Debug {
@@ -35,7 +39,7 @@ pub trait LowerLayers: Send + Sync + fmt::Debug {
 
 const OPAQUE_XATTR: &CStr = c"trusted.overlay.opaque";
 
-fn fs_err(op: &str, path: &[u8], e: Errno) -> ApplyError {
+fn fs_err(op: &str, path: &[u8], e: impl Into<io::Error>) -> ApplyError {
     ApplyError::fs(
         format!("copy up {:?}: {op}", String::from_utf8_lossy(path)),
         e.into(),
@@ -56,15 +60,6 @@ fn is_whiteout(st: &rfs::Stat) -> bool {
 fn is_opaque(fd: BorrowedFd<'_>) -> bool {
     let mut v = [0u8; 4];
     matches!(rfs::fgetxattr(fd, OPAQUE_XATTR, &mut v), Ok(1) if v[0] == b'y')
-}
-
-fn open_dir_at(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<OwnedFd> {
-    rfs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
 }
 
 /// Finds normalized `target` in the merged view of `lowers` (top first)
@@ -102,7 +97,7 @@ pub fn copy_up(
                 Err(Errno::NOENT) => continue,
                 Err(e) => return Err(fs_err("stat lower", so_far, e)),
                 Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                    let d = open_dir_at(fd.as_fd(), &name)
+                    let d = open_dir(fd.as_fd(), &name)
                         .map_err(|e| fs_err("open lower directory", so_far, e))?;
                     let opaque = is_opaque(d.as_fd());
                     next.push(d);
@@ -130,8 +125,7 @@ pub fn copy_up(
         }
         up = match rfs::statat(&up, &name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                let d =
-                    open_dir_at(up.as_fd(), &name).map_err(|e| fs_err("open upper", so_far, e))?;
+                let d = open_dir(up.as_fd(), &name).map_err(|e| fs_err("open upper", so_far, e))?;
                 if is_opaque(d.as_fd()) {
                     return Err(not_found(target, "is hidden by an opaque directory"));
                 }
@@ -141,8 +135,7 @@ pub fn copy_up(
             Err(Errno::NOENT) => {
                 let st = copy_dir(next[0].as_fd(), up.as_fd(), &name, same_owner)
                     .map_err(|e| fs_err("copy directory", so_far, e))?;
-                let d =
-                    open_dir_at(up.as_fd(), &name).map_err(|e| fs_err("open upper", so_far, e))?;
+                let d = open_dir(up.as_fd(), &name).map_err(|e| fs_err("open upper", so_far, e))?;
                 made.push((
                     rustix::io::dup(&d).map_err(|e| fs_err("dup", so_far, e))?,
                     st,
@@ -204,25 +197,34 @@ fn xattrs_of(fd: BorrowedFd<'_>) -> rustix::io::Result<Vec<(CString, Vec<u8>)>> 
     Ok(out)
 }
 
+/// The metadata of lower object `st` for its copy, as an entry's is
+/// given ([`set_meta_fd`], [`set_meta_at`]): its mode, times and
+/// `xattrs`, and its owner when owners are kept.
+fn meta_of(st: &rfs::Stat, xattrs: Vec<(CString, Vec<u8>)>, same_owner: bool) -> Meta {
+    Meta {
+        owner: same_owner.then_some((st.st_uid, st.st_gid)),
+        mode: st.st_mode & 0o7777,
+        mtime: Time {
+            secs: st.st_mtime,
+            nanos: st.st_mtime_nsec as u32,
+        },
+        atime: Some(Time {
+            secs: st.st_atime,
+            nanos: st.st_atime_nsec as u32,
+        }),
+        xattrs,
+    }
+}
+
 /// Gives `to` the owner, mode, xattrs and times of `st`/`from`.
 fn copy_meta(
     from: BorrowedFd<'_>,
     st: &rfs::Stat,
     to: BorrowedFd<'_>,
     same_owner: bool,
-) -> rustix::io::Result<()> {
-    if same_owner {
-        rfs::fchown(
-            to,
-            Some(rfs::Uid::from_raw(st.st_uid)),
-            Some(rfs::Gid::from_raw(st.st_gid)),
-        )?;
-    }
-    rfs::fchmod(to, Mode::from_raw_mode(st.st_mode & 0o7777))?;
-    for (k, v) in xattrs_of(from)? {
-        rfs::fsetxattr(to, &k, &v, rfs::XattrFlags::empty())?;
-    }
-    rfs::futimens(to, &times(st))
+) -> io::Result<()> {
+    let meta = meta_of(st, xattrs_of(from)?, same_owner);
+    set_meta_fd(to, &meta, true).map_err(|e| e.err)
 }
 
 fn times(st: &rfs::Stat) -> Timestamps {
@@ -243,31 +245,12 @@ fn copy_dir(
     up: BorrowedFd<'_>,
     name: &CStr,
     same_owner: bool,
-) -> rustix::io::Result<rfs::Stat> {
+) -> io::Result<rfs::Stat> {
     let st = rfs::fstat(lower)?;
     rfs::mkdirat(up, name, Mode::from_raw_mode(0o700))?;
-    let d = open_dir_at(up, name)?;
+    let d = open_dir(up, name)?;
     copy_meta(lower, &st, d.as_fd(), same_owner)?;
     Ok(st)
-}
-
-/// Gives `name` in `up` the owner of `st`, never following a symlink.
-fn chown_nofollow(
-    up: BorrowedFd<'_>,
-    name: &CStr,
-    st: &rfs::Stat,
-    same_owner: bool,
-) -> rustix::io::Result<()> {
-    if !same_owner {
-        return Ok(());
-    }
-    rfs::chownat(
-        up,
-        name,
-        Some(rfs::Uid::from_raw(st.st_uid)),
-        Some(rfs::Gid::from_raw(st.st_gid)),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
 }
 
 fn copy_object(
@@ -276,7 +259,11 @@ fn copy_object(
     up: BorrowedFd<'_>,
     name: &CStr,
     same_owner: bool,
-) -> rustix::io::Result<()> {
+) -> io::Result<()> {
+    // Symlinks and special files are not opened: their owner, mode and
+    // times are set by name, never following a symlink; their xattrs are
+    // not copied.
+    let by_name = |chmod| set_meta_at(up, name, &meta_of(st, Vec::new(), same_owner), chmod);
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile => {
             let src = rfs::openat(
@@ -295,7 +282,7 @@ fn copy_object(
             while left > 0 {
                 let n = rfs::copy_file_range(&src, None, &dst, None, left as usize)?;
                 if n == 0 {
-                    return Err(Errno::IO);
+                    return Err(Errno::IO.into());
                 }
                 left -= n as u64;
             }
@@ -304,21 +291,12 @@ fn copy_object(
         FileType::Symlink => {
             let target = rfs::readlinkat(ldir, name, Vec::new())?;
             rfs::symlinkat(&target, up, name)?;
-            chown_nofollow(up, name, st, same_owner)?;
-            rfs::utimensat(up, name, &times(st), AtFlags::SYMLINK_NOFOLLOW)
+            by_name(false).map_err(|e| e.err)
         }
         ft @ (FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice) => {
             rfs::mknodat(up, name, ft, Mode::from_raw_mode(0o600), st.st_rdev)?;
-            chown_nofollow(up, name, st, same_owner)?;
-            // Not a symlink (we just made it): following is harmless.
-            rfs::chmodat(
-                up,
-                name,
-                Mode::from_raw_mode(st.st_mode & 0o7777),
-                AtFlags::empty(),
-            )?;
-            rfs::utimensat(up, name, &times(st), AtFlags::SYMLINK_NOFOLLOW)
+            by_name(true).map_err(|e| e.err)
         }
-        _ => Err(Errno::OPNOTSUPP),
+        _ => Err(Errno::OPNOTSUPP.into()),
     }
 }

@@ -35,6 +35,13 @@ use crate::layer::tar::Reader;
 use crate::oci::digest::Digest;
 
 /// Where a layer blob comes from.
+///
+/// A regular file given as `Path`, `Stdin` or `File` is memory-mapped:
+/// it must not be written to or truncated until [`apply_layer`] returns
+/// (a truncation kills the process with SIGBUS; a write changes bytes the
+/// parser has already checked). Unpacks of a root only hand in files that
+/// nothing writes again (published content-store blobs, layout blobs);
+/// give a file that may change as a `Reader`, which is streamed.
 pub enum LayerInput {
     /// A file (memory-mapped when it is a regular file).
     Path(PathBuf),
@@ -151,7 +158,7 @@ fn from_file(
     if st.st_size == 0 {
         return whole(&[], Compression::Plain, root, same_owner, opts);
     }
-    let map = crate::sys::map_layer(&f).map_err(|e| ApplyError::fs("map layer", e))?;
+    let map = map(&f)?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     let strategy = opts.decode.strategy;
     match comp {
@@ -166,6 +173,25 @@ fn from_file(
         }
         _ => streaming(&map[..], comp, root, same_owner, opts),
     }
+}
+
+/// Maps a layer file for the whole-buffer paths: the crate's one
+/// `unsafe` outside [`crate::sys`], kept to this call.
+#[allow(unsafe_code)]
+fn map(f: &File) -> Result<crate::sys::Map, ApplyError> {
+    // SAFETY: `map_layer` needs the file unmodified while mapped; the map
+    // lives for this apply only. Every layer file unlade itself hands in
+    // is immutable: content-store blobs (`Root::unpack`, `pull`) are
+    // written to a private ingest file and published by rename, and
+    // nothing in unlade writes a published blob again (gc only unlinks,
+    // which leaves the mapped inode intact); layout blobs
+    // (`BlobSource::local_file`) are content-addressed files that the OCI
+    // image layout spec makes immutable. Any other file (`unlade apply
+    // FILE`, `LayerInput::Path`, `Stdin`, `File` from a library caller) is
+    // the caller's, and not changing it during the apply is the documented
+    // precondition of `LayerInput`; where that is not sure,
+    // `LayerInput::Reader` streams and maps nothing.
+    unsafe { crate::sys::map_layer(f) }.map_err(|e| ApplyError::fs("map layer", e))
 }
 
 fn from_reader(
@@ -207,7 +233,7 @@ fn whole(
         let diff_id = hasher
             .join()
             .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?;
-        let (counts, warnings) = done?;
+        let (counts, warnings, _) = done?;
         Ok(ApplyReport {
             diff_id,
             compression: comp,
@@ -250,17 +276,12 @@ fn streaming(
             .name("unlade-hash".into())
             .spawn_scoped(s, move || decode::hash_blocks(hrx))
             .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
-        let mut src_len = 0u64;
-        let done = drive_stream(
-            StreamSource::new(rx),
-            applier(root, same_owner, opts),
-            &mut src_len,
-        );
+        let done = drive(StreamSource::new(rx), applier(root, same_owner, opts));
         let panicked =
             |what: &str| ApplyError::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
         let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
-        let (counts, warnings) = done?;
+        let (counts, warnings, src_len) = done?;
         if !complete {
             return Err(ApplyError::fs(
                 "decode layer",
@@ -284,11 +305,14 @@ fn applier<'a>(root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Applier<
         .with_lower(opts.lower.clone())
 }
 
-fn drive_stream(
-    src: StreamSource,
-    mut ap: Applier<'_, Syscalls>,
-    len: &mut u64,
-) -> Result<(Counts, Vec<String>), ApplyError> {
+/// Parses `src` and applies every entry, then reads the source to its end
+/// (the digest covers what follows the end-of-archive marker too).
+/// Returns the counts, the warnings, and the length of the uncompressed
+/// stream.
+fn drive<'a, S: Source<'a>>(
+    src: S,
+    mut ap: Applier<'a, Syscalls>,
+) -> Result<(Counts, Vec<String>, u64), ApplyError> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;
@@ -296,20 +320,5 @@ fn drive_stream(
     let warnings = ap.take_warnings();
     let counts = ap.finish()?;
     let src = r.finish()?;
-    *len = src.offset();
-    Ok((counts, warnings))
-}
-
-fn drive<'a, S: Source<'a>>(
-    src: S,
-    mut ap: Applier<'a, Syscalls>,
-) -> Result<(Counts, Vec<String>), ApplyError> {
-    let mut r = Reader::new(src);
-    while let Some(e) = r.next_entry()? {
-        ap.entry(&mut r, e)?;
-    }
-    let warnings = ap.take_warnings();
-    let counts = ap.finish()?;
-    r.finish()?;
-    Ok((counts, warnings))
+    Ok((counts, warnings, src.offset()))
 }

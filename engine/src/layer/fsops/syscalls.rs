@@ -28,9 +28,10 @@ impl Backend for Syscalls {
     }
 }
 
-/// Carries out one job. Public to the crate so the applier can run a
-/// structural job (a missing parent) without building a batch.
-pub(crate) fn exec(job: Job<'_>) -> Result<Option<OwnedFd>, OpError> {
+/// Carries out one job of a batch: [`Syscalls::run`] calls it for each in
+/// turn. The applier hands every job over through [`Backend::run`], a
+/// structural one (a missing parent) as a batch of one.
+fn exec(job: Job<'_>) -> Result<Option<OwnedFd>, OpError> {
     let dir = job.dir.as_fd();
     let name = job.name.as_c_str();
     match job.op {
@@ -188,7 +189,7 @@ fn mkdir_keep(dir: BorrowedFd<'_>, name: &CStr, mode: Mode) -> Result<(), OpErro
 
 /// Removes `name` from `dir`, recursively if it is a directory. A missing
 /// name is not an error.
-pub(crate) fn remove_any(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), OpError> {
+fn remove_any(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), OpError> {
     match rfs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(Errno::ISDIR) | Err(Errno::PERM) => remove_tree(dir, name, 0),
@@ -261,7 +262,7 @@ fn timestamps(meta: &Meta) -> Timestamps {
 /// Sets metadata through an fd, in the order that keeps it: owner first
 /// (chown clears setuid/setgid and file capabilities), then mode, then
 /// xattrs (security.capability included), then times.
-fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, chmod: bool) -> Result<(), OpError> {
+pub(crate) fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, chmod: bool) -> Result<(), OpError> {
     if let Some((u, g)) = meta.owner {
         rfs::fchown(fd, Some(uid(u)), Some(gid(g))).map_err(|e| OpError::new("chown", e))?;
     }
@@ -319,7 +320,12 @@ fn set_xattr_at(dir: BorrowedFd<'_>, name: &CStr, key: &CStr, value: &[u8]) -> s
 
 /// Sets metadata of a non-openable object (symlink, FIFO, device) by name
 /// in `dir`, never following a symlink at `name`.
-fn set_meta_at(dir: BorrowedFd<'_>, name: &CStr, meta: &Meta, chmod: bool) -> Result<(), OpError> {
+pub(crate) fn set_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    meta: &Meta,
+    chmod: bool,
+) -> Result<(), OpError> {
     if let Some((u, g)) = meta.owner {
         chown_at(dir, name, u, g)?;
     }

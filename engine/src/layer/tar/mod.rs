@@ -185,11 +185,6 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
         self.src.max_chunk()
     }
 
-    /// Data bytes of the current entry not read yet.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
-    }
-
     fn truncated(&self, what: String) -> ApplyError {
         ApplyError::new(ErrorKind::Truncated(what)).at(Some(&self.current), self.src.offset())
     }

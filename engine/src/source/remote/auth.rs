@@ -93,7 +93,7 @@ pub fn credentials_from_str(
 ) -> Result<Option<Credentials>, String> {
     let cfg: DockerConfig =
         serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let hub = ["docker.io", "index.docker.io", "registry-1.docker.io"];
+    let hub = crate::oci::reference::DOCKER_HUB_NAMES;
     let wanted = |k: &str| {
         let h = auth_key_host(k);
         h == host || (hub.contains(&host) && hub.contains(&h))

@@ -81,8 +81,9 @@ fn invalid(path: &Path, detail: impl std::fmt::Display) -> SourceError {
 
 /// The upstream a registry name stands for when no `server` is set.
 fn default_server(registry: &str, plain_http: bool) -> String {
-    let host = if registry == crate::oci::reference::DOCKER_HUB {
-        "registry-1.docker.io"
+    use crate::oci::reference::{DOCKER_HUB, DOCKER_HUB_API};
+    let host = if registry == DOCKER_HUB {
+        DOCKER_HUB_API
     } else {
         registry
     };

@@ -147,11 +147,6 @@ impl Remote {
         &self.reference
     }
 
-    /// The endpoints tried, in order.
-    pub fn endpoints(&self) -> impl Iterator<Item = &Endpoint> {
-        self.endpoints.iter().map(|(e, _)| e)
-    }
-
     /// Runs `f` until it succeeds, fails for good, or has failed
     /// `retry.attempts` times with transient errors (waiting with back-off
     /// and `Retry-After` in between).
