@@ -5,11 +5,12 @@
 //! reported per process), and when a leader is cancelled or killed
 //! mid-apply a waiter takes over.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use unlade::cancel::Cancel;
@@ -51,6 +52,86 @@ fn open(root: &Path) -> Root {
     Root::open(root, RootOptions::default()).unwrap()
 }
 
+/// Tests that run unpacks in this process take it shared; the one that
+/// tells its waiters by this process's "unlade-layer" threads takes it
+/// alone, so that no other test's threads are among them.
+static IN_PROCESS: RwLock<()> = RwLock::new(());
+
+fn in_process() -> RwLockReadGuard<'static, ()> {
+    IN_PROCESS.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn in_process_alone() -> RwLockWriteGuard<'static, ()> {
+    IN_PROCESS.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Polls `done` every 2 ms until it holds, for at most a minute.
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "waited a minute for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// This process's threads named `name`: thread ID → whether it sleeps in
+/// a futex wait (what a flight's waiter does: a channel `select!`).
+fn threads_named(name: &str) -> BTreeMap<u32, bool> {
+    let mut out = BTreeMap::new();
+    for e in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let p = e.path();
+        // A thread that ended meanwhile has no files left.
+        let Ok(comm) = fs::read_to_string(p.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(tid) = e.file_name().to_string_lossy().parse() else {
+            continue;
+        };
+        // Where the kernel hides wait channels ("0"), a sleeping thread.
+        let asleep = match fs::read_to_string(p.join("wchan")).as_deref() {
+            Ok("0") | Ok("") | Err(_) => fs::read_to_string(p.join("stat")).is_ok_and(|st| {
+                st.rsplit_once(") ")
+                    .is_some_and(|(_, r)| r.starts_with('S'))
+            }),
+            Ok(wchan) => wchan.starts_with("futex"),
+        };
+        out.insert(tid, asleep);
+    }
+    out
+}
+
+/// The processes blocked in `flock` on the file at `path`, as
+/// /proc/locks lists them ("N: -> FLOCK  ADVISORY  WRITE PID
+/// MAJ:MIN:INODE 0 EOF").
+fn flock_waiters(path: &Path) -> BTreeSet<u32> {
+    let Ok(md) = fs::metadata(path) else {
+        return BTreeSet::new();
+    };
+    let dev = format!(
+        "{:02x}:{:02x}:{}",
+        rustix::fs::major(md.dev()),
+        rustix::fs::minor(md.dev()),
+        md.ino()
+    );
+    fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f[..] {
+                [_, "->", "FLOCK", _, _, pid, file, ..] if file == dev => pid.parse().ok(),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
 /// Counts of "N applied here, M blobs imported" summed over outputs.
 fn summed(outputs: &[std::process::Output]) -> (u64, u64) {
     let mut applied = 0;
@@ -73,6 +154,7 @@ fn summed(outputs: &[std::process::Output]) -> (u64, u64) {
 
 #[test]
 fn twenty_library_unpacks_apply_each_layer_once() {
+    let _shared = in_process();
     let w = tmp();
     let layers = three_layers();
     let refs: Vec<&TestLayer> = layers.iter().collect();
@@ -153,6 +235,7 @@ fn twenty_processes_apply_each_layer_once() {
 
 #[test]
 fn images_sharing_layers_share_the_work() {
+    let _shared = in_process();
     let w = tmp();
     let base = many_files(2000, 7, MT_GZ);
     let a = many_files(300, 8, MT_GZ);
@@ -218,6 +301,7 @@ fn wait_mid_apply(root: &Path, dirs: usize) {
 
 #[test]
 fn cancelled_leader_is_taken_over_by_a_waiter() {
+    let _alone = in_process_alone();
     let w = tmp();
     let big = many_files(20_000, 4, MT_GZ);
     let dir = w.path().join("layout");
@@ -229,11 +313,23 @@ fn cancelled_leader_is_taken_over_by_a_waiter() {
     std::thread::scope(|s| {
         let leader = s.spawn(|| root.unpack(layout.clone(), &image, "t", &leader_cancel));
         wait_mid_apply(root.dir(), 3);
+        let leader_threads = threads_named("unlade-layer");
         let waiters: Vec<_> = (0..3)
             .map(|_| s.spawn(|| root.unpack(layout.clone(), &image, "t", &Cancel::new())))
             .collect();
-        // Let the waiters join the flight, then pull the leader out.
-        std::thread::sleep(Duration::from_millis(50));
+        // Each waiter's one layer thread joins the leader's flight and
+        // sleeps there; once all three do (seen twice in a row: not a
+        // passing lock), pull the leader out.
+        let mut seen = 0;
+        wait_for("three waiters in the flight", || {
+            let waiting = threads_named("unlade-layer")
+                .into_iter()
+                .filter(|(tid, asleep)| *asleep && !leader_threads.contains_key(tid))
+                .count();
+            assert!(waiting <= 3, "{waiting} waiting threads");
+            seen = if waiting == 3 { seen + 1 } else { 0 };
+            seen >= 2
+        });
         leader_cancel.cancel();
         let lr = leader.join().unwrap();
         assert!(matches!(lr, Err(RootError::Cancelled)), "{lr:?}");
@@ -279,7 +375,15 @@ fn killed_leader_process_is_taken_over_by_a_waiting_process() {
     let mut leader = unpack_child(&r, &root);
     wait_mid_apply(&root, 3);
     let waiters: Vec<_> = (0..3).map(|_| unpack_child(&r, &root)).collect();
-    std::thread::sleep(Duration::from_millis(100));
+    // Each waiter blocks on the leader's lock file of the chain: kill the
+    // leader once the kernel lists all three waiting there.
+    let lock = root
+        .join("locks")
+        .join(format!("snapshot-{}", &chains[0][0][7..]));
+    let pids: BTreeSet<u32> = waiters.iter().map(|c| c.id()).collect();
+    wait_for("three processes waiting for the lock", || {
+        flock_waiters(&lock).is_superset(&pids)
+    });
     leader.kill().unwrap(); // SIGKILL
     leader.wait().unwrap();
     let outs: Vec<_> = waiters
@@ -325,6 +429,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 #[test]
 fn unpack_task_is_awaitable_and_dropping_it_cancels() {
+    let _shared = in_process();
     let w = tmp();
     let small = many_files(50, 10, MT_GZ);
     let big = many_files(20_000, 11, MT_GZ);
@@ -360,6 +465,7 @@ fn unpack_task_is_awaitable_and_dropping_it_cancels() {
 /// removes what an unpack in progress has committed but not yet recorded.
 #[test]
 fn gc_never_takes_what_an_unpack_in_progress_uses() {
+    let _shared = in_process();
     let w = tmp();
     let a = many_files(1500, 12, MT_GZ);
     let b = many_files(1500, 13, MT_ZST);

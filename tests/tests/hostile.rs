@@ -62,6 +62,37 @@ impl World {
         );
         out
     }
+
+    /// Applies `layer`, which must succeed with its own digest as the
+    /// diff ID.
+    fn ok(&self, layer: &[u8]) {
+        assert_eq!(ok_diff_id(&self.apply(layer)), sha256(layer));
+    }
+
+    /// Applies `layer`, which must fail on `entry`, whose (first) header
+    /// is at `offset`, for a reason that says each of `why`; DEST then
+    /// holds exactly `left` (paths below it, sorted: what the entries
+    /// before the offending one made). Returns the error line.
+    fn fails(&self, layer: &[u8], entry: &str, offset: u64, why: &[&str], left: &[&str]) -> String {
+        let line = err_line(&self.apply(layer));
+        let prefix = format!(
+            "unlade: error: layer {}: entry {entry:?} at offset {offset}: ",
+            self.root.join("layer.tar").display()
+        );
+        assert!(
+            line.starts_with(&prefix),
+            "expected {prefix:?}…, got {line}"
+        );
+        for w in why {
+            assert!(line[prefix.len()..].contains(w), "expected {w:?} in {line}");
+        }
+        let in_dest: Vec<String> = snapshot(&self.dest)
+            .into_keys()
+            .filter(|k| !k.is_empty())
+            .collect();
+        assert_eq!(in_dest, left, "DEST after: {line}");
+        line
+    }
 }
 
 fn list(p: &Path) -> Vec<String> {
@@ -103,9 +134,9 @@ fn dotdot_names_are_refused() {
 fn absolute_names_are_clamped_into_dest() {
     let w = World::new();
     let abs = w.victim_abs();
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.file(&abs, b"clamped");
-    })));
+    }));
     let inside = w.dest.join(abs.trim_start_matches('/'));
     assert_eq!(fs::read(inside).unwrap(), b"clamped");
 }
@@ -114,53 +145,53 @@ fn absolute_names_are_clamped_into_dest() {
 fn symlinked_parents_stay_inside() {
     let w = World::new();
     let outside_abs = w.outside.to_string_lossy().into_owned();
-    let cases: Vec<(&str, Vec<u8>)> = vec![
+    // Each link resolves inside DEST (RESOLVE_IN_ROOT), where it dangles:
+    // the entry under it fails, naming the link. (layer, failing
+    // entry and its offset, what DEST holds after)
+    let cases: Vec<(Vec<u8>, &str, u64, &[&str])> = vec![
         (
-            "absolute",
+            // absolute
             tar(|t| {
                 t.symlink("lnk", &outside_abs).file("lnk/victim", b"pwned");
             }),
+            "lnk/victim",
+            512,
+            &["lnk"],
         ),
         (
-            "relative",
+            // relative
             tar(|t| {
                 t.symlink("lnk", "../outside").file("lnk/victim", b"pwned");
             }),
+            "lnk/victim",
+            512,
+            &["lnk"],
         ),
         (
-            "dotdots",
-            tar(|t| {
-                t.symlink("lnk", "../../../../../../../../..")
-                    .file(&format!("lnk{outside_abs}/victim"), b"pwned");
-            }),
-        ),
-        (
-            "chain",
+            // chain
             tar(|t| {
                 t.symlink("a", "b")
                     .symlink("b", "c/../../outside")
                     .dir("c")
                     .file("a/victim", b"pwned");
             }),
+            "a/victim",
+            1536,
+            &["a", "b", "c"],
         ),
         (
-            "nested",
-            tar(|t| {
-                t.dir("d")
-                    .symlink("d/up", "../..")
-                    .file("d/up/outside/victim", b"pwned");
-            }),
-        ),
-        (
-            "new dir",
+            // new dir
             tar(|t| {
                 t.symlink("lnk", "../outside")
                     .dir("lnk/newdir")
                     .file("lnk/newdir/f", b"x");
             }),
+            "lnk/newdir",
+            512,
+            &["lnk"],
         ),
         (
-            "device",
+            // device
             tar(|t| {
                 t.symlink("lnk", "../outside").entry(
                     H {
@@ -172,26 +203,56 @@ fn symlinked_parents_stay_inside() {
                     b"",
                 );
             }),
+            "lnk/null",
+            512,
+            &["lnk"],
         ),
         (
-            "symlink",
+            // symlink
             tar(|t| {
                 t.symlink("lnk", "../outside")
                     .symlink("lnk/victim", "/etc/shadow");
             }),
+            "lnk/victim",
+            512,
+            &["lnk"],
         ),
     ];
-    for (what, layer) in cases {
-        let out = w.apply(&layer);
-        if what == "dotdots" {
-            // The link resolves to DEST itself: the file lands inside.
-            ok_diff_id(&out);
-            let inside = w
-                .dest
-                .join(outside_abs.trim_start_matches('/'))
-                .join("victim");
-            assert_eq!(fs::read(inside).unwrap(), b"pwned");
-        }
+    for (layer, entry, offset, left) in cases {
+        let link = entry.split('/').next().unwrap();
+        w.fails(
+            &layer,
+            entry,
+            offset,
+            &[&format!("resolve {link:?}: dangling symlink")],
+            left,
+        );
+        let _ = fs::remove_dir_all(&w.dest);
+    }
+    // Links that climb to DEST itself (".." of DEST is DEST): the file
+    // lands inside.
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "dotdots",
+            tar(|t| {
+                t.symlink("lnk", "../../../../../../../../..")
+                    .file(&format!("lnk{outside_abs}/victim"), b"pwned");
+            }),
+            format!("{}/victim", outside_abs.trim_start_matches('/')),
+        ),
+        (
+            "nested",
+            tar(|t| {
+                t.dir("d")
+                    .symlink("d/up", "../..")
+                    .file("d/up/outside/victim", b"pwned");
+            }),
+            "outside/victim".to_string(),
+        ),
+    ];
+    for (what, layer, inside) in cases {
+        w.ok(&layer);
+        assert_eq!(fs::read(w.dest.join(&inside)).unwrap(), b"pwned", "{what}");
         let _ = fs::remove_dir_all(&w.dest);
     }
 }
@@ -210,24 +271,51 @@ fn symlink_loops_fail_cleanly() {
 fn hardlinks_cannot_reach_outside() {
     let w = World::new();
     let abs = w.victim_abs();
-    let cases: Vec<Vec<u8>> = vec![
-        tar(|t| {
+    let dotdot = [
+        "unsafe entry name",
+        "\"../outside/victim\" has a '..' component",
+    ];
+    w.fails(
+        &tar(|t| {
             t.hardlink("h", "../outside/victim");
         }),
-        tar(|t| {
+        "h",
+        0,
+        &dotdot,
+        &[],
+    );
+    // An absolute target is resolved inside DEST, where there is no such
+    // file.
+    w.fails(
+        &tar(|t| {
             t.hardlink("h", &abs);
         }),
-        tar(|t| {
-            t.symlink("lnk", "../outside").hardlink("h", "lnk/victim");
-        }),
-        tar(|t| {
-            t.symlink("lnk", &w.outside.to_string_lossy())
-                .hardlink("h", "lnk/victim");
-        }),
-    ];
-    for layer in cases {
-        let out = w.apply(&layer);
-        err_line(&out);
+        "h",
+        0,
+        &[
+            &format!("hard link target {abs:?}"),
+            "No such file or directory",
+        ],
+        &[],
+    );
+    let _ = fs::remove_dir_all(&w.dest);
+    // So is a target through a symlink: the link dangles there.
+    for link in [
+        "../outside".to_string(),
+        w.outside.to_string_lossy().into_owned(),
+    ] {
+        w.fails(
+            &tar(|t| {
+                t.symlink("lnk", &link).hardlink("h", "lnk/victim");
+            }),
+            "h",
+            512,
+            &[
+                "hard link target \"lnk/victim\"",
+                "resolve \"lnk\": dangling symlink",
+            ],
+            &["lnk"],
+        );
         let _ = fs::remove_dir_all(&w.dest);
     }
 }
@@ -236,9 +324,9 @@ fn hardlinks_cannot_reach_outside() {
 fn hardlink_to_a_symlink_links_the_symlink() {
     let w = World::new();
     let abs = w.victim_abs();
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.symlink("s", &abs).hardlink("h", "s");
-    })));
+    }));
     let md = fs::symlink_metadata(w.dest.join("h")).unwrap();
     assert!(md.file_type().is_symlink());
     assert_eq!(md.nlink(), 2);
@@ -255,7 +343,7 @@ fn metadata_never_goes_through_a_symlink() {
     let outside_dir = w.outside.join("dir").to_string_lossy().into_owned();
     // A later header for the same name replaces the link, it does not write
     // (or chmod, chown, touch, setxattr) through it.
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.symlink("s", &abs)
             .pax(b'x', &[("SCHILY.xattr.trusted.x", b"1")])
             .entry(
@@ -269,10 +357,10 @@ fn metadata_never_goes_through_a_symlink() {
                 },
                 b"pwned",
             );
-    })));
+    }));
     assert_eq!(fs::read(w.dest.join("s")).unwrap(), b"pwned");
     // Symlink metadata lands on the link itself.
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.pax(b'x', &[("SCHILY.xattr.trusted.x", b"1")]).entry(
             H {
                 name: b"s2",
@@ -285,7 +373,7 @@ fn metadata_never_goes_through_a_symlink() {
             },
             b"",
         );
-    })));
+    }));
     let md = fs::symlink_metadata(w.dest.join("s2")).unwrap();
     assert_eq!((md.uid(), md.mtime()), (4321, 5));
     assert_eq!(
@@ -295,7 +383,7 @@ fn metadata_never_goes_through_a_symlink() {
         Some(&b"1"[..])
     );
     // Delayed directory restore after the directory became a symlink.
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.entry(
             H {
                 name: b"d/",
@@ -309,50 +397,82 @@ fn metadata_never_goes_through_a_symlink() {
         )
         .file("d/.wh..wh..opq", b"")
         .symlink("d", &outside_dir);
-    })));
+    }));
     // Same with a relative link and the opaque marker after (the link
     // dangles inside DEST: an error, and nothing outside is touched).
-    err_line(&w.apply(&tar(|t| {
-        t.entry(
-            H {
-                name: b"e/",
-                typ: b'5',
-                mode: 0o777,
-                uid: 99,
-                mtime: 7,
-                ..H::default()
-            },
-            b"",
-        )
-        .symlink("e", "../../outside/dir")
-        .file("e/.wh..wh..opq", b"");
-    })));
+    // (DEST holds s, s2 and d from the applies above, and the link e.)
+    w.fails(
+        &tar(|t| {
+            t.entry(
+                H {
+                    name: b"e/",
+                    typ: b'5',
+                    mode: 0o777,
+                    uid: 99,
+                    mtime: 7,
+                    ..H::default()
+                },
+                b"",
+            )
+            .symlink("e", "../../outside/dir")
+            .file("e/.wh..wh..opq", b"");
+        }),
+        "e/.wh..wh..opq",
+        1024,
+        &["resolve \"e\": dangling symlink"],
+        &["d", "e", "s", "s2"],
+    );
+    assert_eq!(
+        fs::read_link(w.dest.join("e")).unwrap().to_string_lossy(),
+        "../../outside/dir"
+    );
 }
 
 #[test]
 fn whiteouts_through_symlinked_parents_stay_inside() {
     let w = World::new();
     let outside_abs = w.outside.to_string_lossy().into_owned();
-    for layer in [
-        tar(|t| {
-            t.symlink("lnk", "../outside").file("lnk/.wh.victim", b"");
-        }),
-        tar(|t| {
-            t.symlink("lnk", &outside_abs).file("lnk/.wh.victim", b"");
-        }),
-        tar(|t| {
-            t.symlink("lnk", "../outside")
-                .file("lnk/dir/.wh..wh..opq", b"");
-        }),
+    // The link resolves inside DEST, where it dangles.
+    for (layer, entry) in [
+        (
+            tar(|t| {
+                t.symlink("lnk", "../outside").file("lnk/.wh.victim", b"");
+            }),
+            "lnk/.wh.victim",
+        ),
+        (
+            tar(|t| {
+                t.symlink("lnk", &outside_abs).file("lnk/.wh.victim", b"");
+            }),
+            "lnk/.wh.victim",
+        ),
+        (
+            tar(|t| {
+                t.symlink("lnk", "../outside")
+                    .file("lnk/dir/.wh..wh..opq", b"");
+            }),
+            "lnk/dir/.wh..wh..opq",
+        ),
     ] {
-        w.apply(&layer);
+        w.fails(
+            &layer,
+            entry,
+            512,
+            &["resolve \"lnk\": dangling symlink"],
+            &["lnk"],
+        );
         let _ = fs::remove_dir_all(&w.dest);
     }
     // A whiteout name that climbs out is an error.
-    let out = w.apply(&tar(|t| {
-        t.file("../.wh.outside", b"");
-    }));
-    err_line(&out);
+    w.fails(
+        &tar(|t| {
+            t.file("../.wh.outside", b"");
+        }),
+        "../.wh.outside",
+        0,
+        &["unsafe entry name", "has a '..' component"],
+        &[],
+    );
 }
 
 #[test]
@@ -360,7 +480,7 @@ fn special_names() {
     let w = World::new();
     // "." as a directory sets the root's metadata; as anything else it is
     // refused (a "/." symlink once sent later layers to the host).
-    ok_diff_id(&w.apply(&tar(|t| {
+    w.ok(&tar(|t| {
         t.entry(
             H {
                 name: b"./",
@@ -371,7 +491,7 @@ fn special_names() {
             },
             b"",
         );
-    })));
+    }));
     let md = fs::metadata(&w.dest).unwrap();
     assert_eq!((md.mode() & 0o7777, md.mtime()), (0o711, 42));
     for (name, typ) in [
@@ -411,6 +531,12 @@ fn special_names() {
 #[test]
 fn pax_and_gnu_names_are_checked_too() {
     let w = World::new();
+    let why = [
+        "unsafe entry name",
+        "\"../outside/victim\" has a '..' component",
+    ];
+    // The extended name is the entry's name: the error names it, and
+    // nothing is made under the header's own name.
     for layer in [
         tar(|t| {
             t.pax(b'x', &[("path", b"../outside/victim")])
@@ -420,11 +546,18 @@ fn pax_and_gnu_names_are_checked_too() {
             t.gnu_long(b'L', b"../outside/victim")
                 .file("innocent", b"pwned");
         }),
-        tar(|t| {
+    ] {
+        w.fails(&layer, "../outside/victim", 0, &why, &[]);
+    }
+    // A PAX linkpath is the link's target.
+    w.fails(
+        &tar(|t| {
             t.pax(b'x', &[("linkpath", b"../outside/victim")])
                 .hardlink("h", "innocent");
         }),
-    ] {
-        err_line(&w.apply(&layer));
-    }
+        "h",
+        0,
+        &why,
+        &[],
+    );
 }

@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Barrier;
 
 use unlade::oci::digest::chain_ids;
 use unlade::store::snapshot::{SnapshotError, Snapshotter};
@@ -78,28 +79,89 @@ fn committed_layers_stack_into_the_image() {
     assert_eq!(added.unwrap(), b"added");
 }
 
+/// Names in a directory of the root.
+fn names(root: &Path, dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root.join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 #[test]
 fn racing_commits_keep_one_copy() {
     let root = tmp();
     let snaps = Snapshotter::open(root.path()).unwrap();
-    let chain = Digest::of(b"some layer");
-    let a = snaps.prepare(None).unwrap();
-    let b = snaps.prepare(None).unwrap();
-    fs::write(a.fs().join("who"), b"a").unwrap();
-    fs::write(b.fs().join("who"), b"b").unwrap();
-    assert!(snaps.commit(a, &chain).unwrap());
-    assert!(!snaps.commit(b, &chain).unwrap());
-    assert_eq!(
-        fs::read(snaps.committed_dir(&chain).join("fs/who")).unwrap(),
-        b"a"
-    );
-    assert_eq!(
-        fs::read_dir(root.path().join("snapshots/active"))
-            .unwrap()
-            .count(),
-        0
-    );
-    assert_eq!(snaps.list().unwrap().len(), 1);
+    // A second snapshotter of the same root, as another process has.
+    let other = Snapshotter::open(root.path()).unwrap();
+    let mut chains: Vec<Digest> = Vec::new();
+    let mut wins = [0; 2];
+    for round in 0..64 {
+        let chain = Digest::of(format!("layer {round}").as_bytes());
+        // Every other round stacks on the chain before (the commit checks
+        // the parent too); half the rounds race within one snapshotter.
+        let parent = chains.last().copied().filter(|_| round % 2 == 1);
+        let racers = [&snaps, if round % 4 < 2 { &snaps } else { &other }];
+        let actives = racers.map(|s| s.prepare(parent).unwrap());
+        let mut trees = Vec::new();
+        for (who, a) in ["a", "b"].iter().zip(&actives) {
+            fs::write(a.fs().join("who"), who).unwrap();
+            fs::create_dir(a.fs().join(format!("only-{who}"))).unwrap();
+            trees.push(snapshot(&a.fs()));
+        }
+        let barrier = Barrier::new(2);
+        let won: Vec<bool> = std::thread::scope(|s| {
+            let hs: Vec<_> = racers
+                .into_iter()
+                .zip(actives)
+                .map(|(snaps, active)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        snaps.commit(active, &chain)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        // Exactly one commit published its copy; the other was told so
+        // (Ok(false)) and its copy is gone.
+        let winners: Vec<usize> = (0..2).filter(|&i| won[i]).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {won:?}");
+        let w = winners[0];
+        wins[w] += 1;
+        assert_same(
+            &trees[w],
+            &snapshot(&snaps.committed_dir(&chain).join("fs")),
+            &format!("round {round}: the winner's copy"),
+        );
+        assert_eq!(snaps.stat(&chain).unwrap().parent, parent);
+        assert_eq!(other.stat(&chain).unwrap().parent, parent);
+        assert!(
+            names(root.path(), "snapshots/active").is_empty(),
+            "round {round}"
+        );
+        assert!(
+            names(root.path(), "snapshots/trash").is_empty(),
+            "round {round}"
+        );
+        chains.push(chain);
+    }
+    eprintln!("commits won by the first / second racer: {wins:?}");
+    // The store holds exactly the committed chains, each once.
+    let mut want: Vec<String> = chains.iter().map(Digest::hex).collect();
+    want.sort();
+    assert_eq!(names(root.path(), "snapshots/committed"), want);
+    let listed: Vec<Digest> = snaps
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.chain_id)
+        .collect();
+    let mut sorted = chains.clone();
+    sorted.sort();
+    assert_eq!(listed, sorted);
 }
 
 #[test]

@@ -194,6 +194,89 @@ fn full_disk_commits_nothing_and_a_bigger_one_succeeds() {
     sh(Command::new("umount").arg(&root));
 }
 
+/// The numbers of the `unpacked …` summary line of a successful unpack:
+/// (layers committed before, applied here, blobs imported).
+fn summary(out: &Output) -> (u64, u64, u64) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("unpacked "))
+        .unwrap_or_else(|| panic!("no summary: {text}"));
+    let num = |after: &str| -> u64 {
+        let i = line
+            .find(after)
+            .unwrap_or_else(|| panic!("{after:?}: {line}"));
+        line[..i].rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    (
+        num(" committed before"),
+        num(" applied here"),
+        num(" blobs imported"),
+    )
+}
+
+/// The blobs of `root`'s content store, each checked to hash to its name
+/// (a store never holds a partial blob under a digest's name).
+fn stored_blobs(root: &Path) -> Vec<String> {
+    let dir = root.join("content/blobs/sha256");
+    let mut out = Vec::new();
+    for e in fs::read_dir(&dir).into_iter().flatten() {
+        let e = e.unwrap();
+        let name = format!("sha256:{}", e.file_name().to_string_lossy());
+        assert_eq!(sha256(&fs::read(e.path()).unwrap()), name, "stored blob");
+        out.push(name);
+    }
+    out
+}
+
+/// When [`kill_unpack`] kills.
+#[derive(Debug, Clone, Copy)]
+enum Kill {
+    /// This long after the start.
+    After(std::time::Duration),
+    /// As soon as this many snapshots are committed.
+    Committed(usize),
+}
+
+/// Starts `unlade unpack R --root ROOT EXTRA` and kills it with SIGKILL
+/// `when` says; false if it had finished by then (or exited before the
+/// commits came).
+fn kill_unpack(r: &str, root: &Path, extra: &[&str], when: Kill) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(bin())
+        .args(["unpack", r, "--root"])
+        .arg(root)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    match when {
+        Kill::After(d) => std::thread::sleep(d),
+        Kill::Committed(m) => {
+            let started = std::time::Instant::now();
+            let committed = root.join("snapshots/committed");
+            while fs::read_dir(&committed).map_or(0, |d| d.count()) < m {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(300),
+                    "no {m} commits"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+    let _ = child.kill();
+    let status = child.wait().unwrap();
+    if status.signal() == Some(9) {
+        return true;
+    }
+    assert!(status.success(), "unpack failed: {status}");
+    false
+}
+
 #[test]
 fn kill_9_at_random_moments_then_rerun() {
     let w = tmp();
@@ -220,47 +303,127 @@ fn kill_9_at_random_moments_then_rerun() {
     let refs: Vec<&TestLayer> = layers.iter().collect();
     let layout = w.path().join("layout");
     let chains = image_layout(&layout, &[("t", &refs)]);
+    let blobs: Vec<String> = layers.iter().map(|l| sha256(&l.blob())).collect();
     let r = format!("{}:t", layout.display());
+    // The merged tree of layers 0..=i, computed once without the engine.
+    let expected: Vec<Tree> = (0..refs.len())
+        .map(|i| expected_merge(&refs[..=i], &w.path().join(format!("expected{i}"))))
+        .collect();
+    // Layers applied in parallel (the default) commit close together at
+    // the end; one at a time, they commit one after the other.
+    let modes: [&[&str]; 2] = [&[], &["--parallel", "1"]];
     // How long a whole unpack takes here, to spread the kills over it.
-    let probe = w.path().join("probe");
-    let t0 = std::time::Instant::now();
-    last_line(&unpack(&r, &probe, &[]));
-    let full = t0.elapsed();
-    let root = w.path().join("root");
+    let full: Vec<std::time::Duration> = modes
+        .iter()
+        .map(|extra| {
+            let probe = w.path().join("probe");
+            let t0 = std::time::Instant::now();
+            assert_eq!(last_line(&unpack(&r, &probe, extra)), chains[0][2]);
+            let took = t0.elapsed();
+            fs::remove_dir_all(&probe).unwrap();
+            took
+        })
+        .collect();
+    // Each round kills an unpack on a root of its own, at a point of its
+    // own. Per mode: at a random moment of the first half and of the
+    // second half of a whole unpack, and as soon as one and two layers are
+    // committed.
+    let mut rounds = Vec::new();
     let mut seed = 0x9e37_79b9_u64;
-    for round in 0..8 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        let delay = full.mul_f64((seed % 1000) as f64 / 1000.0);
-        let mut child = Command::new(bin())
-            .args(["unpack", &r, "--root"])
-            .arg(&root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let _ = child.kill();
-        child.wait().unwrap();
-        // Whatever is committed is complete: mount each committed chain
-        // and compare it with the layers up to it.
-        let ls = committed(&root);
-        for (i, c) in chains[0].iter().enumerate() {
-            if ls.contains(c.as_str()) {
-                assert_same(
-                    &expected_merge(&refs[..=i], &w.path().join(format!("e{round}-{i}"))),
-                    &mounted_tree(&root, c, w.path()),
-                    &format!("round {round}: chain {i} after kill at {delay:?}"),
-                );
-            }
+    for (mode, whole) in full.iter().enumerate() {
+        for half in 0..2 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let at = (half as f64 + (seed % 1000) as f64 / 1000.0) / 2.0;
+            rounds.push((mode, Kill::After(whole.mul_f64(at))));
         }
+        rounds.push((mode, Kill::Committed(1)));
+        rounds.push((mode, Kill::Committed(2)));
     }
-    assert_eq!(last_line(&unpack(&r, &root, &[])), chains[0][2]);
-    no_leftovers(&root);
-    assert_same(
-        &expected_merge(&refs, &w.path().join("final")),
-        &mounted_tree(&root, &chains[0][2], w.path()),
-        "after the rerun",
-    );
+    let mut points = Vec::new();
+    for (round, (mode, mut when)) in rounds.into_iter().enumerate() {
+        let extra = modes[mode];
+        // An unpack that finished before its kill tested nothing: that
+        // round starts again on a fresh root (a timed kill earlier).
+        let mut attempt = 0;
+        let root = loop {
+            let root = w.path().join(format!("root{round}-{attempt}"));
+            if kill_unpack(&r, &root, extra, when) {
+                break root;
+            }
+            attempt += 1;
+            assert!(attempt < 6, "round {round}: every unpack beat its kill");
+            if let Kill::After(d) = &mut when {
+                *d /= 2;
+            }
+            let _ = fs::remove_dir_all(&root);
+        };
+        let what = format!("round {round}: after a kill {when:?} ({extra:?})");
+        // Commits happen in chain order: what is committed is chains 0..k.
+        let ls = committed(&root);
+        let listed: Vec<&str> = ls.lines().filter_map(|l| l.split('\t').next()).collect();
+        let k = listed.len();
+        let mut want: Vec<&str> = chains[0][..k].iter().map(String::as_str).collect();
+        want.sort();
+        let mut got = listed.clone();
+        got.sort();
+        assert_eq!(got, want, "{what}: committed is not a prefix of the chain");
+        if let Kill::Committed(m) = when {
+            assert!(k >= m, "{what}: {k} committed");
+        }
+        // Whatever is committed is complete. The layers' directories are
+        // disjoint, so the top committed chain shows every committed layer.
+        if k > 0 {
+            assert_same(
+                &expected[k - 1],
+                &mounted_tree(&root, &chains[0][k - 1], w.path()),
+                &format!("{what}: chain {}", k - 1),
+            );
+        }
+        // Every blob in the store is whole; a committed layer's blob is
+        // there (the commit waits for its import).
+        let stored = stored_blobs(&root);
+        let have: Vec<bool> = blobs.iter().map(|b| stored.contains(b)).collect();
+        assert!(
+            have[..k].iter().all(|&h| h),
+            "{what}: {have:?}, {k} committed"
+        );
+        // An image record only once the top layer is committed.
+        let records = fs::read_dir(root.join("images"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert!(
+            records == 0 || k == 3,
+            "{what}: a record with {k} committed"
+        );
+        // The rerun does exactly what was left: the layers above k, the
+        // blobs not yet stored.
+        let out = unpack(&r, &root, extra);
+        assert_eq!(last_line(&out), chains[0][2], "{what}");
+        let missing = have.iter().filter(|&&h| !h).count() as u64;
+        assert_eq!(
+            summary(&out),
+            (k as u64, 3 - k as u64, missing),
+            "{what}: the rerun"
+        );
+        no_leftovers(&root);
+        assert_same(
+            &expected[2],
+            &mounted_tree(&root, &chains[0][2], w.path()),
+            &format!("{what}: after the rerun"),
+        );
+        assert_eq!(
+            stored_blobs(&root).len(),
+            5,
+            "{what}: layers, manifest, config"
+        );
+        points.push((mode, when, k, missing));
+        fs::remove_dir_all(&root).unwrap();
+    }
+    eprintln!("kill points (mode, when, committed, blobs missing): {points:?}");
 }
