@@ -35,6 +35,7 @@ use crate::layer::tar::Reader;
 use crate::oci::digest::Digest;
 
 /// Where a layer blob comes from.
+#[non_exhaustive]
 pub enum LayerInput {
     /// A file (memory-mapped when it is a regular file).
     Path(PathBuf),
