@@ -224,3 +224,30 @@ impl std::error::Error for ApplyError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = ApplyError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::error_chain;
+
+    #[test]
+    fn each_level_says_its_part_once() {
+        let e = ApplyError::fs("create file", io::Error::from_raw_os_error(libc::EACCES))
+            .at(Some(b"etc/passwd"), 512)
+            .layer("base.tar");
+        assert_eq!(
+            e.to_string(),
+            "layer base.tar: entry \"etc/passwd\" at offset 512"
+        );
+        assert_eq!(
+            error_chain(&e),
+            "layer base.tar: entry \"etc/passwd\" at offset 512: create file: \
+             Permission denied (os error 13)"
+        );
+        // Knowing no where, it is its kind.
+        let e = ApplyError::new(ErrorKind::Truncated("in a header".into()));
+        assert_eq!(error_chain(&e), "truncated layer: in a header");
+        let e = ApplyError::from(DecodeError::Io(io::Error::other("cut")));
+        assert_eq!(error_chain(&e), "read layer: cut");
+    }
+}

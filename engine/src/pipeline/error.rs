@@ -126,3 +126,39 @@ impl RootError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::error::{ApplyError, ErrorKind};
+
+    #[test]
+    fn content_fault_is_typed_and_sees_through_lower_layers() {
+        let d = Digest::of(b"layer");
+        let corrupt = || ApplyError::new(ErrorKind::Truncated("x".into())).at(None, 0);
+        assert_eq!(RootError::Apply(corrupt().blob(d)).content_fault(), Some(d));
+        // Named otherwise (a file), no blob is at fault.
+        assert_eq!(
+            RootError::Apply(corrupt().layer("x.tar")).content_fault(),
+            None
+        );
+        let io = ApplyError::fs("create file", std::io::Error::other("full")).blob(d);
+        assert_eq!(RootError::Apply(io).content_fault(), None);
+        // A lower layer's fault is that layer's blob's.
+        let below = Digest::of(b"below");
+        let lower = ApplyError::new(ErrorKind::Lower {
+            op: "wait for the layers below",
+            source: Box::new(RootError::Apply(corrupt().blob(below))),
+        })
+        .blob(d);
+        let e = RootError::Apply(lower);
+        assert_eq!(e.content_fault(), Some(below));
+        assert_eq!(
+            crate::report::error_chain(&e),
+            format!(
+                "layer {d}: wait for the layers below: layer {below}: at offset 0: \
+                 truncated layer: x"
+            )
+        );
+    }
+}
