@@ -216,7 +216,7 @@ enum SnapshotsCmd {
 }
 
 fn open_root(root: &std::path::Path) -> Result<Root, String> {
-    Root::open(root, RootOptions::default()).map_err(|e| e.to_string())
+    Root::open(root, RootOptions::default()).map_err(|e| unlade::error_chain(&e))
 }
 
 fn or_dash(d: Option<Digest>) -> String {
@@ -230,14 +230,14 @@ fn snapshots(root: &std::path::Path, cmd: SnapshotsCmd) -> Result<(), String> {
         SnapshotsCmd::Ls => {
             let mut lines: Vec<String> = snaps
                 .list()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| unlade::error_chain(&e))?
                 .into_iter()
                 .map(|i| format!("{}\t{}\tcommitted", i.chain_id, or_dash(i.parent)))
                 .collect();
             lines.extend(
                 snaps
                     .list_rw()
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| unlade::error_chain(&e))?
                     .into_iter()
                     .map(|i| format!("{}\t{}\twritable", i.key, or_dash(i.parent))),
             );
@@ -247,9 +247,9 @@ fn snapshots(root: &std::path::Path, cmd: SnapshotsCmd) -> Result<(), String> {
             for n in names {
                 if n.starts_with("sha256:") {
                     root.remove_snapshot(&digest(&n)?)
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| unlade::error_chain(&e))?;
                 } else {
-                    root.remove_rw(&n).map_err(|e| e.to_string())?;
+                    root.remove_rw(&n).map_err(|e| unlade::error_chain(&e))?;
                 }
             }
             Ok(())
@@ -275,7 +275,7 @@ fn images(root: &std::path::Path, cmd: ImagesCmd) -> Result<(), String> {
         ImagesCmd::Ls => {
             let lines: Vec<String> = root
                 .list_images()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| unlade::error_chain(&e))?
                 .into_iter()
                 .map(|r| {
                     format!(
@@ -291,7 +291,7 @@ fn images(root: &std::path::Path, cmd: ImagesCmd) -> Result<(), String> {
         }
         ImagesCmd::Rm { names } => {
             for n in names {
-                root.remove_image(&n).map_err(|e| e.to_string())?;
+                root.remove_image(&n).map_err(|e| unlade::error_chain(&e))?;
             }
             Ok(())
         }
@@ -326,10 +326,10 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
     let (dir, tag) = split_layout(&a.layout);
     let platform = a.platform.as_deref().map(Platform::parse).transpose()?;
-    let layout = Layout::open(&dir).map_err(|e| e.to_string())?;
+    let layout = Layout::open(&dir).map_err(|e| unlade::error_chain(&e))?;
     let image = layout
         .resolve(tag.as_deref(), platform.as_ref())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unlade::error_chain(&e))?;
     let mut opts = RootOptions {
         durability: match a.sync {
             None => Durability::None,
@@ -341,7 +341,7 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
     if let Some(n) = a.parallel {
         opts.parallel_layers = n.max(1);
     }
-    let root = Root::open(&a.root, opts).map_err(|e| e.to_string())?;
+    let root = Root::open(&a.root, opts).map_err(|e| unlade::error_chain(&e))?;
     let name = a.name.unwrap_or_else(|| match &tag {
         Some(t) => format!("{}:{t}", dir.display()),
         None => format!("{}@{}", dir.display(), image.manifest),
@@ -349,16 +349,16 @@ fn unpack(a: UnpackArgs) -> Result<(), String> {
     let cancel = Cancel::new();
     let r = root
         .unpack(std::sync::Arc::new(layout), &image, &name, &cancel)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| unlade::error_chain(&e))?;
     warn(&r.warnings);
     let stats = root.stats();
     let mut out = Vec::new();
     if !a.quiet {
         for (chain, role) in &r.roles {
             let how = match role {
-                Role::Led => "applied",
                 Role::TookOver => "applied (took over)",
                 Role::Waited => "done by another",
+                _ => "applied",
             };
             out.push(format!("layer {chain}: {how}"));
         }
@@ -393,7 +393,7 @@ struct PullArgs {
 
 fn pull(a: PullArgs) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let reference = unlade::Reference::parse(&a.reference).map_err(|e| e.to_string())?;
+    let reference = unlade::Reference::parse(&a.reference).map_err(|e| unlade::error_chain(&e))?;
     let platform = a.platform.as_deref().map(Platform::parse).transpose()?;
     let mut opts = RootOptions {
         durability: if a.sync {
@@ -407,7 +407,7 @@ fn pull(a: PullArgs) -> Result<(), String> {
     if let Some(n) = a.parallel {
         opts.parallel_layers = n.max(1);
     }
-    let root = Root::open(&a.root, opts).map_err(|e| e.to_string())?;
+    let root = Root::open(&a.root, opts).map_err(|e| unlade::error_chain(&e))?;
     let popts = unlade::PullOptions {
         remote: unlade::source::remote::RemoteOptions {
             plain_http: a.plain_http,
@@ -429,7 +429,7 @@ fn pull(a: PullArgs) -> Result<(), String> {
     if let Some(d) = &display {
         d.finish();
     }
-    let p = r.map_err(|e| e.to_string())?;
+    let p = r.map_err(|e| unlade::error_chain(&e))?;
     warn(&p.unpacked.warnings);
     let stats = root.stats();
     let mut out = Vec::new();
@@ -508,7 +508,7 @@ fn mounts(
         None => root.mounts(&chain),
         Some(key) => root.prepare_rw(&key, Some(&chain), &Cancel::new()),
     }
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| unlade::error_chain(&e))?;
     emit(&[m.command_line(&target)])
 }
 
@@ -537,17 +537,17 @@ enum ContentCmd {
 }
 
 fn digest(s: &str) -> Result<Digest, String> {
-    s.parse::<Digest>().map_err(|e| e.to_string())
+    s.parse::<Digest>().map_err(|e| unlade::error_chain(&e))
 }
 
 fn content(root: &std::path::Path, cmd: ContentCmd) -> Result<(), String> {
     let sync = matches!(cmd, ContentCmd::Ingest { sync: true, .. });
-    let store = ContentStore::open(root, sync).map_err(|e| e.to_string())?;
+    let store = ContentStore::open(root, sync).map_err(|e| unlade::error_chain(&e))?;
     match cmd {
         ContentCmd::Ls => {
             let lines: Vec<String> = store
                 .list()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| unlade::error_chain(&e))?
                 .into_iter()
                 .map(|(d, size)| format!("{d}\t{size}"))
                 .collect();
@@ -556,7 +556,7 @@ fn content(root: &std::path::Path, cmd: ContentCmd) -> Result<(), String> {
         ContentCmd::Rm { digests } => {
             for d in digests {
                 let d = digest(&d)?;
-                if !store.remove(&d).map_err(|e| e.to_string())? {
+                if !store.remove(&d).map_err(|e| unlade::error_chain(&e))? {
                     return Err(format!("blob {d} not found"));
                 }
             }
@@ -573,7 +573,7 @@ fn content(root: &std::path::Path, cmd: ContentCmd) -> Result<(), String> {
                     .map_err(|e| format!("open {}: {e}", file.display()))?;
                 store.ingest(&d, f, None)
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unlade::error_chain(&e))?;
             let how = if r.published {
                 "published"
             } else {
@@ -624,7 +624,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Gc { root } => {
             let r = open_root(&root)?
                 .gc(&Cancel::new())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| unlade::error_chain(&e))?;
             let freed: u64 = r.blobs.iter().map(|(_, s)| s).sum();
             emit(&[format!(
                 "removed {} snapshots, {} blobs ({freed} bytes), {} links",
@@ -689,7 +689,7 @@ fn run(cli: Cli) -> Result<(), String> {
             quiet,
         } => {
             let diff_id = diff_id
-                .map(|d| d.parse::<Digest>().map_err(|e| e.to_string()))
+                .map(|d| d.parse::<Digest>().map_err(|e| unlade::error_chain(&e)))
                 .transpose()?;
             let cap = match memory_cap.or_else(|| std::env::var("UNLADE_MEMORY_CAP").ok()) {
                 Some(s) => parse_size(&s)?,
@@ -714,7 +714,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 LayerInput::Path(layer)
             };
             let started = std::time::Instant::now();
-            let r = apply_layer(input, &dest, &opts).map_err(|e| e.to_string())?;
+            let r = apply_layer(input, &dest, &opts).map_err(|e| unlade::error_chain(&e))?;
             warn(&r.warnings);
             let mut out = Vec::new();
             if !quiet {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 /// The stages in dependency order; each may use those before it.
 const STAGES: &[&[&str]] = &[
-    &["sys", "cancel"],
+    &["sys", "cancel", "report"],
     &["oci"],
     &["source"],
     &["store"],

@@ -88,7 +88,7 @@ fn reference(input: &[u8], comp: Compression) -> Reference {
             Ok(d) => d.take(LIMIT as u64 + 1).read_to_end(&mut out),
             Err(e) => Err(e),
         },
-        Compression::Plain => unreachable!(),
+        _ => unreachable!("no reference decoder for {comp:?}"),
     };
     Reference {
         out,

@@ -124,7 +124,7 @@ fn foreign_platform_needs_asking() {
     b.add(m, None);
     b.finish();
     let layout = Layout::open(w.path()).unwrap();
-    let e = layout.resolve(None, None).unwrap_err().to_string();
+    let e = unlade::error_chain(&layout.resolve(None, None).unwrap_err());
     assert!(e.contains(other) && e.contains("--platform"), "{e}");
     let img = layout
         .resolve(None, Some(&Platform::parse(other).unwrap()))
@@ -145,11 +145,12 @@ fn hostile_layouts_are_refused() {
         let m = b.image(&host, diff_ids, layers, false);
         b.add(m, None);
         b.finish();
-        Layout::open(w.path())
-            .unwrap()
-            .resolve(None, plat.as_ref())
-            .unwrap_err()
-            .to_string()
+        unlade::error_chain(
+            &Layout::open(w.path())
+                .unwrap()
+                .resolve(None, plat.as_ref())
+                .unwrap_err(),
+        )
     };
     // Count mismatch between layers and diff IDs.
     let e = refused(&diff_ids[..1], &[(GZ, &tars[0]), (GZ, &tars[1])]);

@@ -180,6 +180,8 @@ impl Progress for Display {
             ProgressEvent::Applying => "applying",
             ProgressEvent::Committed(unlade::pipeline::flight::Role::Waited) => "done (by another)",
             ProgressEvent::Committed(_) => "done",
+            // An event this display does not know: keep the row as it is.
+            _ => return,
         };
         let changed = row.state != state;
         row.state = state;

@@ -26,6 +26,7 @@ use crate::sys::{Deflate, Inflate};
 
 /// The compression of a layer blob, told by its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Compression {
     /// An uncompressed tar (or anything that is not compressed).
     Plain,
@@ -81,6 +82,7 @@ impl Compression {
 /// more. A caller that already keeps every CPU busy with several layers at
 /// once has nothing to overlap and asks for [`DecodeStrategy::WholeBuffer`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum DecodeStrategy {
     /// The fastest for one layer on this machine: a plain tar file is used
     /// in place (memory map), gzip streams when at least two CPUs are

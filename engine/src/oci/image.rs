@@ -24,20 +24,21 @@ pub const MAX_LAYERS: usize = 500;
 
 /// Why an image could not be resolved.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ImageError {
     /// Reading the layout failed.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
-        /// Where.
+        /// The file or directory of the layout that could not be read.
         path: PathBuf,
-        /// The OS error.
+        /// Why reading it failed.
         #[source]
         source: std::io::Error,
     },
     /// A blob's bytes do not hash to the digest that names it.
     #[error("blob {digest}: content hashes to {actual}")]
     DigestMismatch {
-        /// The name.
+        /// The digest the blob was asked for by (its name).
         digest: Digest,
         /// What the bytes hash to.
         actual: Digest,
@@ -142,6 +143,7 @@ impl std::fmt::Display for Platform {
 
 /// How a layer blob is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayerKind {
     /// An ordinary layer (tar, gzip or zstd: the applier tells by magic).
     Regular,

@@ -10,9 +10,11 @@ use crate::store::images::ImagesError;
 use crate::store::lock::LockError;
 use crate::store::snapshot::SnapshotError;
 
-/// Why a root operation failed. Displays as one line naming the layer,
-/// blob or snapshot concerned.
+/// Why a root operation failed. Its chain (see
+/// [`crate::report::error_chain`]) reads as one line naming the layer,
+/// blob or snapshot concerned, then what failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RootError {
     /// Resolving the image (index, manifest, config) failed.
     #[error(transparent)]
@@ -37,31 +39,33 @@ pub enum RootError {
     /// A layer's blob is neither in the content store nor in the source.
     #[error("layer {digest}: blob not found in {place}{hint}")]
     MissingBlob {
-        /// The blob.
+        /// The layer's blob digest, as the manifest lists it.
         digest: Digest,
-        /// Where it was looked for.
+        /// The source looked in, as it describes itself (e.g. "the
+        /// layout /x", "registry r/x").
         place: String,
-        /// More for foreign layers.
+        /// Empty, or advice for a foreign (non-distributable) layer, which
+        /// registries need not serve.
         hint: &'static str,
     },
     /// Fetching a blob from its source failed (after retries).
     #[error(transparent)]
     Fetch(#[from] crate::pipeline::fetch::FetchError),
     /// Taking a lock file failed.
-    #[error("lock {path}: {source}")]
+    #[error("lock {path}")]
     Lock {
-        /// The lock file.
+        /// The lock file, under the root's `locks/` (or `gc.lock`).
         path: PathBuf,
-        /// Why.
+        /// Why opening or locking it failed.
         source: std::io::Error,
     },
     /// An environment failure (I/O, space, locks) while working on one
     /// layer.
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Layer {
-        /// The layer's blob.
+        /// The digest of the layer's blob.
         digest: Digest,
-        /// What failed.
+        /// What failed while working on it.
         #[source]
         source: Box<RootError>,
     },
@@ -71,11 +75,11 @@ pub enum RootError {
     Shared(Arc<RootError>),
     /// The system refused a thread the work needs (a memory or task
     /// limit): nothing half-done is committed.
-    #[error("start a thread to {what}: {source}")]
+    #[error("start a thread to {what}")]
     Thread {
         /// What the thread was for.
         what: &'static str,
-        /// The OS error.
+        /// Why the system refused it (`EAGAIN`: a limit reached).
         source: std::io::Error,
     },
     /// The caller's token was cancelled.
@@ -94,12 +98,16 @@ impl RootError {
         match self {
             RootError::Content(ContentError::DigestMismatch { expected, .. }) => Some(*expected),
             RootError::Content(ContentError::TooLarge { digest, .. }) => Some(*digest),
-            RootError::Apply(e) => match e.kind {
+            RootError::Apply(e) => match &*e.kind {
+                // A lower layer's failure: its own fault, if any.
+                K::Lower { source, .. } => source
+                    .downcast_ref::<RootError>()
+                    .and_then(RootError::content_fault),
                 K::Fs { .. }
                 | K::Cancelled
                 | K::Invalid(_)
                 | K::Decode(crate::layer::error::DecodeError::Io(_)) => None,
-                _ => e.layer.parse().ok(),
+                _ => e.digest,
             },
             RootError::Fetch(crate::pipeline::fetch::FetchError::Content(
                 ContentError::DigestMismatch { expected: d, .. }
@@ -116,5 +124,41 @@ impl RootError {
             LockError::Cancelled => RootError::Cancelled,
             LockError::Io(source) => RootError::Lock { path, source },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::error::{ApplyError, ErrorKind};
+
+    #[test]
+    fn content_fault_is_typed_and_sees_through_lower_layers() {
+        let d = Digest::of(b"layer");
+        let corrupt = || ApplyError::new(ErrorKind::Truncated("x".into())).at(None, 0);
+        assert_eq!(RootError::Apply(corrupt().blob(d)).content_fault(), Some(d));
+        // Named otherwise (a file), no blob is at fault.
+        assert_eq!(
+            RootError::Apply(corrupt().layer("x.tar")).content_fault(),
+            None
+        );
+        let io = ApplyError::fs("create file", std::io::Error::other("full")).blob(d);
+        assert_eq!(RootError::Apply(io).content_fault(), None);
+        // A lower layer's fault is that layer's blob's.
+        let below = Digest::of(b"below");
+        let lower = ApplyError::new(ErrorKind::Lower {
+            op: "wait for the layers below",
+            source: Box::new(RootError::Apply(corrupt().blob(below))),
+        })
+        .blob(d);
+        let e = RootError::Apply(lower);
+        assert_eq!(e.content_fault(), Some(below));
+        assert_eq!(
+            crate::report::error_chain(&e),
+            format!(
+                "layer {d}: wait for the layers below: layer {below}: at offset 0: \
+                 truncated layer: x"
+            )
+        );
     }
 }

@@ -29,13 +29,14 @@ use crate::store::content::{ContentError, ContentStore, Ingested};
 
 /// Why [`fetch_into`] failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FetchError {
     /// The source failed (after retries, where retrying made sense).
-    #[error("blob {digest}: {source}")]
+    #[error("blob {digest}")]
     Source {
-        /// The blob.
+        /// The digest of the blob asked for.
         digest: Digest,
-        /// The last failure.
+        /// The last attempt's failure.
         #[source]
         source: SourceError,
     },
@@ -50,9 +51,9 @@ pub enum FetchError {
 /// Where a blob goes, where it comes from, and how hard to try: see
 /// [`Fetcher::fetch_into`].
 pub struct Fetcher<'a> {
-    /// The destination.
+    /// The content store the blob is ingested into.
     pub store: &'a ContentStore,
-    /// The origin.
+    /// Where the blob is read from (a layout, a registry).
     pub source: &'a dyn BlobSource,
     /// Retry policy for broken streams and refused requests.
     pub retry: &'a Retry,
@@ -78,7 +79,7 @@ impl Fetcher<'_> {
         if let Some(g) = growing {
             match &r {
                 Ok(_) => g.finish_at(self.store.path(d)),
-                Err(e) => g.fail(e.to_string()),
+                Err(e) => g.fail(crate::report::error_chain(e)),
             }
         }
         r
@@ -425,7 +426,8 @@ mod tests {
             offsets: Mutex::new(vec![]),
         };
         let e = fetcher(&s, &src).fetch_into(&d, 5000, None).unwrap_err();
-        assert!(e.to_string().contains("stream broke at byte 0"), "{e}");
+        let text = crate::report::error_chain(&e);
+        assert!(text.contains("stream broke at byte 0"), "{text}");
         assert_eq!(src.offsets.lock().unwrap().len(), 3);
         std::fs::remove_dir_all(&t).unwrap();
     }

@@ -62,6 +62,7 @@ impl Key {
 
 /// How a caller got its outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Role {
     /// It did the work: nobody else was.
     Led,
@@ -73,6 +74,7 @@ pub enum Role {
 
 /// Why a flight gave no value.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum FlightError<E> {
     /// The caller's own token was cancelled while it waited.
     Cancelled,

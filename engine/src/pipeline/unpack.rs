@@ -57,6 +57,7 @@ pub trait Progress: Send + Sync {
 
 /// One step of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProgressEvent {
     /// Committed before this unpack started: nothing to do.
     Present,
@@ -152,16 +153,20 @@ impl LowerLayers for Below {
         permits.pause();
         let waited = ensure_layer(&self.job, parent);
         permits.resume();
-        waited.map_err(|e| {
-            crate::layer::error::ApplyError::fs(
-                "wait for the layers below",
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
+        let lower = |op, e: RootError| {
+            crate::layer::error::ApplyError::new(crate::layer::error::ErrorKind::Lower {
+                op,
+                source: Box::new(e),
+            })
+        };
+        waited.map_err(|e| lower("wait for the layers below", unshare(e)))?;
         let chain = self.job.image.layers[parent].chain_id;
-        self.job.root.0.snapshots.lower_dirs(&chain).map_err(|e| {
-            crate::layer::error::ApplyError::fs("list the layers below", std::io::Error::other(e))
-        })
+        self.job
+            .root
+            .0
+            .snapshots
+            .lower_dirs(&chain)
+            .map_err(|e| lower("list the layers below", e.into()))
     }
 }
 
@@ -405,7 +410,7 @@ pub(crate) fn flown<T>(
 pub(crate) fn is_cancel(e: &RootError) -> bool {
     match e {
         RootError::Cancelled => true,
-        RootError::Apply(a) => matches!(a.kind, crate::layer::error::ErrorKind::Cancelled),
+        RootError::Apply(a) => matches!(*a.kind, crate::layer::error::ErrorKind::Cancelled),
         RootError::Shared(s) => is_cancel(s),
         RootError::Layer { source, .. } => is_cancel(source),
         _ => false,
@@ -472,11 +477,14 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
             Durability::Syncfs => root.0.snapshots.sync_active(&active)?,
             Durability::Written => {
                 crate::store::durable::sync_tree(active.dir()).map_err(|e| {
-                    RootError::Snapshot(crate::store::snapshot::SnapshotError::Io {
-                        op: "sync",
-                        path: active.dir().to_path_buf(),
-                        source: e,
-                    })
+                    RootError::Snapshot(crate::store::snapshot::SnapshotError::Io(
+                        crate::store::statedir::io_err(
+                            crate::store::snapshot::STORE,
+                            "sync",
+                            active.dir(),
+                            e,
+                        ),
+                    ))
                 })?;
             }
         }
@@ -572,7 +580,7 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
                 (None, None) => unreachable!("a blob is local or downloaded"),
             };
             let r = apply_layer(input, &dest, &opts)
-                .map_err(|e| RootError::Apply(e.relabel(&layer.digest.to_string())));
+                .map_err(|e| RootError::Apply(e.blob(layer.digest)));
             drop(permit);
             r
         });
@@ -618,7 +626,7 @@ fn ensure_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<()
     let r = flown(r).map(|_| ());
     match (&r, growing) {
         (Ok(()), Some(g)) => g.finish_at(root.0.content.path(&layer.digest)),
-        (Err(e), Some(g)) => g.fail(e.to_string()),
+        (Err(e), Some(g)) => g.fail(crate::report::error_chain(&**e)),
         _ => {}
     }
     if r.is_ok() {

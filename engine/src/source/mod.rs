@@ -16,6 +16,7 @@ pub mod remote;
 
 /// How a source failed, which decides what the caller does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SourceErrorKind {
     /// The source does not have it (HTTP 404, a missing file).
     NotFound,

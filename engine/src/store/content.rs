@@ -22,9 +22,11 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::oci::digest::{Digest, Hasher};
+use crate::store::statedir::io_err;
 
 /// Why a content-store operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ContentError {
     /// The bytes do not hash to the digest they were ingested under;
     /// nothing was published.
@@ -38,22 +40,14 @@ pub enum ContentError {
     /// A blob is larger than its descriptor says.
     #[error("blob {digest}: more than the expected {expected} bytes")]
     TooLarge {
-        /// The blob.
+        /// The digest it was ingested under.
         digest: Digest,
         /// The size it was announced with.
         expected: u64,
     },
     /// A file-system operation failed.
-    #[error("content store {path}: {op}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::store::statedir::StoreIoError),
 }
 
 /// Result of one ingest.
@@ -80,16 +74,11 @@ pub struct ContentStore {
 }
 
 fn open_dir(p: &Path) -> Result<OwnedFd, ContentError> {
-    crate::store::statedir::open_dir(p).map_err(|e| io_err("open directory", p, e))
+    crate::store::statedir::open_dir(p).map_err(|e| io_err(STORE, "open directory", p, e).into())
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> ContentError {
-    ContentError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
+/// How this store's I/O errors name it.
+const STORE: &str = "content store";
 
 impl ContentStore {
     /// Opens (creating) the store under `root/content`. With `sync`, blobs
@@ -129,7 +118,7 @@ impl ContentStore {
         ) {
             Ok(fd) => Ok(Some(File::from(fd))),
             Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(io_err("open blob", &self.path(d), e.into())),
+            Err(e) => Err(io_err(STORE, "open blob", &self.path(d), e.into()).into()),
         }
     }
 
@@ -137,15 +126,15 @@ impl ContentStore {
     pub fn list(&self) -> Result<Vec<(Digest, u64)>, ContentError> {
         let p = self.dir.join("blobs/sha256");
         let mut out = Vec::new();
-        for ent in std::fs::read_dir(&p).map_err(|e| io_err("list blobs", &p, e))? {
-            let ent = ent.map_err(|e| io_err("list blobs", &p, e))?;
+        for ent in std::fs::read_dir(&p).map_err(|e| io_err(STORE, "list blobs", &p, e))? {
+            let ent = ent.map_err(|e| io_err(STORE, "list blobs", &p, e))?;
             let name = ent.file_name();
             let Ok(d) = format!("sha256:{}", name.to_string_lossy()).parse::<Digest>() else {
                 continue;
             };
             let md = ent
                 .metadata()
-                .map_err(|e| io_err("stat blob", &ent.path(), e))?;
+                .map_err(|e| io_err(STORE, "stat blob", &ent.path(), e))?;
             out.push((d, md.len()));
         }
         out.sort();
@@ -158,7 +147,7 @@ impl ContentStore {
         match rfs::unlinkat(&self.blobs, d.hex(), AtFlags::empty()) {
             Ok(()) => Ok(true),
             Err(Errno::NOENT) => Ok(false),
-            Err(e) => Err(io_err("remove blob", &self.path(d), e.into())),
+            Err(e) => Err(io_err(STORE, "remove blob", &self.path(d), e.into()).into()),
         }
     }
 
@@ -184,7 +173,7 @@ impl ContentStore {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("read blob", &self.path(expected), e)),
+                Err(e) => return Err(io_err(STORE, "read blob", &self.path(expected), e).into()),
             };
             w.write(&buf[..n])?;
         }
@@ -215,7 +204,7 @@ impl ContentStore {
     fn size(&self, d: &Digest) -> Result<u64, ContentError> {
         rfs::statat(&self.blobs, d.hex(), AtFlags::SYMLINK_NOFOLLOW)
             .map(|st| st.st_size as u64)
-            .map_err(|e| io_err("stat blob", &self.path(d), e.into()))
+            .map_err(|e| io_err(STORE, "stat blob", &self.path(d), e.into()).into())
     }
 
     /// An unnamed file in the ingest directory, or a named one where
@@ -231,18 +220,20 @@ impl ContentStore {
         ) {
             Ok(fd) => return Ok((File::from(fd), None)),
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
-            Err(e) => return Err(io_err("create ingest file", &ingest_path, e.into())),
+            Err(e) => {
+                return Err(io_err(STORE, "create ingest file", &ingest_path, e.into()).into())
+            }
         }
         let name = crate::store::statedir::private_name();
         let name = CString::new(name)
-            .map_err(|_| io_err("name ingest file", &ingest_path, Errno::INVAL.into()))?;
+            .map_err(|_| io_err(STORE, "name ingest file", &ingest_path, Errno::INVAL.into()))?;
         let fd = rfs::openat(
             &self.ingest,
             name.as_c_str(),
             OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o444),
         )
-        .map_err(|e| io_err("create ingest file", &ingest_path, e.into()))?;
+        .map_err(|e| io_err(STORE, "create ingest file", &ingest_path, e.into()))?;
         Ok((File::from(fd), Some(name)))
     }
 
@@ -307,7 +298,7 @@ impl IngestWriter<'_> {
         self.hasher.update(buf);
         self.file
             .write_all(buf)
-            .map_err(|e| io_err("write blob", &self.store.path(&self.expected), e))?;
+            .map_err(|e| io_err(STORE, "write blob", &self.store.path(&self.expected), e))?;
         self.size = size;
         Ok(())
     }
@@ -320,9 +311,15 @@ impl IngestWriter<'_> {
     /// A second handle on the file, for reading what is written while it
     /// grows (with positioned reads).
     pub fn read_handle(&self) -> Result<File, ContentError> {
-        self.file
-            .try_clone()
-            .map_err(|e| io_err("dup ingest file", &self.store.path(&self.expected), e))
+        self.file.try_clone().map_err(|e| {
+            io_err(
+                STORE,
+                "dup ingest file",
+                &self.store.path(&self.expected),
+                e,
+            )
+            .into()
+        })
     }
 
     /// Checks the digest and gives the blob its name; nothing is published
@@ -341,7 +338,7 @@ impl IngestWriter<'_> {
         if store.sync {
             self.file
                 .sync_all()
-                .map_err(|e| io_err("sync blob", &target, e))?;
+                .map_err(|e| io_err(STORE, "sync blob", &target, e))?;
         }
         let hex = self.expected.hex();
         let published = match &self.temp_name {
@@ -362,11 +359,11 @@ impl IngestWriter<'_> {
             }
             // Somebody published the same bytes first (drop removes ours).
             Err(Errno::EXIST) => false,
-            Err(e) => return Err(io_err("publish blob", &target, e.into())),
+            Err(e) => return Err(io_err(STORE, "publish blob", &target, e.into()).into()),
         };
         if published && store.sync {
             rfs::fsync(&store.blobs)
-                .map_err(|e| io_err("sync blob directory", &target, e.into()))?;
+                .map_err(|e| io_err(STORE, "sync blob directory", &target, e.into()))?;
         }
         Ok(Ingested {
             size: self.size,

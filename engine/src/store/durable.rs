@@ -20,6 +20,7 @@ use rustix::fs::{self as rfs, Dir, FileType, Mode, OFlags};
 
 /// How snapshots are made durable before their commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Durability {
     /// Not at all (the page cache holds them until writeback): fastest,
     /// and what containerd does by default.

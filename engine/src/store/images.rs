@@ -19,40 +19,29 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::oci::digest::Digest;
+use crate::store::statedir::io_err;
 
 /// Why an image record operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ImagesError {
     /// No record has that name.
     #[error("image {0:?} not found")]
     NotFound(String),
     /// A file-system operation failed.
-    #[error("images {path}: {op}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::store::statedir::StoreIoError),
 }
 
-fn io_err(op: &'static str, path: &Path, source: std::io::Error) -> ImagesError {
-    ImagesError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
+/// How this store's I/O errors name it.
+const STORE: &str = "images";
 
 /// One layer of a recorded image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
-    /// The blob.
+    /// The digest of the layer's blob, as the manifest lists it.
     pub digest: Digest,
-    /// Its size.
+    /// The blob's size in bytes, as the manifest lists it.
     pub size: u64,
     /// Its media type.
     pub media_type: String,
@@ -92,7 +81,8 @@ impl ImageStore {
     /// Opens (creating) `root/images`.
     pub fn open(root: &Path) -> Result<Self, ImagesError> {
         let dir = root.join("images");
-        let fd = crate::store::statedir::open_dir(&dir).map_err(|e| io_err("open", &dir, e))?;
+        let fd =
+            crate::store::statedir::open_dir(&dir).map_err(|e| io_err(STORE, "open", &dir, e))?;
         // Private files of writers that died before their rename.
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for ent in rd.flatten() {
@@ -118,21 +108,23 @@ impl ImageStore {
         let tmp = format!(".tmp-{}", crate::store::statedir::private_name());
         let tmp_path = self.dir.join(&tmp);
         let body = serde_json::to_vec_pretty(rec)
-            .map_err(|e| io_err("encode", &tmp_path, std::io::Error::other(e)))?;
-        let mut f = std::fs::File::create(&tmp_path).map_err(|e| io_err("write", &tmp_path, e))?;
+            .map_err(|e| io_err(STORE, "encode", &tmp_path, std::io::Error::other(e)))?;
+        let mut f =
+            std::fs::File::create(&tmp_path).map_err(|e| io_err(STORE, "write", &tmp_path, e))?;
         f.write_all(&body)
-            .map_err(|e| io_err("write", &tmp_path, e))?;
+            .map_err(|e| io_err(STORE, "write", &tmp_path, e))?;
         if sync {
-            f.sync_all().map_err(|e| io_err("sync", &tmp_path, e))?;
+            f.sync_all()
+                .map_err(|e| io_err(STORE, "sync", &tmp_path, e))?;
         }
         drop(f);
         let name = Self::file_name(&rec.name);
         if let Err(e) = rfs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str()) {
             let _ = rfs::unlinkat(&self.fd, tmp.as_str(), AtFlags::empty());
-            return Err(io_err("publish", &self.dir.join(name), e.into()));
+            return Err(io_err(STORE, "publish", &self.dir.join(name), e.into()).into());
         }
         if sync {
-            rfs::fsync(&self.fd).map_err(|e| io_err("sync", &self.dir, e.into()))?;
+            rfs::fsync(&self.fd).map_err(|e| io_err(STORE, "sync", &self.dir, e.into()))?;
         }
         Ok(())
     }
@@ -143,15 +135,17 @@ impl ImageStore {
         match std::fs::read(&p) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 io_err(
+                    STORE,
                     "decode",
                     &p,
                     std::io::Error::new(std::io::ErrorKind::InvalidData, e),
                 )
+                .into()
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(ImagesError::NotFound(name.into()))
             }
-            Err(e) => Err(io_err("read", &p, e)),
+            Err(e) => Err(io_err(STORE, "read", &p, e).into()),
         }
     }
 
@@ -159,7 +153,7 @@ impl ImageStore {
     pub fn list(&self) -> Result<Vec<ImageRecord>, ImagesError> {
         let mut out = Vec::new();
         for ent in std::fs::read_dir(&self.dir)
-            .map_err(|e| io_err("list", &self.dir, e))?
+            .map_err(|e| io_err(STORE, "list", &self.dir, e))?
             .flatten()
         {
             if ent.file_name().to_string_lossy().starts_with('.') {
@@ -181,7 +175,7 @@ impl ImageStore {
         match rfs::unlinkat(&self.fd, f.as_str(), AtFlags::empty()) {
             Ok(()) => Ok(()),
             Err(Errno::NOENT) => Err(ImagesError::NotFound(name.into())),
-            Err(e) => Err(io_err("remove", &self.dir.join(f), e.into())),
+            Err(e) => Err(io_err(STORE, "remove", &self.dir.join(f), e.into()).into()),
         }
     }
 }

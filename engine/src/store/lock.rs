@@ -14,6 +14,7 @@ use crate::cancel::Cancel;
 
 /// Why a file lock could not be taken.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum LockError {
     /// The caller's token was cancelled while it waited.
     Cancelled,

@@ -11,3 +11,5 @@ pub mod images;
 pub mod lock;
 pub mod snapshot;
 pub(crate) mod statedir;
+
+pub use statedir::StoreIoError;

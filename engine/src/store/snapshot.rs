@@ -37,9 +37,11 @@ use rustix::io::Errno;
 
 use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
+use crate::store::statedir::io_err;
 
 /// Why a snapshotter operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
     /// The chain ID names no committed snapshot.
     #[error("snapshot {0} not found")]
@@ -58,9 +60,10 @@ pub enum SnapshotError {
     /// A writable snapshot key is malformed, taken or unknown.
     #[error("writable snapshot {key:?}: {detail}")]
     Key {
-        /// The key.
+        /// The key as the caller gave it.
         key: String,
-        /// What is wrong.
+        /// What is wrong with it: "exists already", "not found", or the
+        /// characters a key may hold.
         detail: &'static str,
     },
     /// A chain deeper than overlayfs stacks: it cannot be mounted.
@@ -90,25 +93,12 @@ pub enum SnapshotError {
         len: usize,
     },
     /// A file-system operation failed.
-    #[error("snapshots {path}: {op}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// Where.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::store::statedir::StoreIoError),
 }
 
-fn io_err(op: &'static str, path: &Path, source: io::Error) -> SnapshotError {
-    SnapshotError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
-}
+/// How this store's I/O errors name it.
+pub(crate) const STORE: &str = "snapshots";
 
 /// An active snapshot without a lock file is a crash leftover only when it
 /// is older than this: a live prepare creates the file right after the
@@ -274,7 +264,7 @@ fn valid_key(key: &str) -> bool {
 }
 
 fn open_dir(p: &Path) -> Result<OwnedFd, SnapshotError> {
-    crate::store::statedir::open_dir(p).map_err(|e| io_err("open directory", p, e))
+    crate::store::statedir::open_dir(p).map_err(|e| io_err(STORE, "open directory", p, e).into())
 }
 
 impl Snapshotter {
@@ -298,7 +288,7 @@ impl Snapshotter {
     fn clean(&self) -> Result<(), SnapshotError> {
         let active = self.dir.join("active");
         for ent in fs::read_dir(&active)
-            .map_err(|e| io_err("list active", &active, e))?
+            .map_err(|e| io_err(STORE, "list active", &active, e))?
             .flatten()
         {
             let p = ent.path();
@@ -329,7 +319,7 @@ impl Snapshotter {
         }
         let trash = self.dir.join("trash");
         for ent in fs::read_dir(&trash)
-            .map_err(|e| io_err("list trash", &trash, e))?
+            .map_err(|e| io_err(STORE, "list trash", &trash, e))?
             .flatten()
         {
             let _ = fs::remove_dir_all(ent.path());
@@ -387,7 +377,7 @@ impl Snapshotter {
             tries += 1;
             let name = crate::store::statedir::private_name();
             let dir = self.dir.join("active").join(&name);
-            fs::create_dir(&dir).map_err(|e| io_err("create active snapshot", &dir, e))?;
+            fs::create_dir(&dir).map_err(|e| io_err(STORE, "create active snapshot", &dir, e))?;
             let lock = match rfs::open(
                 dir.join("lock"),
                 OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
@@ -395,11 +385,11 @@ impl Snapshotter {
             ) {
                 Ok(l) => l,
                 Err(Errno::NOENT) if tries < 16 => continue,
-                Err(e) => return Err(io_err("create lock", &dir, e.into())),
+                Err(e) => return Err(io_err(STORE, "create lock", &dir, e.into()).into()),
             };
             rfs::flock(&lock, FlockOperation::LockExclusive)
-                .map_err(|e| io_err("lock", &dir, e.into()))?;
-            let held = rfs::fstat(&lock).map_err(|e| io_err("lock", &dir, e.into()))?;
+                .map_err(|e| io_err(STORE, "lock", &dir, e.into()))?;
+            let held = rfs::fstat(&lock).map_err(|e| io_err(STORE, "lock", &dir, e.into()))?;
             match rfs::stat(dir.join("lock")) {
                 Ok(st) if st.st_ino == held.st_ino && st.st_dev == held.st_dev => {
                     break (dir, lock)
@@ -407,18 +397,20 @@ impl Snapshotter {
                 _ if tries < 16 => continue,
                 _ => {
                     return Err(io_err(
+                        STORE,
                         "lock",
                         &dir,
                         io::Error::other("removed by a concurrent clean-up, 16 times"),
-                    ))
+                    )
+                    .into())
                 }
             }
         };
-        fs::create_dir(dir.join("fs")).map_err(|e| io_err("create upper", &dir, e))?;
-        fs::create_dir(dir.join("work")).map_err(|e| io_err("create work", &dir, e))?;
+        fs::create_dir(dir.join("fs")).map_err(|e| io_err(STORE, "create upper", &dir, e))?;
+        fs::create_dir(dir.join("work")).map_err(|e| io_err(STORE, "create work", &dir, e))?;
         if let Some(p) = parent {
             fs::write(dir.join("parent"), p.to_string())
-                .map_err(|e| io_err("write parent", &dir, e))?;
+                .map_err(|e| io_err(STORE, "write parent", &dir, e))?;
         }
         Ok(Active {
             dir,
@@ -444,9 +436,9 @@ impl Snapshotter {
             .dir
             .file_name()
             .map(|n| n.to_os_string())
-            .ok_or_else(|| io_err("commit", &active.dir, Errno::INVAL.into()))?;
+            .ok_or_else(|| io_err(STORE, "commit", &active.dir, Errno::INVAL.into()))?;
         let name = CString::new(name.as_encoded_bytes())
-            .map_err(|_| io_err("commit", &active.dir, Errno::INVAL.into()))?;
+            .map_err(|_| io_err(STORE, "commit", &active.dir, Errno::INVAL.into()))?;
         match rfs::renameat_with(
             &self.active,
             name.as_c_str(),
@@ -459,7 +451,7 @@ impl Snapshotter {
                 self.discard(&active.dir);
                 Ok(false)
             }
-            Err(e) => Err(io_err("commit", &active.dir, e.into())),
+            Err(e) => Err(io_err(STORE, "commit", &active.dir, e.into()).into()),
         }
     }
 
@@ -467,13 +459,13 @@ impl Snapshotter {
     /// the file system holding it (the baseline containerd offers).
     pub fn sync_active(&self, active: &Active) -> Result<(), SnapshotError> {
         let fd = open_dir(&active.fs())?;
-        rfs::syncfs(&fd).map_err(|e| io_err("sync", &active.fs(), e.into()))
+        rfs::syncfs(&fd).map_err(|e| io_err(STORE, "sync", &active.fs(), e.into()).into())
     }
 
     /// Makes a commit's rename durable: fsync of `committed/`.
     pub fn sync_commits(&self) -> Result<(), SnapshotError> {
         rfs::fsync(&self.committed)
-            .map_err(|e| io_err("sync", &self.dir.join("committed"), e.into()))
+            .map_err(|e| io_err(STORE, "sync", &self.dir.join("committed"), e.into()).into())
     }
 
     /// Throws an active snapshot away.
@@ -495,7 +487,7 @@ impl Snapshotter {
         let p = self.dir.join("committed");
         let mut out = Vec::new();
         for ent in fs::read_dir(&p)
-            .map_err(|e| io_err("list snapshots", &p, e))?
+            .map_err(|e| io_err(STORE, "list snapshots", &p, e))?
             .flatten()
         {
             let Ok(chain) =
@@ -577,11 +569,17 @@ impl Snapshotter {
     /// stacks on it: the callers have checked.
     fn remove_unchecked(&self, chain: &Digest) -> Result<(), SnapshotError> {
         let name = crate::store::statedir::private_name();
-        rfs::renameat(&self.committed, chain.hex(), &self.trash, name.as_str())
-            .map_err(|e| io_err("remove snapshot", &self.committed_dir(chain), e.into()))?;
+        rfs::renameat(&self.committed, chain.hex(), &self.trash, name.as_str()).map_err(|e| {
+            io_err(
+                STORE,
+                "remove snapshot",
+                &self.committed_dir(chain),
+                e.into(),
+            )
+        })?;
         self.remove_links(chain);
         let to = self.dir.join("trash").join(name);
-        fs::remove_dir_all(&to).map_err(|e| io_err("remove snapshot", &to, e))
+        fs::remove_dir_all(&to).map_err(|e| io_err(STORE, "remove snapshot", &to, e).into())
     }
 
     /// The chain IDs of `chain` and everything below it, top first.
@@ -594,10 +592,12 @@ impl Snapshotter {
             cur = info.parent;
             if out.len() > 4096 {
                 return Err(io_err(
+                    STORE,
                     "walk parents",
                     &self.committed_dir(chain),
                     Errno::LOOP.into(),
-                ));
+                )
+                .into());
             }
         }
         Ok(out)
@@ -642,11 +642,11 @@ impl Snapshotter {
         let mut vanished = 0;
         while len <= hex.len() {
             let name = &hex[..len];
-            let err = |op, e: Errno| io_err(op, &self.dir.join("l").join(name), e.into());
+            let err = |op, e: Errno| io_err(STORE, op, &self.dir.join("l").join(name), e.into());
             match rfs::symlinkat(target.as_str(), &self.links, name) {
                 Ok(()) => return Ok(name.to_string()),
                 Err(Errno::EXIST) => {}
-                Err(e) => return Err(err("create short link", e)),
+                Err(e) => return Err(err("create short link", e).into()),
             }
             match rfs::readlinkat(&self.links, name, Vec::new()) {
                 Ok(t) if t.as_bytes() == target.as_bytes() => return Ok(name.to_string()),
@@ -655,14 +655,16 @@ impl Snapshotter {
                 Err(Errno::NOENT) if vanished < 16 => vanished += 1,
                 // Another chain's, or not a symlink.
                 Ok(_) | Err(Errno::INVAL) => len += 1,
-                Err(e) => return Err(err("read short link", e)),
+                Err(e) => return Err(err("read short link", e).into()),
             }
         }
         Err(io_err(
+            STORE,
             "create short link",
             &self.dir.join("l").join(&hex),
             io::Error::other("every prefix of the chain ID is taken"),
-        ))
+        )
+        .into())
     }
 
     /// Removes the links to `chain` (best effort: what is left dangles,
@@ -686,7 +688,7 @@ impl Snapshotter {
         let p = self.dir.join("l");
         let mut removed = 0;
         for ent in fs::read_dir(&p)
-            .map_err(|e| io_err("list short links", &p, e))?
+            .map_err(|e| io_err(STORE, "list short links", &p, e))?
             .flatten()
         {
             let name = ent.file_name();
@@ -821,7 +823,9 @@ impl Snapshotter {
                     detail: "exists already",
                 });
             }
-            Err(e) => return Err(io_err("create writable snapshot", &active.dir, e.into())),
+            Err(e) => {
+                return Err(io_err(STORE, "create writable snapshot", &active.dir, e.into()).into())
+            }
         }
         let _ = fs::remove_file(self.rw_dir(key).join("lock"));
         // A chain that cannot be mounted (too many layers) gets no
@@ -852,7 +856,7 @@ impl Snapshotter {
             None => {
                 // overlayfs needs a lower directory: an empty one.
                 let empty = self.dir.join("empty");
-                fs::create_dir_all(&empty).map_err(|e| io_err("create", &empty, e))?;
+                fs::create_dir_all(&empty).map_err(|e| io_err(STORE, "create", &empty, e))?;
                 Ok(Mount {
                     kind: "overlay",
                     source: "overlay".into(),
@@ -873,7 +877,7 @@ impl Snapshotter {
         let p = self.dir.join("rw");
         let mut out = Vec::new();
         for ent in fs::read_dir(&p)
-            .map_err(|e| io_err("list writable snapshots", &p, e))?
+            .map_err(|e| io_err(STORE, "list writable snapshots", &p, e))?
             .flatten()
         {
             let key = ent.file_name().to_string_lossy().into_owned();
@@ -906,14 +910,17 @@ impl Snapshotter {
             }
             Err(e) => {
                 return Err(io_err(
+                    STORE,
                     "remove writable snapshot",
                     &self.rw_dir(key),
                     e.into(),
-                ))
+                )
+                .into())
             }
         }
         let to = self.dir.join("trash").join(name);
-        fs::remove_dir_all(&to).map_err(|e| io_err("remove writable snapshot", &to, e))
+        fs::remove_dir_all(&to)
+            .map_err(|e| io_err(STORE, "remove writable snapshot", &to, e).into())
     }
 }
 
@@ -954,13 +961,15 @@ fn read_parent(dir: &Path) -> Result<Option<Digest>, SnapshotError> {
     match fs::read_to_string(dir.join("parent")) {
         Ok(s) => s.trim().parse::<Digest>().map(Some).map_err(|e| {
             io_err(
+                STORE,
                 "read parent",
                 dir,
                 io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
             )
+            .into()
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err("read parent", dir, e)),
+        Err(e) => Err(io_err(STORE, "read parent", dir, e).into()),
     }
 }
 

@@ -1,10 +1,11 @@
 //! Helpers for the on-disk state under an unlade root, shared by the
-//! content store and the snapshotter: their directories, opened once as
-//! fds, and private names that no other thread or process picks.
+//! content store, the snapshotter and the image records: their
+//! directories, opened once as fds, private names that no other thread or
+//! process picks, and the error of a failed file-system operation.
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, Mode, OFlags};
@@ -28,4 +29,38 @@ pub fn private_name() -> String {
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// A file-system operation of a store that failed: the `Io` error of the
+/// content store, the snapshotter and the image records. Displays as the
+/// store, the path and the operation (`snapshots /r/snapshots/active/x:
+/// commit`); what the system said is its `source()`.
+#[derive(Debug, thiserror::Error)]
+#[error("{store} {path}: {op}")]
+pub struct StoreIoError {
+    /// The store, as its errors name it: "content store", "snapshots",
+    /// "images".
+    pub store: &'static str,
+    /// The operation, e.g. "open directory", "publish blob", "commit".
+    pub op: &'static str,
+    /// The file or directory it was done on.
+    pub path: PathBuf,
+    /// What the system said (`ENOSPC`, `EACCES`, …).
+    #[source]
+    pub source: io::Error,
+}
+
+/// A [`StoreIoError`] of `store` doing `op` on `path`.
+pub(crate) fn io_err(
+    store: &'static str,
+    op: &'static str,
+    path: &Path,
+    source: io::Error,
+) -> StoreIoError {
+    StoreIoError {
+        store,
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }

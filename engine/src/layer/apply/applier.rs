@@ -631,7 +631,7 @@ impl<'a, B: Backend> Applier<'a, B> {
         let (tparent, tbase) = split(target);
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
-            at(match err.kind {
+            at(match *err.kind {
                 ErrorKind::Fs { op, source } => {
                     ApplyError::fs(format!("hard link target {link:?}: {op}"), source)
                 }
@@ -704,5 +704,5 @@ impl<'a, B: Backend> Applier<'a, B> {
 
 /// Whether an error says a hard link's target does not exist.
 fn is_missing(err: &ApplyError) -> bool {
-    matches!(&err.kind, ErrorKind::Fs { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+    matches!(&*err.kind, ErrorKind::Fs { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
 }

@@ -42,6 +42,7 @@ use crate::oci::digest::Digest;
 /// parser has already checked). Unpacks of a root only hand in files that
 /// nothing writes again (published content-store blobs, layout blobs);
 /// give a file that may change as a `Reader`, which is streamed.
+#[non_exhaustive]
 pub enum LayerInput {
     /// A file (memory-mapped when it is a regular file).
     Path(PathBuf),

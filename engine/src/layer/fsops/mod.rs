@@ -75,9 +75,9 @@ pub enum Op<'a> {
     Write {
         /// The open file.
         file: Arc<OwnedFd>,
-        /// Where.
+        /// Byte offset in the file of the first byte of `data`.
         offset: u64,
-        /// What.
+        /// The bytes to write there.
         data: Chunk<'a>,
     },
     /// Set the size and metadata of a file from [`Op::Open`].
@@ -115,7 +115,8 @@ pub enum Op<'a> {
     },
     /// Create a FIFO, device node or whiteout.
     Node {
-        /// Which.
+        /// FIFO, character or block device (with its numbers), or
+        /// whiteout.
         kind: NodeKind,
         /// Metadata.
         meta: Meta,
@@ -148,7 +149,7 @@ pub struct Job<'a> {
 pub struct OpError {
     /// The step, e.g. "create file", "set xattr user.x".
     pub op: String,
-    /// The OS error.
+    /// What the system said (`ENOSPC`, `EACCES`, …).
     pub err: io::Error,
 }
 

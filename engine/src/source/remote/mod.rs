@@ -340,7 +340,10 @@ impl Remote {
                     return Err(status_error(&what, code, resp))
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    return Err(SourceError::transient(format!("{what}: {t}")))
+                    return Err(SourceError::transient(format!(
+                        "{what}: {}",
+                        transport_text(&t, &url)
+                    )))
                 }
             }
         }
@@ -424,7 +427,10 @@ impl Remote {
                         return Err(e);
                     }
                     Err(ureq::Error::Transport(t)) => {
-                        return Err(SourceError::transient(format!("{what}: {t}")))
+                        return Err(SourceError::transient(format!(
+                            "{what}: {}",
+                            transport_text(&t, realm)
+                        )))
                     }
                 };
                 let body = read_bounded(resp, realm, "")?;
@@ -510,6 +516,27 @@ fn read_bounded(resp: ureq::Response, host: &str, path: &str) -> Result<Vec<u8>,
 
 /// An HTTP error status as one line: the status, the registry's error
 /// code and message, and what to do about it; 429 and 5xx are transient.
+/// A transport failure (connect, TLS, a cut answer) in words: ureq's text
+/// less the URL, which the caller's text names already (`url`), unless a
+/// redirect made it another.
+fn transport_text(t: &ureq::Transport, url: &str) -> String {
+    let without_query = |u: &str| u.split('?').next().unwrap_or_default().to_string();
+    let mut out = match t.url() {
+        Some(u) if without_query(u.as_str()) != without_query(url) => format!("{u}: "),
+        _ => String::new(),
+    };
+    out.push_str(&t.kind().to_string());
+    if let Some(m) = t.message() {
+        out.push_str(": ");
+        out.push_str(m);
+    }
+    if let Some(e) = std::error::Error::source(t) {
+        out.push_str(": ");
+        out.push_str(&crate::report::error_chain(e));
+    }
+    out
+}
+
 fn status_error(what: &str, code: u16, resp: ureq::Response) -> SourceError {
     let retry_after = resp
         .header("Retry-After")
@@ -640,5 +667,25 @@ mod token_tests {
         assert_eq!(token_reuse(Some(u64::MAX)), Duration::from_secs(77_760));
         // Found in review beside the fuzz campaign: `life * 9 / 10` overflowed.
         let _ = Instant::now() + token_reuse(Some(3_000_000_000_000_000_000));
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_names_its_url_once() {
+        // Port 1 on loopback: nothing listens, the kernel refuses at once.
+        let url = "http://127.0.0.1:1/v2/";
+        let Err(ureq::Error::Transport(t)) = ureq::get(url).call() else {
+            panic!("a request to a closed port succeeded");
+        };
+        let text = transport_text(&t, url);
+        assert!(!text.contains("127.0.0.1"), "{text}");
+        assert!(text.starts_with("Connection Failed"), "{text}");
+        // A URL other than the one asked for (a redirect) is kept.
+        let text = transport_text(&t, "http://elsewhere/v2/");
+        assert!(text.starts_with(url), "{text}");
     }
 }
