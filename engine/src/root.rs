@@ -55,6 +55,26 @@ impl Root {
         Context::open(dir, opts).map(Root)
     }
 
+    /// Opens the root at `dir` as [`Root::open`] does, but only if it is
+    /// one: a directory holding at least one of the stores a root is made
+    /// of, `content/`, `snapshots/` or `images/` ([`Root::open`] makes all
+    /// three; a store opened on its own, as [`ContentStore::open`] or
+    /// [`Snapshotter::open`] do, makes its one). A path that is not (a
+    /// typo, a root not made yet, an empty directory) is
+    /// [`RootError::NoRoot`] and nothing is created, so that commands
+    /// which only read or remove never leave an empty root behind; only
+    /// those that add (unpack, pull, ingest) should create one. A root
+    /// missing some parts has them made, as [`Root::open`] would.
+    pub fn open_existing(dir: &Path, opts: RootOptions) -> Result<Root, RootError> {
+        let is_dir = |p: &str| std::fs::metadata(dir.join(p)).is_ok_and(|m| m.is_dir());
+        if !["content", "snapshots", "images"].into_iter().any(is_dir) {
+            return Err(RootError::NoRoot {
+                path: dir.to_path_buf(),
+            });
+        }
+        Root::open(dir, opts)
+    }
+
     /// The root directory.
     pub fn dir(&self) -> &Path {
         &self.0.parts().dir
@@ -161,9 +181,22 @@ impl Root {
         Ok(self.0.parts().snapshots.create_rw(key, parent)?)
     }
 
-    /// Removes writable snapshot `key` (unmount it first).
+    /// Removes writable snapshot `key` (unmount it first), holding
+    /// `gc.lock` shared as every removal does, so that a gc never reads a
+    /// half-removed one.
     pub fn remove_rw(&self, key: &str) -> Result<(), RootError> {
+        let _gc = self.0.gc_lock(false, &Cancel::new())?;
         Ok(self.0.parts().snapshots.remove_rw(key)?)
+    }
+
+    /// Removes blob `digest` from the content store; `false` if it was not
+    /// there. Holds `gc.lock` shared, like the other removals: beside a gc
+    /// (which lists and removes blobs itself) it waits for the gc to end.
+    /// Nothing checks that no image uses the blob: a snapshot already
+    /// applied from it stays, a later unpack that needs it fetches it again.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<bool, RootError> {
+        let _gc = self.0.gc_lock(false, &Cancel::new())?;
+        Ok(self.0.parts().content.remove(digest)?)
     }
 
     /// [`Root::unpack`] on its own thread: a [`Task`] to `.await` or
@@ -192,5 +225,54 @@ impl Root {
     /// Forgets image `name`; [`Root::gc`] then removes what only it used.
     pub fn remove_image(&self, name: &str) -> Result<(), RootError> {
         Ok(self.0.parts().images.remove(name)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("unlade-root-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn open_existing_creates_nothing_where_no_root_is() {
+        let base = scratch("noroot");
+        let deep = base.join("deep/root");
+        match Root::open_existing(&deep, RootOptions::default()) {
+            Err(RootError::NoRoot { path }) => assert_eq!(path, deep),
+            other => panic!("expected NoRoot, got {other:?}"),
+        }
+        assert!(!base.exists(), "open_existing created {}", base.display());
+        // An empty directory is no root either, and stays empty.
+        std::fs::create_dir_all(&base).unwrap();
+        let e = Root::open_existing(&base, RootOptions::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("no unlade root at {}", base.display())
+        );
+        assert_eq!(std::fs::read_dir(&base).unwrap().count(), 0);
+        // A file named like a store does not make a root either.
+        std::fs::write(base.join("content"), b"").unwrap();
+        assert!(matches!(
+            Root::open_existing(&base, RootOptions::default()),
+            Err(RootError::NoRoot { .. })
+        ));
+        std::fs::remove_file(base.join("content")).unwrap();
+        // One store is enough (a root made by a store of its own); the
+        // open makes the rest.
+        Snapshotter::open(&base).unwrap();
+        Root::open_existing(&base, RootOptions::default()).unwrap();
+        assert!(base.join("content").is_dir());
+        let root = Root::open(&base, RootOptions::default()).unwrap();
+        let d = Digest::of(b"blob");
+        root.content().ingest(&d, &b"blob"[..], None).unwrap();
+        let again = Root::open_existing(&base, RootOptions::default()).unwrap();
+        assert!(again.remove_blob(&d).unwrap());
+        assert!(!again.remove_blob(&d).unwrap());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -1,4 +1,187 @@
-//! The command line's own parts: what a library user would not want (a
-//! terminal display).
+//! The command line's parts: one module per subcommand (its arguments,
+//! the library call it makes, what it prints), and what a library user
+//! would not want: a terminal display ([`progress`]), signal handling
+//! ([`signals`]), the one-line error report ([`error_line`]).
 
+pub mod apply;
+pub mod content;
+pub mod gc;
+pub mod images;
+pub mod mounts;
 pub mod progress;
+pub mod pull;
+pub mod signals;
+pub mod snapshots;
+pub mod unpack;
+
+use std::error::Error;
+use std::path::Path;
+
+use unlade::oci::image::Platform;
+use unlade::root::{Root, RootOptions};
+use unlade::Digest;
+
+/// What a command returns: its error is printed once, by `main`.
+pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
+
+/// Where unlade keeps its state unless --root says otherwise.
+pub const DEFAULT_ROOT: &str = "/var/lib/unlade";
+
+/// The arguments `pull` and `unpack` share: which image, how many layers
+/// at once, how much to say.
+#[derive(clap::Args)]
+pub struct ImageArgs {
+    /// Take this platform's image (os/arch[/variant]) instead of the
+    /// host's.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Most layers applied at once.
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
+    /// Print nothing but the chain ID.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl ImageArgs {
+    /// `--platform`, parsed.
+    pub fn platform(&self) -> Result<Option<Platform>> {
+        Ok(self.platform.as_deref().map(Platform::parse).transpose()?)
+    }
+
+    /// `--parallel` applied to `opts`.
+    pub fn apply_to(&self, opts: &mut RootOptions) {
+        if let Some(n) = self.parallel {
+            opts.parallel_layers = n.max(1);
+        }
+    }
+}
+
+/// Opens the root of a command that only reads or removes: a path that
+/// is no root is an error ("no unlade root at PATH") and is not created.
+pub fn open_existing(root: &Path) -> Result<Root> {
+    Ok(Root::open_existing(root, RootOptions::default())?)
+}
+
+/// A digest argument.
+pub fn digest(s: &str) -> Result<Digest> {
+    Ok(s.parse::<Digest>()?)
+}
+
+/// A parent chain ID, or `-` for none.
+pub fn or_dash(d: Option<Digest>) -> String {
+    d.map_or("-".to_string(), |p| p.to_string())
+}
+
+/// Prints warnings on stderr, one line each (even with `--quiet`: the
+/// layer was not applied exactly as written).
+pub fn warn(lines: &[String]) {
+    for l in lines {
+        eprintln!("unlade: warning: {l}");
+    }
+}
+
+/// Prints result lines. A reader that went away (`| head -1`) is not an
+/// error of the command: the work is done.
+pub fn emit(lines: &[String]) -> Result {
+    use std::io::Write;
+    let broken = |e: std::io::Error| -> Result {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Ok(())
+        } else {
+            Err(format!("write stdout: {e}").into())
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    for l in lines {
+        if let Err(e) = writeln!(stdout, "{l}") {
+            return broken(e);
+        }
+    }
+    stdout.flush().or_else(broken)
+}
+
+/// An error as one line: its Display, then each `source()` down the chain
+/// joined with ": ", except a source whose text the line already ends
+/// with (an error that shows its source in its own Display, as
+/// `#[error("{op}: {source}")]` does, would otherwise say it twice).
+/// Line breaks inside a message become spaces: callers print one line.
+pub fn error_line(e: &(dyn Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        next = s.source();
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl Error for E {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+    fn chain(texts: &[&'static str]) -> E {
+        let mut e: Option<Box<E>> = None;
+        for t in texts.iter().rev() {
+            e = Some(Box::new(E(t, e)));
+        }
+        *e.unwrap()
+    }
+
+    #[test]
+    fn error_line_joins_sources_that_display_does_not_show() {
+        assert_eq!(error_line(&chain(&["open x"])), "open x");
+        assert_eq!(
+            error_line(&chain(&["layer l", "open x", "No such file"])),
+            "layer l: open x: No such file"
+        );
+    }
+
+    #[test]
+    fn error_line_says_a_repeated_source_once() {
+        // Display already ends with each source (thiserror's "{source}").
+        assert_eq!(
+            error_line(&chain(&[
+                "layer d: lock p: No such file",
+                "lock p: No such file",
+                "No such file"
+            ])),
+            "layer d: lock p: No such file"
+        );
+        // Mixed: the middle one shows its source, the top does not.
+        assert_eq!(
+            error_line(&chain(&["unpack", "open x: denied", "denied"])),
+            "unpack: open x: denied"
+        );
+        assert_eq!(error_line(&chain(&["a\nb", "c"])), "a b: c");
+    }
+
+    #[test]
+    fn error_line_of_real_errors() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = unlade::ApplyError::fs("open layer", io).layer("l.tar");
+        let line = error_line(&e);
+        assert_eq!(line.matches("gone").count(), 1, "{line}");
+        assert!(line.starts_with("layer l.tar: "), "{line}");
+        let e = unlade::RootError::NoRoot {
+            path: "/nonexistent".into(),
+        };
+        assert_eq!(error_line(&e), "no unlade root at /nonexistent");
+    }
+}

@@ -81,18 +81,36 @@ impl Compression {
 /// CPUs it can only gain; so `Auto` streams gzip when there are two CPUs or
 /// more. A caller that already keeps every CPU busy with several layers at
 /// once has nothing to overlap and asks for [`DecodeStrategy::WholeBuffer`].
+///
+/// With the `cli` feature it is also the `--decode` value of `unlade
+/// apply` (`auto`, `whole`, `streaming`): the command line takes the
+/// library's choices as they are instead of a copy to keep in step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum DecodeStrategy {
     /// The fastest for one layer on this machine: a plain tar file is used
     /// in place (memory map), gzip streams when at least two CPUs are
     /// available (else whole-buffer when it fits), zstd streams.
     #[default]
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "The fastest for one layer: plain tar in place, gzip and zstd \
+                      streamed on three threads (whole-buffer gzip on a single CPU)")
+    )]
     Auto,
     /// Prefer libdeflate's whole-buffer inflate for gzip whenever the
     /// output fits the memory cap (least CPU per layer).
+    #[cfg_attr(
+        feature = "cli",
+        value(
+            name = "whole",
+            help = "Whole-buffer libdeflate for gzip when it fits the memory cap"
+        )
+    )]
     WholeBuffer,
     /// Always stream (bounded memory, decoding overlapped with applying).
+    #[cfg_attr(feature = "cli", value(help = "Always stream"))]
     Streaming,
 }
 
@@ -109,6 +127,46 @@ impl DecodeStrategy {
 
 /// Default for [`DecodeOptions::memory_cap`]: 1 GiB.
 pub const DEFAULT_MEMORY_CAP: usize = 1 << 30;
+
+/// A byte count as people write one: digits with an optional binary
+/// suffix `K`, `M` or `G` (either case; `512M`, `2g`, `4096`). What
+/// [`DecodeOptions::memory_cap`] is set from by a command line
+/// (`--memory-cap`) or an environment variable (`UNLADE_MEMORY_CAP`): the
+/// rule lives here so that every front end reads a size the same way.
+/// A value that does not fit `usize` is an error, not a wrap.
+pub fn parse_size(s: &str) -> Result<usize, ParseSizeError> {
+    let input = s.trim();
+    let err = |why| ParseSizeError {
+        input: input.to_string(),
+        why,
+    };
+    let (num, mult) = match input.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(err(": unknown suffix")),
+            };
+            (&input[..i], m)
+        }
+        _ => (input, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| err(""))?;
+    n.checked_mul(mult)
+        .and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| err(": too large"))
+}
+
+/// A size [`parse_size`] cannot read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid size {input:?}{why}")]
+pub struct ParseSizeError {
+    /// The text, trimmed.
+    pub input: String,
+    /// Why (empty: not a number).
+    why: &'static str,
+}
 
 /// Decoder settings.
 #[derive(Debug, Clone, Copy)]
@@ -444,6 +502,34 @@ fn pump<R: Read, I>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size(" 512M "), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(
+            parse_size("3T").unwrap_err().to_string(),
+            "invalid size \"3T\": unknown suffix"
+        );
+        assert_eq!(
+            parse_size("M").unwrap_err().to_string(),
+            "invalid size \"M\""
+        );
+        assert_eq!(
+            parse_size("-1").unwrap_err().to_string(),
+            "invalid size \"-1\""
+        );
+        assert_eq!(
+            parse_size("99999999999999999999G").unwrap_err().to_string(),
+            "invalid size \"99999999999999999999G\""
+        );
+        assert_eq!(
+            parse_size("18446744073709551615K").unwrap_err().to_string(),
+            "invalid size \"18446744073709551615K\": too large"
+        );
+    }
 
     #[test]
     fn detects() {

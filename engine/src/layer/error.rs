@@ -157,7 +157,8 @@ impl ApplyError {
         self
     }
 
-    /// Names the layer.
+    /// Names the layer, unless it has a name already (the innermost
+    /// caller knows best).
     pub fn layer(mut self, layer: &str) -> Self {
         if self.layer.is_empty() {
             self.layer = layer.to_string();
@@ -165,7 +166,18 @@ impl ApplyError {
         self
     }
 
-    /// Names the layer by its blob's digest, replacing any name it had.
+    /// Names the layer, replacing any name it had: for a caller that knows
+    /// a better one than [`apply_layer`](crate::layer::apply::apply_layer)'s
+    /// ("file" for a [`LayerInput::File`](crate::layer::apply::LayerInput)),
+    /// such as the path it opened.
+    pub fn relabel(mut self, layer: &str) -> Self {
+        self.layer = layer.to_string();
+        self
+    }
+
+    /// Names the layer by its blob's digest, replacing any name it had
+    /// (the pipeline does, and reads the digest back typed to tell a
+    /// content fault from an environment one).
     pub fn blob(mut self, digest: Digest) -> Self {
         self.layer = digest.to_string();
         self.digest = Some(digest);

@@ -85,6 +85,13 @@ pub enum RootError {
     /// The caller's token was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// [`crate::root::Root::open_existing`]: `path` is not a root (it
+    /// holds none of `content/`, `snapshots/`, `images/`).
+    #[error("no unlade root at {}", path.display())]
+    NoRoot {
+        /// The directory asked for.
+        path: PathBuf,
+    },
 }
 
 impl RootError {

@@ -53,6 +53,42 @@ pub struct Pulled {
     pub unpack_time: Duration,
 }
 
+impl Pulled {
+    /// The pull as one JSON object, what `unlade pull --json` prints and
+    /// scripts parse: `name`, `resolved`, `manifest`, `config`,
+    /// `platform`, `layers` (see [`Unpacked::layers_json`]), `top_chain`,
+    /// `requests`, `bytes_fetched`, `layers_applied` and `blobs_fetched`
+    /// (from `stats`, the root's counters after the pull: what this
+    /// process applied and fetched) and `seconds` (`resolve`,
+    /// `fetch_and_unpack`, and `total`, the caller's wall time, which
+    /// includes opening the root). In the library so that the keys are
+    /// defined once, next to the fields they report.
+    pub fn summary_json(
+        &self,
+        stats: crate::pipeline::StatsSnapshot,
+        total: Duration,
+    ) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "resolved": self.resolved,
+            "manifest": self.image.manifest,
+            "config": self.image.config,
+            "platform": self.image.platform.to_string(),
+            "layers": self.unpacked.layers_json(&self.image),
+            "top_chain": self.unpacked.top_chain,
+            "requests": self.requests,
+            "bytes_fetched": self.bytes_fetched,
+            "layers_applied": stats.layers_applied,
+            "blobs_fetched": stats.blobs_ingested,
+            "seconds": {
+                "resolve": self.resolve_time.as_secs_f64(),
+                "fetch_and_unpack": self.unpack_time.as_secs_f64(),
+                "total": total.as_secs_f64(),
+            },
+        })
+    }
+}
+
 /// A reference resolved to an image, with the client that did it (its
 /// documents and token serve the downloads too).
 #[derive(Clone)]
@@ -166,5 +202,79 @@ impl crate::oci::image::Documents for StoreFirst<'_> {
             }
         }
         self.remote.document(d, config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::image::{Layer, LayerKind};
+    use crate::pipeline::flight::Role;
+
+    #[test]
+    fn summary_json_names_every_layer_and_who_did_it() {
+        let layer = |n: &[u8]| Layer {
+            digest: Digest::of(n),
+            size: n.len() as u64,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            kind: LayerKind::Regular,
+            diff_id: Digest::of(n),
+            chain_id: Digest::of(&[n, b"-chain"].concat()),
+        };
+        let layers = vec![layer(b"a"), layer(b"b"), layer(b"c")];
+        let chains: Vec<Digest> = layers.iter().map(|l| l.chain_id).collect();
+        let p = Pulled {
+            name: "reg/x:1".into(),
+            resolved: Digest::of(b"index"),
+            image: Image {
+                manifest: Digest::of(b"manifest"),
+                config: Digest::of(b"config"),
+                platform: Platform::parse("linux/arm64/v8").unwrap(),
+                layers,
+            },
+            unpacked: Unpacked {
+                top_chain: Some(chains[2]),
+                chain_ids: chains.clone(),
+                already: 1,
+                roles: vec![(chains[1], Role::Waited), (chains[2], Role::TookOver)],
+                warnings: vec![],
+            },
+            requests: 7,
+            bytes_fetched: 42,
+            resolve_time: Duration::from_millis(250),
+            unpack_time: Duration::from_secs(2),
+        };
+        let stats = crate::pipeline::StatsSnapshot {
+            layers_applied: 1,
+            blobs_ingested: 2,
+        };
+        let j = p.summary_json(stats, Duration::from_secs(3));
+        assert_eq!(j["name"], "reg/x:1");
+        assert_eq!(j["resolved"], Digest::of(b"index").to_string());
+        assert_eq!(j["manifest"], Digest::of(b"manifest").to_string());
+        assert_eq!(j["config"], Digest::of(b"config").to_string());
+        assert_eq!(j["platform"], "linux/arm64/v8");
+        assert_eq!(j["top_chain"], chains[2].to_string());
+        assert_eq!(j["requests"], 7);
+        assert_eq!(j["bytes_fetched"], 42);
+        assert_eq!(j["layers_applied"], 1);
+        assert_eq!(j["blobs_fetched"], 2);
+        assert_eq!(j["seconds"]["resolve"], 0.25);
+        assert_eq!(j["seconds"]["fetch_and_unpack"], 2.0);
+        assert_eq!(j["seconds"]["total"], 3.0);
+        let done: Vec<&str> = j["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["done"].as_str().unwrap())
+            .collect();
+        assert_eq!(done, ["present", "by another", "here"]);
+        let l0 = &j["layers"][0];
+        assert_eq!(l0["digest"], Digest::of(b"a").to_string());
+        assert_eq!(l0["size"], 1);
+        assert_eq!(l0["media_type"], "application/vnd.oci.image.layer.v1.tar");
+        assert_eq!(l0["chain_id"], chains[0].to_string());
+        // One line: what a script reads with `tail -2 | head -1`.
+        assert!(!j.to_string().contains('\n'));
     }
 }

@@ -87,6 +87,38 @@ pub struct Unpacked {
     pub warnings: Vec<String>,
 }
 
+impl Unpacked {
+    /// One JSON object per layer of `image` (the image this unpack did),
+    /// bottom first: `digest`, `size`, `media_type`, `diff_id`,
+    /// `chain_id` and `done` — `"present"` (committed before the unpack
+    /// started), `"here"` (this call applied it, or took it over from a
+    /// failed leader) or `"by another"` (another caller applied it while
+    /// this one waited). Part of the machine-readable summary scripts read
+    /// (`unlade pull --json`); kept here, beside what it describes, so
+    /// that its keys change only with the fields they come from.
+    pub fn layers_json(&self, image: &Image) -> Vec<serde_json::Value> {
+        let roles: std::collections::HashMap<_, _> = self.roles.iter().cloned().collect();
+        image
+            .layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "digest": l.digest,
+                    "size": l.size,
+                    "media_type": l.media_type,
+                    "diff_id": l.diff_id,
+                    "chain_id": l.chain_id,
+                    "done": match roles.get(&l.chain_id) {
+                        None => "present",
+                        Some(Role::Waited) => "by another",
+                        Some(Role::Led | Role::TookOver) => "here",
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
 /// How one layer of an unpack ended.
 type LayerResult = Result<Role, Arc<RootError>>;
 

@@ -211,3 +211,83 @@ impl BlobSource for Layout {
         format!("the layout {}", self.dir().display())
     }
 }
+
+/// A layout named on a command line, `LAYOUT[:TAG]`: the directory and the
+/// tag (the `org.opencontainers.image.ref.name` annotation) to resolve.
+///
+/// The split is policy every front end must share, or the same argument
+/// would name different images: a directory path may itself hold a `:`,
+/// so a suffix after the last `:` is a tag only when the whole string is
+/// not a directory and the suffix is not empty and has no `/` (a tag never
+/// has one; `./a:b/c` is a path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutRef {
+    /// The layout directory.
+    pub dir: PathBuf,
+    /// The tag, if one was given.
+    pub tag: Option<String>,
+}
+
+impl LayoutRef {
+    /// Splits `LAYOUT[:TAG]` (see the type's docs). Looks at the file
+    /// system only to see whether the whole string is a directory.
+    pub fn parse(s: &str) -> LayoutRef {
+        let whole = || LayoutRef {
+            dir: PathBuf::from(s),
+            tag: None,
+        };
+        if Path::new(s).is_dir() {
+            return whole();
+        }
+        match s.rsplit_once(':') {
+            Some((dir, tag)) if !tag.is_empty() && !tag.contains('/') => LayoutRef {
+                dir: PathBuf::from(dir),
+                tag: Some(tag.to_string()),
+            },
+            _ => whole(),
+        }
+    }
+
+    /// The name an image unpacked from here is recorded under unless the
+    /// caller picks one: `LAYOUT:TAG`, or `LAYOUT@MANIFEST` without a tag
+    /// (so two untagged images of one layout get two records).
+    pub fn image_name(&self, manifest: &Digest) -> String {
+        match &self.tag {
+            Some(t) => format!("{}:{t}", self.dir.display()),
+            None => format!("{}@{manifest}", self.dir.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_ref_splits_a_tag_only_where_it_can_be_one() {
+        let r = LayoutRef::parse("/nonexistent/img:v1");
+        assert_eq!(r.dir, Path::new("/nonexistent/img"));
+        assert_eq!(r.tag.as_deref(), Some("v1"));
+        assert_eq!(r.image_name(&Digest::of(b"m")), "/nonexistent/img:v1");
+        // No tag: empty, or a path component after the colon.
+        for s in [
+            "/nonexistent/img",
+            "/nonexistent/img:",
+            "/nonexistent/a:b/c",
+        ] {
+            let r = LayoutRef::parse(s);
+            assert_eq!((r.dir.to_str().unwrap(), r.tag), (s, None));
+        }
+        let m = Digest::of(b"m");
+        assert_eq!(
+            LayoutRef::parse("/nonexistent/img").image_name(&m),
+            format!("/nonexistent/img@{m}")
+        );
+        // A directory whose name has a colon is the directory.
+        let tmp = std::env::temp_dir().join(format!("unlade-layoutref-{}:x", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let r = LayoutRef::parse(tmp.to_str().unwrap());
+        std::fs::remove_dir(&tmp).unwrap();
+        assert_eq!((r.dir, r.tag), (tmp, None));
+    }
+}

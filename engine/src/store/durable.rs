@@ -19,17 +19,31 @@ use std::path::Path;
 use rustix::fs::{self as rfs, Dir, FileType, Mode, OFlags};
 
 /// How snapshots are made durable before their commit.
+///
+/// With the `cli` feature it is also the `--sync-mode` value of `unlade
+/// unpack` (`written`, `syncfs`; `--sync` itself asks for durability, so
+/// `None` is no value there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Durability {
     /// Not at all (the page cache holds them until writeback): fastest,
     /// and what containerd does by default.
     #[default]
+    #[cfg_attr(feature = "cli", value(skip))]
     None,
     /// `syncfs` of the file system holding the snapshot (containerd's
     /// opt-in).
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "syncfs of the file system holding the snapshot, per layer")
+    )]
     Syncfs,
     /// [`sync_tree`]: exactly the files and directories the layer wrote.
+    #[cfg_attr(
+        feature = "cli",
+        value(help = "fsync what each layer wrote, overlapped with the next layers")
+    )]
     Written,
 }
 
