@@ -171,7 +171,8 @@ pub struct ParseSizeError {
 /// Decoder settings.
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeOptions {
-    /// Path choice.
+    /// Whether to decode into one buffer or stream the layer through a
+    /// decoder thread (see [`DecodeStrategy`]).
     pub strategy: DecodeStrategy,
     /// Largest uncompressed layer decoded into one buffer. Above it, the
     /// layer streams and memory stays at a few MiB. Only the touched part of

@@ -55,9 +55,9 @@ const SYNC_THREADS: usize = 8;
 /// What [`sync_tree`] synced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncCounts {
-    /// Regular files.
+    /// Regular files fsynced.
     pub files: u64,
-    /// Directories.
+    /// Directories fsynced (after their entries).
     pub dirs: u64,
 }
 

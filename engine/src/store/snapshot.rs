@@ -247,7 +247,8 @@ fn shell_quote(s: &str) -> String {
 /// A named writable snapshot as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RwInfo {
-    /// Its key.
+    /// The key it was created with (its directory under
+    /// `snapshots/rw/`).
     pub key: String,
     /// The committed snapshot it stacks on.
     pub parent: Option<Digest>,

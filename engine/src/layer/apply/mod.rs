@@ -79,7 +79,8 @@ pub struct ApplyReport {
     pub compression: Compression,
     /// Whether it was decoded into one buffer (else streamed).
     pub whole_buffer: bool,
-    /// Uncompressed size.
+    /// Size of the uncompressed tar stream, trailing bytes included: the
+    /// bytes the diff ID hashes.
     pub uncompressed_bytes: u64,
     /// Entry, file, directory, whiteout and byte counts.
     pub counts: Counts,

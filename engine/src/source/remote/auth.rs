@@ -15,7 +15,7 @@ use serde::Deserialize;
 /// A user name and password (or identity token).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    /// The user.
+    /// The user name sent with Basic auth or to the token realm.
     pub user: String,
     /// The password or token.
     pub password: String,
