@@ -20,6 +20,31 @@ impl std::ops::Deref for Map {
     }
 }
 
+impl Map {
+    /// Drops this process's page-table entries for the mapping's bytes
+    /// before `end` (the kernel rounds up to a page), so pages the parser and the
+    /// hasher are done with stop counting toward the process's RSS: a
+    /// whole plain layer mapped at once would otherwise make RSS the size
+    /// of the layer. The pages stay in the page cache; a later read of
+    /// them faults them back in, unchanged.
+    pub fn release_before(&self, end: usize) {
+        let end = end.min(self.0.len());
+        if end == 0 {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on this read-only, file-backed mapping
+        // only unmaps pages; a later access maps the file's pages again,
+        // whose contents `map_layer`'s caller promises do not change. So
+        // every `&[u8]` lent from the map stays valid and reads the same
+        // bytes. (On anonymous memory it would zero them: only `Map`,
+        // which is always file-backed, offers it.)
+        let _ = unsafe {
+            self.0
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, end)
+        };
+    }
+}
+
 /// Maps a layer file read-only, the input of the whole-buffer paths.
 ///
 /// # Safety
@@ -197,5 +222,26 @@ pub fn start_writeback(fd: impl AsFd) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn released_pages_read_back_unchanged() {
+        let path = std::env::temp_dir().join(format!("unlade-map-{}", std::process::id()));
+        let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i * 31 % 251) as u8).collect();
+        File::create(&path).unwrap().write_all(&data).unwrap();
+        let f = File::open(&path).unwrap();
+        // SAFETY: a private temporary file nothing else writes.
+        let m = unsafe { map_layer(&f) }.unwrap();
+        assert_eq!(&m[..], &data[..]);
+        m.release_before(1 << 20);
+        m.release_before(usize::MAX);
+        assert_eq!(&m[..], &data[..], "a released page must refault with the file's bytes");
+        std::fs::remove_file(&path).unwrap();
     }
 }

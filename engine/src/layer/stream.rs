@@ -74,12 +74,46 @@ pub trait Source<'a> {
 pub struct SliceSource<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Told, every [`RELEASE_STEP`] bytes, how far the parser has got (a
+    /// memory map drops the pages behind it from the RSS).
+    release: Option<&'a (dyn Fn(usize) + Sync)>,
+    next_release: usize,
 }
+
+/// How often a [`SliceSource`] reports its progress to its release hook.
+pub const RELEASE_STEP: usize = 32 << 20;
 
 impl<'a> SliceSource<'a> {
     /// Wraps a decoded layer.
     pub fn new(buf: &'a [u8]) -> Self {
-        SliceSource { buf, pos: 0 }
+        SliceSource {
+            buf,
+            pos: 0,
+            release: None,
+            next_release: RELEASE_STEP,
+        }
+    }
+
+    /// Wraps a memory-mapped layer, calling `release(offset)` each time
+    /// the parser has passed another [`RELEASE_STEP`] bytes.
+    pub fn releasing(buf: &'a [u8], release: &'a (dyn Fn(usize) + Sync)) -> Self {
+        SliceSource {
+            release: Some(release),
+            ..SliceSource::new(buf)
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.pos += n;
+        if self.pos >= self.next_release {
+            if let Some(r) = self.release {
+                // Behind by a step: the backend may still be writing the
+                // last chunks handed out (a refault would be harmless,
+                // only slower).
+                r(self.pos.saturating_sub(RELEASE_STEP));
+            }
+            self.next_release = self.pos + RELEASE_STEP;
+        }
     }
 }
 
@@ -87,21 +121,21 @@ impl<'a> Source<'a> for SliceSource<'a> {
     fn read_block(&mut self, block: &mut [u8; 512]) -> Result<usize, DecodeError> {
         let n = (self.buf.len() - self.pos).min(512);
         block[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
+        self.advance(n);
         Ok(n)
     }
 
     fn data(&mut self, max: usize) -> Result<Chunk<'a>, DecodeError> {
         let n = (self.buf.len() - self.pos).min(max);
         let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
+        self.advance(n);
         Ok(Chunk::Borrowed(s))
     }
 
     fn skip(&mut self, n: u64) -> Result<u64, DecodeError> {
         let left = (self.buf.len() - self.pos) as u64;
         let k = left.min(n);
-        self.pos += k as usize;
+        self.advance(k as usize);
         Ok(k)
     }
 
@@ -229,6 +263,25 @@ impl<'a> Source<'a> for StreamSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slice_source_reports_progress_each_step() {
+        let buf = vec![7u8; 3 * RELEASE_STEP + 100];
+        let seen = std::sync::Mutex::new(Vec::new());
+        let hook = |at: usize| seen.lock().unwrap().push(at);
+        let mut s = SliceSource::releasing(&buf, &hook);
+        let mut total = 0;
+        while let Ok(Chunk::Borrowed(c)) = s.data(1 << 20) {
+            if c.is_empty() {
+                break;
+            }
+            assert!(c.iter().all(|&b| b == 7));
+            total += c.len();
+        }
+        assert_eq!(total, buf.len());
+        // Each report trails the parser by a step and only ever grows.
+        assert_eq!(*seen.lock().unwrap(), [0, RELEASE_STEP, 2 * RELEASE_STEP]);
+    }
 
     #[test]
     fn stream_source_spans_blocks() {

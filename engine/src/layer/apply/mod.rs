@@ -30,7 +30,7 @@ use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 use crate::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
 use crate::layer::error::{ApplyError, ErrorKind};
 use crate::layer::fsops::syscalls::Syscalls;
-use crate::layer::stream::{SliceSource, Source, StreamSource};
+use crate::layer::stream::{SliceSource, Source, StreamSource, RELEASE_STEP};
 use crate::layer::tar::Reader;
 use crate::oci::digest::Digest;
 
@@ -158,18 +158,18 @@ fn from_file(
         return from_reader(Box::new(f), root, same_owner, opts);
     }
     if st.st_size == 0 {
-        return whole(&[], Compression::Plain, root, same_owner, opts);
+        return whole(&[], None, Compression::Plain, root, same_owner, opts);
     }
     let map = map(&f)?;
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     let strategy = opts.decode.strategy;
     match comp {
         Compression::Plain if strategy != DecodeStrategy::Streaming => {
-            whole(&map, comp, root, same_owner, opts)
+            whole(&map, Some(&map), comp, root, same_owner, opts)
         }
         Compression::Gzip if strategy.gzip_whole() => {
             match decode::gunzip_whole(&map, opts.decode.memory_cap) {
-                Some(buf) => whole(&buf, comp, root, same_owner, opts),
+                Some(buf) => whole(&buf, None, comp, root, same_owner, opts),
                 None => streaming(&map[..], comp, root, same_owner, opts),
             }
         }
@@ -218,9 +218,12 @@ fn from_reader(
     streaming(input, comp, root, same_owner, opts)
 }
 
-/// Applies a fully decoded layer, hashing it on a second thread.
+/// Applies a fully decoded layer, hashing it on a second thread. When
+/// `buf` is the layer file's memory map (`map`), the parser and the hasher
+/// each drop the pages behind them from the process's RSS as they go.
 fn whole(
     buf: &[u8],
+    map: Option<&crate::sys::Map>,
     comp: Compression,
     root: OwnedFd,
     same_owner: bool,
@@ -229,9 +232,30 @@ fn whole(
     std::thread::scope(|s| {
         let hasher = std::thread::Builder::new()
             .name("unlade-hash".into())
-            .spawn_scoped(s, || decode::hash_whole(buf))
+            .spawn_scoped(s, || match map {
+                None => decode::hash_whole(buf),
+                Some(m) => {
+                    let mut h = crate::oci::digest::Hasher::new();
+                    let mut done = 0;
+                    for c in buf.chunks(RELEASE_STEP) {
+                        h.update(c);
+                        done += c.len();
+                        m.release_before(done);
+                    }
+                    h.finish()
+                }
+            })
             .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
-        let done = drive(SliceSource::new(buf), applier(root, same_owner, opts));
+        let release = |at: usize| {
+            if let Some(m) = map {
+                m.release_before(at);
+            }
+        };
+        let source = match map {
+            Some(_) => SliceSource::releasing(buf, &release),
+            None => SliceSource::new(buf),
+        };
+        let done = drive(source, applier(root, same_owner, opts));
         let diff_id = hasher
             .join()
             .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?;
