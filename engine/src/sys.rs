@@ -241,7 +241,11 @@ mod tests {
         assert_eq!(&m[..], &data[..]);
         m.release_before(1 << 20);
         m.release_before(usize::MAX);
-        assert_eq!(&m[..], &data[..], "a released page must refault with the file's bytes");
+        assert_eq!(
+            &m[..],
+            &data[..],
+            "a released page must refault with the file's bytes"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 }
