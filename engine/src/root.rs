@@ -111,7 +111,7 @@ impl Root {
         name: &str,
         cancel: &Cancel,
     ) -> Result<Unpacked, RootError> {
-        self.0.unpack(source, image, name, cancel)
+        self.0.unpack_observed(source, image, name, None, cancel)
     }
 
     /// [`Root::unpack`], telling `progress` what each layer goes through.

@@ -335,14 +335,8 @@ fn the_checker_sees_cycles_and_stage_faults() {
     let modules: BTreeMap<Vec<String>, String> = [
         m("oci", "pub mod a; pub mod b;"),
         m("oci::a", "use super::b::B; pub struct A;"),
-        m(
-            "oci::b",
-            "fn f() -> crate::oci::a::A { todo!() } pub struct B;",
-        ),
-        m(
-            "store",
-            "use crate::pipeline::P; fn g() -> crate::Digest { todo!() }",
-        ),
+        m("oci::b", "fn f(_: crate::oci::a::A) {} pub struct B;"),
+        m("store", "use crate::pipeline::P; fn g(_: crate::Digest) {}"),
         m("pipeline", "use crate::store::S; pub struct P;"),
         m("layer", "use crate::oci::a::A; use crate::store::S;"),
     ]

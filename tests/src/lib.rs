@@ -1002,6 +1002,28 @@ pub struct TestLayer {
     pub media_type: &'static str,
 }
 
+/// A layer of `n` files of `size` noise bytes each in directories of 100
+/// (names and contents from `seed`): slow enough to apply to be caught
+/// in the middle, which the dedup and signal tests need.
+pub fn many_files(n: usize, size: usize, seed: u64, media_type: &'static str) -> TestLayer {
+    let mut t = RawTar::default();
+    t.dir("./");
+    for d in 0..n.div_ceil(100) {
+        t.dir(&format!("s{seed}-d{d}/"));
+    }
+    for i in 0..n {
+        t.file(
+            &format!("s{seed}-d{}/f{i}", i / 100),
+            &noise(size, seed * 1_000_000 + i as u64),
+        );
+    }
+    t.end();
+    TestLayer {
+        tar: t.bytes(),
+        media_type,
+    }
+}
+
 impl TestLayer {
     /// The blob as stored.
     pub fn blob(&self) -> Vec<u8> {

@@ -19,32 +19,11 @@ use unlade::root::{Root, RootError, RootOptions};
 use unlade::source::layout::Layout;
 use unlade_tests::*;
 
-/// A layer of `n` small files in directories of 100, slow enough to apply
-/// (hundreds of ms in a debug build) to be caught in the middle.
-fn many_files(n: usize, seed: u64, media_type: &'static str) -> TestLayer {
-    let mut t = RawTar::default();
-    t.dir("./");
-    for d in 0..n.div_ceil(100) {
-        t.dir(&format!("s{seed}-d{d}/"));
-    }
-    for i in 0..n {
-        t.file(
-            &format!("s{seed}-d{}/f{i}", i / 100),
-            &noise(512, seed * 1_000_000 + i as u64),
-        );
-    }
-    t.end();
-    TestLayer {
-        tar: t.bytes(),
-        media_type,
-    }
-}
-
 fn three_layers() -> Vec<TestLayer> {
     vec![
-        many_files(3000, 1, MT_GZ),
-        many_files(2000, 2, MT_ZST),
-        many_files(1000, 3, MT_TAR),
+        many_files(3000, 512, 1, MT_GZ),
+        many_files(2000, 512, 2, MT_ZST),
+        many_files(1000, 512, 3, MT_TAR),
     ]
 }
 
@@ -237,9 +216,9 @@ fn twenty_processes_apply_each_layer_once() {
 fn images_sharing_layers_share_the_work() {
     let _shared = in_process();
     let w = tmp();
-    let base = many_files(2000, 7, MT_GZ);
-    let a = many_files(300, 8, MT_GZ);
-    let b = many_files(300, 9, MT_ZST);
+    let base = many_files(2000, 512, 7, MT_GZ);
+    let a = many_files(300, 512, 8, MT_GZ);
+    let b = many_files(300, 512, 9, MT_ZST);
     let dir = w.path().join("layout");
     let chains = image_layout(&dir, &[("a", &[&base, &a]), ("b", &[&base, &b])]);
     let layout = Arc::new(Layout::open(&dir).unwrap());
@@ -303,7 +282,7 @@ fn wait_mid_apply(root: &Path, dirs: usize) {
 fn cancelled_leader_is_taken_over_by_a_waiter() {
     let _alone = in_process_alone();
     let w = tmp();
-    let big = many_files(20_000, 4, MT_GZ);
+    let big = many_files(20_000, 512, 4, MT_GZ);
     let dir = w.path().join("layout");
     let chains = image_layout(&dir, &[("t", &[&big])]);
     let layout = Arc::new(Layout::open(&dir).unwrap());
@@ -367,7 +346,7 @@ fn unpack_child(r: &str, root: &PathBuf) -> std::process::Child {
 #[test]
 fn killed_leader_process_is_taken_over_by_a_waiting_process() {
     let w = tmp();
-    let big = many_files(20_000, 5, MT_GZ);
+    let big = many_files(20_000, 512, 5, MT_GZ);
     let dir = w.path().join("layout");
     let chains = image_layout(&dir, &[("t", &[&big])]);
     let root = w.path().join("root");
@@ -431,8 +410,8 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 fn unpack_task_is_awaitable_and_dropping_it_cancels() {
     let _shared = in_process();
     let w = tmp();
-    let small = many_files(50, 10, MT_GZ);
-    let big = many_files(20_000, 11, MT_GZ);
+    let small = many_files(50, 512, 10, MT_GZ);
+    let big = many_files(20_000, 512, 11, MT_GZ);
     let dir = w.path().join("layout");
     let chains = image_layout(&dir, &[("s", &[&small]), ("b", &[&big])]);
     let layout = Arc::new(Layout::open(&dir).unwrap());
@@ -467,8 +446,8 @@ fn unpack_task_is_awaitable_and_dropping_it_cancels() {
 fn gc_never_takes_what_an_unpack_in_progress_uses() {
     let _shared = in_process();
     let w = tmp();
-    let a = many_files(1500, 12, MT_GZ);
-    let b = many_files(1500, 13, MT_ZST);
+    let a = many_files(1500, 512, 12, MT_GZ);
+    let b = many_files(1500, 512, 13, MT_ZST);
     let dir = w.path().join("layout");
     let chains = image_layout(&dir, &[("t", &[&a, &b])]);
     let layout = Arc::new(Layout::open(&dir).unwrap());

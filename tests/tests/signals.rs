@@ -11,27 +11,6 @@ use std::time::{Duration, Instant};
 use rustix::process::{kill_process, Pid, Signal};
 use unlade_tests::*;
 
-/// A layer of `n` small files in directories of 100, slow enough to apply
-/// (seconds in a debug build) to be caught in the middle.
-fn many_files(n: usize, seed: u64, media_type: &'static str) -> TestLayer {
-    let mut t = RawTar::default();
-    t.dir("./");
-    for d in 0..n.div_ceil(100) {
-        t.dir(&format!("s{seed}-d{d}/"));
-    }
-    for i in 0..n {
-        t.file(
-            &format!("s{seed}-d{}/f{i}", i / 100),
-            &noise(256, seed * 1_000_000 + i as u64),
-        );
-    }
-    t.end();
-    TestLayer {
-        tar: t.bytes(),
-        media_type,
-    }
-}
-
 fn entries(dir: &Path) -> Vec<String> {
     match fs::read_dir(dir) {
         Ok(rd) => rd
@@ -52,8 +31,8 @@ fn mid_apply(root: &Path, dir: &str) -> bool {
 
 fn interrupted_unpack_commits_nothing_and_reruns(sig: Signal, code: i32, name: &str) {
     let w = tmp();
-    let base = many_files(50, 1, MT_TAR);
-    let big = many_files(40_000, 2, MT_GZ);
+    let base = many_files(50, 256, 1, MT_TAR);
+    let big = many_files(40_000, 256, 2, MT_GZ);
     let layout = w.path().join("layout");
     let chains = image_layout(&layout, &[("t", &[&base, &big])]).remove(0);
     let root = w.path().join("root");

@@ -252,12 +252,20 @@ impl std::ops::Deref for Whole {
     }
 }
 
-/// Hashes a whole decoded buffer.
-pub fn hash_whole(buf: &[u8]) -> Digest {
+/// Bytes [`hash_whole`] hashes between two calls of its `passed`.
+pub const HASH_CHUNK: usize = 1 << 22;
+
+/// Hashes a whole decoded buffer, calling `passed(n)` after each
+/// [`HASH_CHUNK`] with the bytes hashed so far (the whole-buffer apply
+/// releases a memory map's pages behind the hasher with it).
+pub fn hash_whole(buf: &[u8], mut passed: impl FnMut(usize)) -> Digest {
     let mut h = Hasher::new();
+    let mut done = 0;
     // Chunked so the hasher's inner loop sees large slices.
-    for c in buf.chunks(1 << 22) {
+    for c in buf.chunks(HASH_CHUNK) {
         h.update(c);
+        done += c.len();
+        passed(done);
     }
     h.finish()
 }

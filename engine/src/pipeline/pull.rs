@@ -3,7 +3,7 @@
 //! while they are applied.
 //!
 //! Resolution (tag → digest → index → platform manifest → config) reads
-//! small documents; then [`Root::unpack_observed`] runs with the registry
+//! small documents; then [`Root::unpack_observed`](crate::Root::unpack_observed) runs with the registry
 //! as the blob source: committed chain IDs are skipped without a request,
 //! blobs in the content store are not fetched, each missing blob is
 //! downloaded once (flight `Blob(digest)`, across processes by its lock
@@ -100,13 +100,8 @@ pub(crate) struct Resolved {
 }
 
 impl Context {
-    /// Pulls `reference` from its registry into committed snapshots and
-    /// records it under its normalized name. Safe beside other pulls and
-    /// unpacks of the same or overlapping images, in this process and
-    /// others: each blob is downloaded once and each layer applied once;
-    /// concurrent pulls of one reference in this process also share one
-    /// resolution (so `requests` and `bytes_fetched` count that shared
-    /// client's work).
+    /// The work of [`Root::pull`](crate::Root::pull): one resolution per
+    /// reference in flight, then the unpack with the registry as source.
     pub(crate) fn pull(
         &self,
         reference: &Reference,

@@ -203,21 +203,9 @@ impl LowerLayers for Below {
 }
 
 impl Context {
-    /// Unpacks `image` (resolved from `source`) into committed snapshots
-    /// and records it as `name`. Safe to call from many threads and many
-    /// processes at once for the same or overlapping images: each layer is
-    /// applied once, and the others wait for it.
-    pub(crate) fn unpack(
-        &self,
-        source: Arc<dyn BlobSource>,
-        image: &Image,
-        name: &str,
-        cancel: &Cancel,
-    ) -> Result<Unpacked, RootError> {
-        self.unpack_observed(source, image, name, None, cancel)
-    }
-
-    /// [`Root::unpack`], telling `progress` what each layer goes through.
+    /// The work of [`Root::unpack_observed`](crate::Root::unpack_observed)
+    /// (and of `Root::unpack`, without `progress`): see the module
+    /// documentation for the steps.
     pub(crate) fn unpack_observed(
         &self,
         source: Arc<dyn BlobSource>,

@@ -218,6 +218,8 @@ fn from_reader(
     streaming(input, comp, root, same_owner, opts)
 }
 
+const _: () = assert!(RELEASE_STEP % decode::HASH_CHUNK == 0);
+
 /// Applies a fully decoded layer, hashing it on a second thread. When
 /// `buf` is the layer file's memory map (`map`), the parser and the hasher
 /// each drop the pages behind them from the process's RSS as they go.
@@ -229,32 +231,25 @@ fn whole(
     same_owner: bool,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
+    let release = |at: usize| {
+        if let Some(m) = map {
+            m.release_before(at);
+        }
+    };
     std::thread::scope(|s| {
         let hasher = std::thread::Builder::new()
             .name("unlade-hash".into())
-            .spawn_scoped(s, || match map {
-                None => decode::hash_whole(buf),
-                Some(m) => {
-                    let mut h = crate::oci::digest::Hasher::new();
-                    let mut done = 0;
-                    for c in buf.chunks(RELEASE_STEP) {
-                        h.update(c);
-                        done += c.len();
-                        m.release_before(done);
+            .spawn_scoped(s, || {
+                // Every RELEASE_STEP, as the parser (a whole number of
+                // hash chunks: the assertion above `whole`).
+                decode::hash_whole(buf, |done| {
+                    if done % RELEASE_STEP == 0 {
+                        release(done);
                     }
-                    h.finish()
-                }
+                })
             })
             .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
-        let release = |at: usize| {
-            if let Some(m) = map {
-                m.release_before(at);
-            }
-        };
-        let source = match map {
-            Some(_) => SliceSource::releasing(buf, &release),
-            None => SliceSource::new(buf),
-        };
+        let source = SliceSource::releasing(buf, &release);
         let done = drive(source, applier(root, same_owner, opts));
         let diff_id = hasher
             .join()
