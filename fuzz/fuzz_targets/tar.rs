@@ -62,7 +62,7 @@ fn check_entry(e: &Entry, len: u64, before: u64, prev: Option<u64>) {
 
 /// Parses `src`; `policy(i)` is the chunk size to read entry `i`'s data
 /// with, or `None` to leave it to `next_entry` to skip.
-fn parse<'a, S: Source<'a>>(
+fn parse<S: Source>(
     src: S,
     len: usize,
     policy: impl Fn(usize) -> Option<usize>,
@@ -146,7 +146,7 @@ fn blocks(data: &[u8]) -> crossbeam_channel::Receiver<unlade::layer::stream::Blo
 }
 
 fuzz_target!(|data: &[u8]| {
-    let whole = parse(SliceSource::new(data), data.len(), |_| Some(usize::MAX));
+    let whole = parse(SliceSource::new(Arc::new(data.to_vec())), data.len(), |_| Some(usize::MAX));
     let streamed = parse(StreamSource::new(blocks(data)), data.len(), |i| {
         (i % 2 == 1).then_some(1000)
     });

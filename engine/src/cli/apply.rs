@@ -27,6 +27,8 @@ pub struct Args {
     /// Print nothing but the diff ID.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    write: super::WriteArgs,
 }
 
 pub fn run(a: Args) -> Result {
@@ -45,6 +47,7 @@ pub fn run(a: Args) -> Result {
         },
         same_owner: None,
         diff_id,
+        backend: a.write.options(),
         ..ApplyOptions::default()
     };
     // The layer is opened before DEST is created: a mistyped LAYER must

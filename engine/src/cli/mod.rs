@@ -17,6 +17,7 @@ pub mod unpack;
 use std::error::Error;
 use std::path::Path;
 
+use unlade::layer::fsops::{BackendKind, BackendOptions};
 use unlade::oci::image::Platform;
 use unlade::root::{Root, RootOptions};
 use unlade::Digest;
@@ -27,8 +28,32 @@ pub type Result<T = ()> = std::result::Result<T, Box<dyn Error>>;
 /// Where unlade keeps its state unless --root says otherwise.
 pub const DEFAULT_ROOT: &str = "/var/lib/unlade";
 
+/// The arguments of every command that writes files (`apply`, `unpack`,
+/// `pull`): which backend, how many worker threads.
+#[derive(clap::Args)]
+pub struct WriteArgs {
+    /// What writes the files: `auto` (the faster one here, plain syscalls
+    /// where io_uring is unavailable), `uring` or `syscalls`.
+    #[arg(long, value_enum, env = "UNLADE_BACKEND", default_value = "auto")]
+    pub backend: BackendKind,
+    /// Worker threads that write files (default: the CPUs this process
+    /// may run on).
+    #[arg(long, value_name = "N", env = "UNLADE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl WriteArgs {
+    /// The backend options these arguments ask for.
+    pub fn options(&self) -> BackendOptions {
+        BackendOptions {
+            kind: self.backend,
+            threads: self.threads.map(|n| n.max(1)),
+        }
+    }
+}
+
 /// The arguments `pull` and `unpack` share: which image, how many layers
-/// at once, how much to say.
+/// at once, how much to say, and how files are written.
 #[derive(clap::Args)]
 pub struct ImageArgs {
     /// Take this platform's image (os/arch[/variant]) instead of the
@@ -41,6 +66,8 @@ pub struct ImageArgs {
     /// Print nothing but the chain ID.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub write: WriteArgs,
 }
 
 impl ImageArgs {
@@ -54,6 +81,7 @@ impl ImageArgs {
         if let Some(n) = self.parallel {
             opts.parallel_layers = n.max(1);
         }
+        opts.backend = self.write.options();
     }
 }
 

@@ -252,6 +252,12 @@ impl std::ops::Deref for Whole {
     }
 }
 
+impl crate::layer::stream::Bytes for Whole {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// Bytes [`hash_whole`] hashes between two calls of its `passed`.
 pub const HASH_CHUNK: usize = 1 << 22;
 

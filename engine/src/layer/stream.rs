@@ -18,28 +18,86 @@ use crate::layer::error::DecodeError;
 /// Size of the blocks a streaming decoder hands over.
 pub const STREAM_BLOCK: usize = 1 << 20;
 
-/// File data handed from a [`Source`] to the applier.
+/// A whole decoded layer that file data can be lent from: a memory map
+/// of a plain tar file, or the output of whole-buffer decompression.
 ///
-/// `Borrowed` points into the decoded layer that outlives the whole apply;
-/// `Owned` is a copy out of a streaming source's blocks. Those are not
-/// recycled (the decoder allocates a fresh one for each, see
-/// [`crate::layer::decode`]) but shared with the hasher and dropped once
-/// both have read them: a copy lets a block go as soon as the parser has
-/// moved past it, however long the applier keeps the chunk (a file's data
-/// wait in a batch until the batch runs).
-#[derive(Debug)]
-pub enum Chunk<'a> {
-    /// A slice of the whole decoded layer.
-    Borrowed(&'a [u8]),
+/// Shared (`Arc`) rather than borrowed so that a chunk of it can travel to
+/// a worker thread of a pool that outlives the apply (the pool is shared
+/// by every layer of a root), while still costing no copy.
+pub trait Bytes: Send + Sync {
+    /// The bytes.
+    fn bytes(&self) -> &[u8];
+    /// Drops the pages before `end` from this process's RSS, where the
+    /// buffer can get them back unchanged (a file mapping); a no-op
+    /// otherwise.
+    fn release_before(&self, _end: usize) {}
+}
+
+impl Bytes for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+impl Bytes for crate::sys::Map {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+    fn release_before(&self, end: usize) {
+        crate::sys::Map::release_before(self, end);
+    }
+}
+
+/// File data handed from a [`Source`] to the applier, and on to a backend
+/// worker: it owns what it points at, so a job can outlive the parser's
+/// position and run on another thread.
+///
+/// `Shared` is a range of a whole decoded layer (zero copy); `Owned` is a
+/// copy out of a streaming source's blocks. Those are not recycled (the
+/// decoder allocates a fresh one for each, see [`crate::layer::decode`])
+/// but shared with the hasher and dropped once both have read them: a
+/// copy lets a block go as soon as the parser has moved past it, however
+/// long the chunk waits for its worker.
+pub enum Chunk {
+    /// `len` bytes at `start` of a whole decoded layer.
+    Shared {
+        /// The layer.
+        buf: Arc<dyn Bytes>,
+        /// Offset of the first byte.
+        start: usize,
+        /// Number of bytes.
+        len: usize,
+    },
     /// A copy out of a streaming source.
     Owned(Vec<u8>),
 }
 
-impl Deref for Chunk<'_> {
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Chunk::Shared { start, len, .. } => write!(f, "Shared({start}+{len})"),
+            Chunk::Owned(v) => write!(f, "Owned({})", v.len()),
+        }
+    }
+}
+
+impl Chunk {
+    /// Bytes a chunk keeps alive that nothing else does: a copy's length,
+    /// nothing for a range of a shared layer. What bounds memory in
+    /// flight.
+    pub fn owned_bytes(&self) -> usize {
+        match self {
+            Chunk::Shared { .. } => 0,
+            Chunk::Owned(v) => v.len(),
+        }
+    }
+}
+
+impl Deref for Chunk {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            Chunk::Borrowed(s) => s,
+            Chunk::Shared { buf, start, len } => &buf.bytes()[*start..*start + *len],
             Chunk::Owned(v) => v,
         }
     }
@@ -47,13 +105,13 @@ impl Deref for Chunk<'_> {
 
 /// What the tar parser reads from. Offsets are positions in the uncompressed
 /// stream, which is what error messages report.
-pub trait Source<'a> {
+pub trait Source {
     /// Fills `buf` with the next block. Returns how many bytes were read:
     /// fewer than 512 only at the end of the stream.
     fn read_block(&mut self, buf: &mut [u8; 512]) -> Result<usize, DecodeError>;
     /// Returns between 1 and `max` bytes of data, or an empty chunk at the
     /// end of the stream.
-    fn data(&mut self, max: usize) -> Result<Chunk<'a>, DecodeError>;
+    fn data(&mut self, max: usize) -> Result<Chunk, DecodeError>;
     /// Skips up to `n` bytes; returns how many were skipped (fewer only at
     /// the end of the stream).
     fn skip(&mut self, n: u64) -> Result<u64, DecodeError>;
@@ -71,76 +129,72 @@ pub trait Source<'a> {
 
 /// A source over one complete buffer: a memory-mapped plain tar or the
 /// output of whole-buffer decompression.
-pub struct SliceSource<'a> {
-    buf: &'a [u8],
+pub struct SliceSource {
+    buf: Arc<dyn Bytes>,
+    len: usize,
     pos: usize,
-    /// Told, every [`RELEASE_STEP`] bytes, how far the parser has got (a
-    /// memory map drops the pages behind it from the RSS).
-    release: Option<&'a (dyn Fn(usize) + Sync)>,
     next_release: usize,
 }
 
 /// How often a [`SliceSource`] reports its progress to its release hook.
 pub const RELEASE_STEP: usize = 32 << 20;
 
-impl<'a> SliceSource<'a> {
-    /// Wraps a decoded layer.
-    pub fn new(buf: &'a [u8]) -> Self {
+impl SliceSource {
+    /// Wraps a decoded layer. Every [`RELEASE_STEP`] bytes the parser
+    /// passes, the buffer is told to release what lies two steps behind
+    /// ([`Bytes::release_before`]: a memory map drops those pages from the
+    /// RSS).
+    pub fn new(buf: Arc<dyn Bytes>) -> Self {
+        let len = buf.bytes().len();
         SliceSource {
             buf,
+            len,
             pos: 0,
-            release: None,
             next_release: RELEASE_STEP,
-        }
-    }
-
-    /// Wraps a memory-mapped layer, calling `release(offset)` each time
-    /// the parser has passed another [`RELEASE_STEP`] bytes.
-    pub fn releasing(buf: &'a [u8], release: &'a (dyn Fn(usize) + Sync)) -> Self {
-        SliceSource {
-            release: Some(release),
-            ..SliceSource::new(buf)
         }
     }
 
     fn advance(&mut self, n: usize) {
         self.pos += n;
         if self.pos >= self.next_release {
-            if let Some(r) = self.release {
-                // Behind by a step: the backend may still be writing the
-                // last chunks handed out (a refault would be harmless,
-                // only slower).
-                r(self.pos.saturating_sub(RELEASE_STEP));
-            }
+            // Behind by two steps: workers may still be writing the last
+            // chunks handed out (a refault would be harmless, only
+            // slower).
+            self.buf
+                .release_before(self.pos.saturating_sub(2 * RELEASE_STEP));
             self.next_release = self.pos + RELEASE_STEP;
         }
     }
 }
 
-impl<'a> Source<'a> for SliceSource<'a> {
+impl Source for SliceSource {
     fn read_block(&mut self, block: &mut [u8; 512]) -> Result<usize, DecodeError> {
-        let n = (self.buf.len() - self.pos).min(512);
-        block[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        let n = (self.len - self.pos).min(512);
+        block[..n].copy_from_slice(&self.buf.bytes()[self.pos..self.pos + n]);
         self.advance(n);
         Ok(n)
     }
 
-    fn data(&mut self, max: usize) -> Result<Chunk<'a>, DecodeError> {
-        let n = (self.buf.len() - self.pos).min(max);
-        let s = &self.buf[self.pos..self.pos + n];
+    fn data(&mut self, max: usize) -> Result<Chunk, DecodeError> {
+        let n = (self.len - self.pos).min(max);
+        let c = Chunk::Shared {
+            buf: self.buf.clone(),
+            start: self.pos,
+            len: n,
+        };
         self.advance(n);
-        Ok(Chunk::Borrowed(s))
+        Ok(c)
     }
 
     fn skip(&mut self, n: u64) -> Result<u64, DecodeError> {
-        let left = (self.buf.len() - self.pos) as u64;
+        let left = (self.len - self.pos) as u64;
         let k = left.min(n);
         self.advance(k as usize);
         Ok(k)
     }
 
     fn drain(&mut self) -> Result<(), DecodeError> {
-        self.pos = self.buf.len();
+        self.pos = self.len;
         Ok(())
     }
 
@@ -215,12 +269,12 @@ impl StreamSource {
     }
 }
 
-impl<'a> Source<'a> for StreamSource {
+impl Source for StreamSource {
     fn read_block(&mut self, block: &mut [u8; 512]) -> Result<usize, DecodeError> {
         self.copy_into(block)
     }
 
-    fn data(&mut self, max: usize) -> Result<Chunk<'a>, DecodeError> {
+    fn data(&mut self, max: usize) -> Result<Chunk, DecodeError> {
         if !self.refill()? {
             return Ok(Chunk::Owned(Vec::new()));
         }
@@ -264,23 +318,39 @@ impl<'a> Source<'a> for StreamSource {
 mod tests {
     use super::*;
 
+    struct Recording(Vec<u8>, std::sync::Mutex<Vec<usize>>);
+    impl Bytes for Recording {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+        fn release_before(&self, end: usize) {
+            self.1.lock().unwrap().push(end);
+        }
+    }
+
     #[test]
     fn slice_source_reports_progress_each_step() {
-        let buf = vec![7u8; 3 * RELEASE_STEP + 100];
-        let seen = std::sync::Mutex::new(Vec::new());
-        let hook = |at: usize| seen.lock().unwrap().push(at);
-        let mut s = SliceSource::releasing(&buf, &hook);
+        let buf = Arc::new(Recording(
+            vec![7u8; 4 * RELEASE_STEP + 100],
+            Default::default(),
+        ));
+        let mut s = SliceSource::new(buf.clone());
         let mut total = 0;
-        while let Ok(Chunk::Borrowed(c)) = s.data(1 << 20) {
+        loop {
+            let c = s.data(1 << 20).unwrap();
             if c.is_empty() {
                 break;
             }
             assert!(c.iter().all(|&b| b == 7));
+            assert_eq!(c.owned_bytes(), 0, "a slice source lends, never copies");
             total += c.len();
         }
-        assert_eq!(total, buf.len());
-        // Each report trails the parser by a step and only ever grows.
-        assert_eq!(*seen.lock().unwrap(), [0, RELEASE_STEP, 2 * RELEASE_STEP]);
+        assert_eq!(total, buf.0.len());
+        // Each report trails the parser by two steps and only ever grows.
+        assert_eq!(
+            *buf.1.lock().unwrap(),
+            [0, 0, RELEASE_STEP, 2 * RELEASE_STEP]
+        );
     }
 
     #[test]
@@ -306,8 +376,7 @@ mod tests {
 
     #[test]
     fn slice_source_short_block() {
-        let data = [7u8; 600];
-        let mut s = SliceSource::new(&data);
+        let mut s = SliceSource::new(Arc::new(vec![7u8; 600]));
         let mut b = [0u8; 512];
         assert_eq!(s.read_block(&mut b).unwrap(), 512);
         assert_eq!(s.read_block(&mut b).unwrap(), 88);

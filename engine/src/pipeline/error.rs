@@ -92,6 +92,16 @@ pub enum RootError {
         /// The directory asked for.
         path: PathBuf,
     },
+    /// The worker pool that writes files could not start (`--backend
+    /// uring` where the kernel refuses io_uring, or no threads).
+    #[error("start the {kind} backend")]
+    Backend {
+        /// The backend asked for.
+        kind: crate::layer::fsops::BackendKind,
+        /// Why it did not start.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RootError {

@@ -23,6 +23,8 @@ use rustix::fs::{self as rfs, Mode, OFlags};
 
 use crate::cancel::Cancel;
 use crate::layer::decode::DecodeOptions;
+use crate::layer::fsops::pool::Pool;
+use crate::layer::fsops::BackendOptions;
 use crate::source::Retry;
 use crate::store::content::ContentStore;
 use crate::store::durable::Durability;
@@ -49,6 +51,9 @@ pub struct RootOptions {
     pub max_downloads: usize,
     /// How interrupted or refused downloads are retried.
     pub retry: Retry,
+    /// The backend and number of worker threads that write files: one
+    /// pool for the root, shared by every layer it applies at once.
+    pub backend: BackendOptions,
 }
 
 impl Default for RootOptions {
@@ -61,6 +66,7 @@ impl Default for RootOptions {
                 .clamp(2, 8),
             max_downloads: 3,
             retry: Retry::default(),
+            backend: BackendOptions::default(),
         }
     }
 }
@@ -102,6 +108,8 @@ pub(crate) struct Parts {
     pub(crate) stats: Stats,
     pub(crate) permits: Permits,
     pub(crate) downloads: Permits,
+    /// The writers' pool, started by the first apply.
+    pool: std::sync::OnceLock<Arc<Pool>>,
     gc_lock_path: PathBuf,
 }
 
@@ -146,8 +154,21 @@ impl Context {
             downloads: Permits::new(opts.max_downloads),
             opts,
             stats: Stats::default(),
+            pool: std::sync::OnceLock::new(),
             gc_lock_path: dir.join("gc.lock"),
         })))
+    }
+
+    /// The root's worker pool, started on first use. Two applies starting
+    /// at once may both start one; only the first is kept.
+    pub(crate) fn pool(&self) -> Result<Arc<Pool>, RootError> {
+        if let Some(p) = self.0.pool.get() {
+            return Ok(p.clone());
+        }
+        let kind = self.0.opts.backend.kind;
+        let p =
+            Pool::new(self.0.opts.backend).map_err(|source| RootError::Backend { kind, source })?;
+        Ok(self.0.pool.get_or_init(|| p).clone())
     }
 
     /// What this process did so far.

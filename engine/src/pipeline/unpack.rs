@@ -579,6 +579,8 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
             job: job.clone(),
             index: i,
         })),
+        pool: Some(root.pool()?),
+        backend: root.0.opts.backend,
     };
     let (applied, ingested) = std::thread::scope(|s| {
         // The download starts before the apply waits for its permit. A

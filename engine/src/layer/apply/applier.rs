@@ -1,16 +1,27 @@
 //! Tar entries → file-system jobs in an overlay upper directory.
 //!
 //! What this layer decides (and the backend never does): which path an
-//! entry lands on, OCI whiteout conversion, what must happen before what,
-//! and which jobs are independent enough to share a batch. Regular files,
-//! the bulk of every layer, are batched; everything structural
-//! (directories, links, nodes, whiteouts, replacing a directory) first
-//! flushes the batch and runs alone, so a backend never sees two jobs that
-//! depend on each other. Directory metadata is restored at the end, deepest
-//! first, the way `tar --delay-directory-restore` does, so a directory's
-//! mtime survives its children and a 0500 directory still receives them.
+//! entry lands on, OCI whiteout conversion, and what must happen before
+//! what. Jobs go to the workers of a pool through a [`Lane`], each to the
+//! worker of its parent directory, and run while the parser reads on.
+//! The applier keeps, for every path with a job in flight, that job's id,
+//! and for every directory, how many jobs in flight write into it; an
+//! entry waits only for what it depends on:
+//! - a name written again (a later entry replacing an earlier one) goes to
+//!   the same worker after a batch boundary, so it runs after the first;
+//! - a directory about to be opened or created waits for the jobs writing
+//!   its path and its ancestors' paths (a symlink or file there decides
+//!   what the walk finds);
+//! - a hard link waits for its target's job;
+//! - replacing a directory waits for every job inside it.
+//!
+//! Directories themselves are made on the applier's own thread (it opens
+//! them right after). Directory metadata is restored at the end, after
+//! every other job of the layer completed, the way
+//! `tar --delay-directory-restore` does, so a directory's mtime survives
+//! its children and a 0500 directory still receives them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CStr, CString};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -22,20 +33,19 @@ use super::lower::{copy_up, LowerLayers};
 use super::path::{normalize, split};
 use crate::cancel::Cancel;
 use crate::layer::error::{ApplyError, ErrorKind};
-use crate::layer::fsops::{Backend, Done, Job, Meta, NodeKind, Op};
+use crate::layer::fsops::pool::Lane;
+use crate::layer::fsops::{Done, Job, Meta, NodeKind, Op, OpError};
 use crate::layer::stream::{Chunk, Source};
 use crate::layer::tar::{Entry, Kind, Reader};
 
-/// Most regular files in one batch.
-const BATCH_FILES: usize = 256;
-/// Most copied (streaming) bytes held by one batch.
-const BATCH_BYTES: usize = 32 << 20;
 /// Most directories whose metadata waits for the end of the layer.
 pub const MAX_DELAYED_DIRS: usize = 1 << 22;
 /// Most bytes of paths and xattrs held for delayed directories: a layer of
 /// many directories with large xattrs must not grow memory without bound.
 pub const MAX_DELAYED_BYTES: usize = 256 << 20;
 
+/// Most directory fds the metadata restore keeps open at once.
+const MAX_DIR_FDS_IN_FLIGHT: usize = 256;
 /// The opaque whiteout marker.
 const OPAQUE: &[u8] = b".wh..wh..opq";
 /// Name prefixes of the xattrs overlayfs obeys in a layer directory
@@ -79,16 +89,29 @@ struct Delayed {
     offset: u64,
 }
 
+/// A job not complete yet: for its error, and for the path maps.
+struct InFlight {
+    /// Entry name and header offset, for the error.
+    name: Vec<u8>,
+    offset: u64,
+    /// The path the job writes, and its parent directory.
+    path: Vec<u8>,
+    parent: Vec<u8>,
+    worker: usize,
+}
+
 /// Applies entries of one layer to one target directory.
-pub struct Applier<'a, B: Backend> {
-    backend: B,
+pub struct Applier {
+    lane: Lane,
     dirs: Dirs,
     same_owner: bool,
-    pending: Vec<Job<'a>>,
-    /// Entry name and offset of each pending job, by job id.
-    ctx: Vec<(Vec<u8>, u64)>,
-    pending_paths: HashSet<Vec<u8>>,
-    pending_bytes: usize,
+    next_id: u64,
+    /// Jobs sent or queued and not complete, by id.
+    in_flight: HashMap<u64, InFlight>,
+    /// Path → the latest job in flight that writes it.
+    by_path: HashMap<Vec<u8>, u64>,
+    /// Directory → how many jobs in flight write into it.
+    busy: BTreeMap<Vec<u8>, usize>,
     done: Vec<Done>,
     delayed: BTreeMap<Vec<u8>, Delayed>,
     delayed_bytes: usize,
@@ -98,18 +121,29 @@ pub struct Applier<'a, B: Backend> {
     lower: Option<Arc<dyn LowerLayers>>,
 }
 
-impl<'a, B: Backend> Applier<'a, B> {
-    /// An applier writing below `root` with `backend`. With `same_owner`,
+/// Where a job runs: on a worker, or right here (a directory).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Worker(usize),
+    Here,
+}
+
+fn lane_err(e: std::io::Error) -> ApplyError {
+    ApplyError::fs("backend", e)
+}
+
+impl Applier {
+    /// An applier writing below `root` through `lane`. With `same_owner`,
     /// entries keep their numeric owner (as root); without, the process's.
-    pub fn new(root: OwnedFd, backend: B, same_owner: bool) -> Self {
+    pub fn new(root: OwnedFd, lane: Lane, same_owner: bool) -> Self {
         Applier {
-            backend,
+            lane,
             dirs: Dirs::new(root),
             same_owner,
-            pending: Vec::new(),
-            ctx: Vec::new(),
-            pending_paths: HashSet::new(),
-            pending_bytes: 0,
+            next_id: 0,
+            in_flight: HashMap::new(),
+            by_path: HashMap::new(),
+            busy: BTreeMap::new(),
             done: Vec::new(),
             delayed: BTreeMap::new(),
             delayed_bytes: 0,
@@ -185,69 +219,128 @@ impl<'a, B: Backend> Applier<'a, B> {
         })
     }
 
-    /// Runs the pending batch; the first failure (in job order) is the
-    /// error.
-    pub fn flush(&mut self) -> Result<(), ApplyError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        self.backend.run(&mut self.pending, &mut self.done);
-        let mut first: Option<(usize, ApplyError)> = None;
-        for d in self.done.drain(..) {
+    /// Takes in completions: forgets their jobs, and returns the first
+    /// failure among them (in job order) as the error of its entry.
+    fn absorb(&mut self) -> Result<(), ApplyError> {
+        let mut first: Option<(u64, ApplyError)> = None;
+        for d in std::mem::take(&mut self.done) {
+            let Some(f) = self.in_flight.remove(&d.id) else {
+                continue;
+            };
+            if self.by_path.get(&f.path) == Some(&d.id) {
+                self.by_path.remove(&f.path);
+            }
+            if let Some(n) = self.busy.get_mut(&f.parent) {
+                *n -= 1;
+                if *n == 0 {
+                    self.busy.remove(&f.parent);
+                }
+            }
             if let Err(oe) = d.result {
                 if first.as_ref().is_none_or(|(id, _)| d.id < *id) {
-                    let (name, off) = &self.ctx[d.id];
-                    first = Some((d.id, ApplyError::fs(oe.op, oe.err).at(Some(name), *off)));
+                    let err = ApplyError::fs(oe.op, oe.err).at(Some(&f.name), f.offset);
+                    first = Some((d.id, err));
                 }
             }
         }
-        self.pending.clear();
-        self.ctx.clear();
-        self.pending_paths.clear();
-        self.pending_bytes = 0;
         match first {
             Some((_, e)) => Err(e),
             None => Ok(()),
         }
     }
 
-    fn push(
-        &mut self,
-        e: &Entry,
-        path: Vec<u8>,
-        dir: Arc<OwnedFd>,
-        name: CString,
-        op: Op<'a>,
-        bytes: usize,
-    ) {
-        let id = self.ctx.len();
-        self.ctx.push((e.path.clone(), e.offset));
-        self.pending_paths.insert(path);
-        self.pending_bytes += bytes;
-        self.pending.push(Job { id, dir, name, op });
+    /// Waits until every job submitted so far has completed; the first
+    /// failure is the error.
+    pub fn flush(&mut self) -> Result<(), ApplyError> {
+        self.lane.cut_all().map_err(lane_err)?;
+        while self.lane.reap(true, &mut self.done).map_err(lane_err)? {
+            self.absorb()?;
+        }
+        self.absorb()
     }
 
-    /// Runs one job now (the batch must be empty); returns an opened fd.
-    fn run_now(
+    /// Waits until job `id` has completed (and whatever its worker had
+    /// before it).
+    fn wait_for(&mut self, id: u64) -> Result<(), ApplyError> {
+        let Some(w) = self.in_flight.get(&id).map(|f| f.worker) else {
+            return Ok(());
+        };
+        self.lane.cut(w).map_err(lane_err)?;
+        while self.in_flight.contains_key(&id) {
+            if !self.lane.reap(true, &mut self.done).map_err(lane_err)? && self.done.is_empty() {
+                break;
+            }
+            self.absorb()?;
+        }
+        Ok(())
+    }
+
+    /// Before a job at `path` routed `route`: a job in flight at the same
+    /// path runs first. On the same worker a batch boundary is enough;
+    /// elsewhere, wait for it.
+    fn after_path(&mut self, path: &[u8], route: Route) -> Result<(), ApplyError> {
+        let Some(&id) = self.by_path.get(path) else {
+            return Ok(());
+        };
+        match (route, self.in_flight.get(&id).map(|f| f.worker)) {
+            (Route::Worker(w), Some(v)) if w == v => {
+                if self.lane.queued(w) {
+                    self.lane.cut(w).map_err(lane_err)?;
+                }
+                Ok(())
+            }
+            _ => self.wait_for(id),
+        }
+    }
+
+    /// Queues a job for `w`; `path` is what it writes, `parent` the
+    /// directory it writes into.
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        who: Who<'_>,
+        w: usize,
+        path: Vec<u8>,
+        parent: &[u8],
+        dir: Arc<OwnedFd>,
+        name: CString,
+        op: Op,
+    ) -> Result<(), ApplyError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        *self.busy.entry(parent.to_vec()).or_insert(0) += 1;
+        self.by_path.insert(path.clone(), id);
+        self.in_flight.insert(
+            id,
+            InFlight {
+                name: who.0.to_vec(),
+                offset: who.1,
+                path,
+                parent: parent.to_vec(),
+                worker: w,
+            },
+        );
+        self.lane
+            .submit(w, Job { id, dir, name, op }, &mut self.done)
+            .map_err(lane_err)?;
+        self.lane.reap(false, &mut self.done).map_err(lane_err)?;
+        self.absorb()
+    }
+
+    /// Runs one job on this thread now; returns an opened fd.
+    fn run_here(
         &mut self,
         who: Who<'_>,
         dir: Arc<OwnedFd>,
         name: CString,
-        op: Op<'a>,
+        op: Op,
     ) -> Result<Option<OwnedFd>, ApplyError> {
-        debug_assert!(self.pending.is_empty());
-        let mut jobs = vec![Job {
-            id: 0,
+        let d = self.lane.run_here(Job {
+            id: u64::MAX,
             dir,
             name,
             op,
-        }];
-        self.backend.run(&mut jobs, &mut self.done);
-        let d = self
-            .done
-            .pop()
-            .ok_or_else(|| ApplyError::fs("backend", Errno::IO.into()))?;
-        self.done.clear();
+        });
         d.result
             .map_err(|oe| ApplyError::fs(oe.op, oe.err).at(Some(who.0), who.1))
     }
@@ -256,58 +349,58 @@ impl<'a, B: Backend> Applier<'a, B> {
     /// root-owned like containerd and GNU tar as root make them).
     fn parent(&mut self, e: &Entry, parent: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
         if !self.dirs.is_cached(parent) {
-            // A pending job may create or replace something on the way.
-            self.flush()?;
+            // A job in flight may create or replace something on the way
+            // (a symlink the walk must follow, a file it must refuse).
+            let mut end = 0;
+            while end < parent.len() {
+                end = parent[end..]
+                    .iter()
+                    .position(|&b| b == b'/')
+                    .map_or(parent.len(), |i| end + i);
+                if let Some(&id) = self.by_path.get(&parent[..end]) {
+                    self.wait_for(id)?;
+                }
+                end += 1;
+            }
         }
         let chown = self.same_owner;
-        let backend = &mut self.backend;
-        let done = &mut self.done;
+        let lane = &mut self.lane;
         let mut mk = |dir: &Arc<OwnedFd>, name: &CStr| -> Result<(), ApplyError> {
-            let mut jobs = vec![Job {
-                id: 0,
+            let d = lane.run_here(Job {
+                id: u64::MAX,
                 dir: dir.clone(),
                 name: name.to_owned(),
                 op: Op::MkdirParent { chown },
-            }];
-            backend.run(&mut jobs, done);
-            let r = done.pop().map(|d| d.result);
-            done.clear();
-            match r {
-                Some(Ok(_)) => Ok(()),
-                Some(Err(oe)) => Err(ApplyError::fs(oe.op, oe.err)),
-                None => Err(ApplyError::fs("backend", Errno::IO.into())),
-            }
+            });
+            d.result
+                .map(|_| ())
+                .map_err(|oe: OpError| ApplyError::fs(oe.op, oe.err))
         };
         self.dirs
             .get(parent, &mut Missing::Create(&mut mk))
             .map_err(|err| err.at(Some(&e.path), e.offset))
     }
 
-    /// Before an entry lands on `path`: if `path` is (or was) a directory
-    /// this apply knows, whatever is pending runs first and every cached fd
-    /// and delayed metadata at or below it is forgotten.
-    fn replacing(&mut self, path: &[u8]) -> Result<(), ApplyError> {
-        if self.pending_paths.contains(path) {
+    /// Before an entry lands on `path`, run `route`: a job in flight at
+    /// `path` runs first, and if `path` is (or was) a directory, every job
+    /// in flight inside it completes first and every cached fd and delayed
+    /// metadata at or below it is forgotten.
+    fn replacing(&mut self, path: &[u8], route: Route) -> Result<(), ApplyError> {
+        self.after_path(path, route)?;
+        if dirs::has_under(&self.busy, path) {
             self.flush()?;
         }
         if dirs::has_under(&self.delayed, path) {
-            self.flush()?;
             for k in dirs::keys_under(&self.delayed, path) {
                 self.delayed.remove(&k);
             }
         }
-        if self.dirs.invalidate(path) {
-            self.flush()?;
-        }
+        self.dirs.invalidate(path);
         Ok(())
     }
 
     /// Applies one entry; its data are read from `r`.
-    pub fn entry<S: Source<'a>>(
-        &mut self,
-        r: &mut Reader<'a, S>,
-        e: Entry,
-    ) -> Result<(), ApplyError> {
+    pub fn entry<S: Source>(&mut self, r: &mut Reader<S>, e: Entry) -> Result<(), ApplyError> {
         self.counts.entries += 1;
         let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
@@ -337,23 +430,26 @@ impl<'a, B: Backend> Applier<'a, B> {
             return self.file(r, &e, path, &parent, name);
         }
 
-        // Everything else is structural: run alone, in order. A directory
-        // over a directory merges (cached fds and an earlier opaque marker
-        // stay valid); anything else replaces what is there.
-        self.flush()?;
-        if e.kind != Kind::Dir {
-            self.replacing(&path)?;
+        // Everything else is structural. A directory over a directory
+        // merges (cached fds and an earlier opaque marker stay valid);
+        // anything else replaces what is there.
+        let w = self.lane.worker_for(&parent);
+        match e.kind {
+            Kind::Dir => self.after_path(&path, Route::Here)?,
+            // Opened here, written by the worker.
+            Kind::File => self.replacing(&path, Route::Here)?,
+            _ => self.replacing(&path, Route::Worker(w))?,
         }
         let dir = self.parent(&e, &parent)?;
         match e.kind {
             Kind::Dir => {
-                self.run_now(who(&e), dir, name, Op::Mkdir)?;
+                self.run_here(who(&e), dir, name, Op::Mkdir)?;
                 self.counts.dirs += 1;
                 let meta = self.meta(&e).map_err(at)?;
                 let opaque = self.delayed.get(&path).is_some_and(|d| d.opaque);
                 self.delay(&e, path, Some(meta), opaque)?;
             }
-            Kind::File => self.sparse_file(r, &e, dir, name)?,
+            Kind::File => self.sparse_file(r, &e, path, &parent, dir, name)?,
             Kind::Symlink => {
                 let target = CString::new(e.link.clone()).map_err(|_| {
                     at(ApplyError::new(ErrorKind::UnsafePath(
@@ -361,9 +457,10 @@ impl<'a, B: Backend> Applier<'a, B> {
                     )))
                 })?;
                 let meta = self.meta(&e).map_err(at)?;
-                self.run_now(who(&e), dir, name, Op::Symlink { target, meta })?;
+                let op = Op::Symlink { target, meta };
+                self.submit(who(&e), w, path, &parent, dir, name, op)?;
             }
-            Kind::Hardlink => self.hardlink(&e, &path, dir, name)?,
+            Kind::Hardlink => self.hardlink(&e, path, &parent, dir, name)?,
             Kind::CharDev | Kind::BlockDev | Kind::Fifo => {
                 let kind = match e.kind {
                     Kind::CharDev => NodeKind::Char(e.dev.0, e.dev.1),
@@ -371,7 +468,8 @@ impl<'a, B: Backend> Applier<'a, B> {
                     _ => NodeKind::Fifo,
                 };
                 let meta = self.meta(&e).map_err(at)?;
-                self.run_now(who(&e), dir, name, Op::Node { kind, meta })?;
+                let op = Op::Node { kind, meta };
+                self.submit(who(&e), w, path, &parent, dir, name, op)?;
             }
         }
         Ok(())
@@ -427,7 +525,6 @@ impl<'a, B: Backend> Applier<'a, B> {
         let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         if base == OPAQUE {
             // The directory holding the marker hides the layers below.
-            self.flush()?;
             self.parent(e, parent)?;
             self.counts.whiteouts += 1;
             return self.delay(e, parent.to_vec(), None, true);
@@ -447,8 +544,8 @@ impl<'a, B: Backend> Applier<'a, B> {
             target.push(b'/');
         }
         target.extend_from_slice(wh);
-        self.flush()?;
-        self.replacing(&target)?;
+        let w = self.lane.worker_for(parent);
+        self.replacing(&target, Route::Worker(w))?;
         let dir = self.parent(e, parent)?;
         let name = CString::new(wh)
             .map_err(|_| at(ApplyError::new(ErrorKind::Whiteout("NUL in name".into()))))?;
@@ -456,74 +553,69 @@ impl<'a, B: Backend> Applier<'a, B> {
             owner: self.same_owner.then_some((e.uid, e.gid)),
             ..Meta::default()
         };
-        self.run_now(
-            who(e),
-            dir,
-            name,
-            Op::Node {
-                kind: NodeKind::Whiteout,
-                meta,
-            },
-        )?;
+        let op = Op::Node {
+            kind: NodeKind::Whiteout,
+            meta,
+        };
+        self.submit(who(e), w, target, parent, dir, name, op)?;
         self.counts.whiteouts += 1;
         Ok(())
     }
 
-    fn file<S: Source<'a>>(
+    fn file<S: Source>(
         &mut self,
-        r: &mut Reader<'a, S>,
+        r: &mut Reader<S>,
         e: &Entry,
         path: Vec<u8>,
         parent: &[u8],
         name: CString,
     ) -> Result<(), ApplyError> {
         let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
-        self.replacing(&path)?;
+        let w = self.lane.worker_for(parent);
+        let max = r.max_chunk();
+        let whole = e.size <= max as u64;
+        self.replacing(&path, if whole { Route::Worker(w) } else { Route::Here })?;
         let dir = self.parent(e, parent)?;
         let meta = self.meta(e).map_err(at)?;
-        let max = r.max_chunk();
         let first = r.read(e.size.min(max as u64) as usize)?;
         self.counts.files += 1;
         self.counts.bytes += e.size;
-        if first.len() as u64 == e.size {
-            // Whole file in hand: batch it.
-            let owned = match &first {
-                Chunk::Owned(v) => v.len(),
-                Chunk::Borrowed(_) => 0,
-            };
+        if whole {
+            // Whole file in hand: one job.
             let op = Op::File {
                 data: vec![(0, first)],
                 size: e.size,
                 meta,
             };
-            self.push(e, path, dir, name, op, owned);
-            if self.pending.len() >= BATCH_FILES || self.pending_bytes >= BATCH_BYTES {
-                self.flush()?;
-            }
-            return Ok(());
+            return self.submit(who(e), w, path, parent, dir, name, op);
         }
         // Larger than a chunk of a streaming source: write it piecewise.
-        self.flush()?;
-        self.piecewise(r, e, dir, name, &[(0, e.size)], Some(first), e.size, meta)
+        let extents = [(0, e.size)];
+        let file = PieceFile {
+            path,
+            parent,
+            dir,
+            name,
+            size: e.size,
+            meta,
+        };
+        self.piecewise(r, e, file, &extents, Some(first))
     }
 
-    /// Writes a file whose data arrive in several chunks: opens it, writes
-    /// each extent's bytes at its offset (holes between extents stay
-    /// holes), then sets its size and metadata. `first` is data already
-    /// read for the first extent.
-    #[allow(clippy::too_many_arguments)]
-    fn piecewise<S: Source<'a>>(
+    /// Writes a file whose data arrive in several chunks: opens it here,
+    /// then its worker writes each extent's bytes at its offset (holes
+    /// between extents stay holes) and, after all of them, sets its size
+    /// and metadata. `first` is data already read for the first extent.
+    fn piecewise<S: Source>(
         &mut self,
-        r: &mut Reader<'a, S>,
+        r: &mut Reader<S>,
         e: &Entry,
-        dir: Arc<OwnedFd>,
-        name: CString,
+        f: PieceFile<'_>,
         extents: &[(u64, u64)],
-        mut first: Option<Chunk<'a>>,
-        size: u64,
-        meta: Meta,
+        mut first: Option<Chunk>,
     ) -> Result<(), ApplyError> {
-        let fd = self.open(e, dir, name)?;
+        let w = self.lane.worker_for(f.parent);
+        let fd = self.open(e, f.dir, f.name)?;
         let max = r.max_chunk() as u64;
         for &(off, len) in extents {
             let (mut at, end) = (off, off + len);
@@ -544,17 +636,27 @@ impl<'a, B: Backend> Applier<'a, B> {
                     offset: at,
                     data: c,
                 };
-                self.run_now(who(e), fd.clone(), CString::default(), op)?;
+                let path = f.path.clone();
+                self.submit(
+                    who(e),
+                    w,
+                    path,
+                    f.parent,
+                    fd.clone(),
+                    CString::default(),
+                    op,
+                )?;
                 at += n;
             }
         }
+        // After every write.
+        self.lane.cut(w).map_err(lane_err)?;
         let op = Op::Finish {
             file: fd.clone(),
-            size,
-            meta,
+            size: f.size,
+            meta: f.meta,
         };
-        self.run_now(who(e), fd, CString::default(), op)?;
-        Ok(())
+        self.submit(who(e), w, f.path, f.parent, fd, CString::default(), op)
     }
 
     fn open(
@@ -563,16 +665,18 @@ impl<'a, B: Backend> Applier<'a, B> {
         dir: Arc<OwnedFd>,
         name: CString,
     ) -> Result<Arc<OwnedFd>, ApplyError> {
-        let fd = self.run_now(who(e), dir, name, Op::Open)?.ok_or_else(|| {
+        let fd = self.run_here(who(e), dir, name, Op::Open)?.ok_or_else(|| {
             ApplyError::fs("open file", Errno::IO.into()).at(Some(&e.path), e.offset)
         })?;
         Ok(Arc::new(fd))
     }
 
-    fn sparse_file<S: Source<'a>>(
+    fn sparse_file<S: Source>(
         &mut self,
-        r: &mut Reader<'a, S>,
+        r: &mut Reader<S>,
         e: &Entry,
+        path: Vec<u8>,
+        parent: &[u8],
         dir: Arc<OwnedFd>,
         name: CString,
     ) -> Result<(), ApplyError> {
@@ -584,13 +688,22 @@ impl<'a, B: Backend> Applier<'a, B> {
             .map_err(|err| err.at(Some(&e.path), e.offset))?;
         self.counts.files += 1;
         self.counts.bytes += e.size;
-        self.piecewise(r, e, dir, name, &sp.extents, None, sp.real_size, meta)
+        let file = PieceFile {
+            path,
+            parent,
+            dir,
+            name,
+            size: sp.real_size,
+            meta,
+        };
+        self.piecewise(r, e, file, &sp.extents, None)
     }
 
     fn hardlink(
         &mut self,
         e: &Entry,
-        path: &[u8],
+        path: Vec<u8>,
+        parent: &[u8],
         dir: Arc<OwnedFd>,
         name: CString,
     ) -> Result<(), ApplyError> {
@@ -605,7 +718,7 @@ impl<'a, B: Backend> Applier<'a, B> {
             // A link to itself: already there.
             return Ok(());
         }
-        match self.link_in_layer(e, &target, dir.clone(), name.clone()) {
+        match self.link_in_layer(e, &target, &path, parent, dir.clone(), name.clone()) {
             Err(err) if self.lower.is_some() && is_missing(&err) => {}
             r => return r,
         }
@@ -617,18 +730,38 @@ impl<'a, B: Backend> Applier<'a, B> {
         self.flush()?;
         let dirs = lower.dirs().map_err(at)?;
         copy_up(self.dirs.root(), &dirs, &target, self.same_owner).map_err(at)?;
-        self.link_in_layer(e, &target, dir, name)
+        self.link_in_layer(e, &target, &path, parent, dir, name)
     }
 
     fn link_in_layer(
         &mut self,
         e: &Entry,
         target: &[u8],
+        path: &[u8],
+        parent: &[u8],
         dir: Arc<OwnedFd>,
         name: CString,
     ) -> Result<(), ApplyError> {
         let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         let (tparent, tbase) = split(target);
+        // The target, and the directories on the way to it, complete
+        // first: the link must see the file whole.
+        if let Some(&id) = self.by_path.get(target) {
+            self.wait_for(id)?;
+        }
+        if !self.dirs.is_cached(tparent) {
+            let mut end = 0;
+            while end < tparent.len() {
+                end = tparent[end..]
+                    .iter()
+                    .position(|&b| b == b'/')
+                    .map_or(tparent.len(), |i| end + i);
+                if let Some(&id) = self.by_path.get(&tparent[..end]) {
+                    self.wait_for(id)?;
+                }
+                end += 1;
+            }
+        }
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
             at(match *err.kind {
@@ -644,40 +777,40 @@ impl<'a, B: Backend> Applier<'a, B> {
         // it would make a second whiteout under the link's name. GNU tar
         // extracting the flattened tree fails the same way ("Cannot hard
         // link ... No such file or directory").
-        if let Ok(st) = rustix::fs::statat(&*tdir, &tname, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-            if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                == rustix::fs::FileType::CharacterDevice
-                && st.st_rdev == 0
-            {
-                return Err(at(ApplyError::new(ErrorKind::Hardlink(format!(
-                    "target {:?} does not exist: this layer deleted it with a whiteout",
-                    String::from_utf8_lossy(&e.link)
-                )))));
+        match rustix::fs::statat(&*tdir, &tname, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => {
+                if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::CharacterDevice
+                    && st.st_rdev == 0
+                {
+                    return Err(at(ApplyError::new(ErrorKind::Hardlink(format!(
+                        "target {:?} does not exist: this layer deleted it with a whiteout",
+                        String::from_utf8_lossy(&e.link)
+                    )))));
+                }
             }
+            Err(Errno::NOENT) => {
+                // Said by the link itself, run here so the caller can
+                // copy the target up from the layers below.
+                return Err(at(ApplyError::fs("create hard link", Errno::NOENT.into())));
+            }
+            Err(_) => {}
         }
-        self.run_now(
-            who(e),
-            dir,
-            name,
-            Op::Hardlink {
-                target_dir: tdir,
-                target_name: tname,
-            },
-        )?;
-        Ok(())
+        let w = self.lane.worker_for(parent);
+        let op = Op::Hardlink {
+            target_dir: tdir,
+            target_name: tname,
+        };
+        self.submit(who(e), w, path.to_vec(), parent, dir, name, op)
     }
 
-    /// Restores delayed directory metadata and opaque markers, deepest
-    /// directories first, after everything else of the layer is written.
+    /// Restores delayed directory metadata and opaque markers after
+    /// everything else of the layer is written, spread over the workers:
+    /// setting a directory's own metadata changes nothing of its parent,
+    /// so once every entry is in place they go in any order.
     pub fn finish(mut self) -> Result<Counts, ApplyError> {
         self.flush()?;
-        let mut all: Vec<(Vec<u8>, Delayed)> =
-            std::mem::take(&mut self.delayed).into_iter().collect();
-        // Deepest first, so a parent's mtime is set after its children's
-        // last change.
-        all.sort_by_key(|(p, _)| {
-            std::cmp::Reverse(p.iter().filter(|&&b| b == b'/').count() + !p.is_empty() as usize)
-        });
+        let all: Vec<(Vec<u8>, Delayed)> = std::mem::take(&mut self.delayed).into_iter().collect();
         for (path, d) in all {
             let fd = if path.is_empty() {
                 self.dirs.root().clone()
@@ -696,10 +829,35 @@ impl<'a, B: Backend> Applier<'a, B> {
                 meta: d.meta,
                 opaque: d.opaque,
             };
-            self.run_now((&d.name, d.offset), fd, CString::default(), op)?;
+            let w = self.lane.worker_for(&path);
+            self.submit(
+                (&d.name, d.offset),
+                w,
+                path.clone(),
+                &path,
+                fd,
+                CString::default(),
+                op,
+            )?;
+            // Each job holds a directory fd: keep the number open bounded
+            // whatever the number of workers.
+            if self.in_flight.len() >= MAX_DIR_FDS_IN_FLIGHT {
+                self.flush()?;
+            }
         }
+        self.flush()?;
         Ok(self.counts)
     }
+}
+
+/// A file written piecewise: where it goes, its final size and metadata.
+struct PieceFile<'p> {
+    path: Vec<u8>,
+    parent: &'p [u8],
+    dir: Arc<OwnedFd>,
+    name: CString,
+    size: u64,
+    meta: Meta,
 }
 
 /// Whether an error says a hard link's target does not exist.

@@ -24,13 +24,15 @@ use std::fs::File;
 use std::io::{self, Cursor, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{self as rfs, FileType, Mode, OFlags};
 
 use crate::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
 use crate::layer::error::{ApplyError, ErrorKind};
-use crate::layer::fsops::syscalls::Syscalls;
-use crate::layer::stream::{SliceSource, Source, StreamSource, RELEASE_STEP};
+use crate::layer::fsops::pool::Pool;
+use crate::layer::fsops::BackendOptions;
+use crate::layer::stream::{Bytes, SliceSource, Source, StreamSource, RELEASE_STEP};
 use crate::layer::tar::Reader;
 use crate::oci::digest::Digest;
 
@@ -68,6 +70,11 @@ pub struct ApplyOptions {
     pub cancel: Option<crate::cancel::Cancel>,
     /// The layers below, for hard links to their files (parallel apply).
     pub lower: Option<std::sync::Arc<dyn LowerLayers>>,
+    /// The worker pool to write with (a root shares one among all its
+    /// applies). `None`: a pool made for this apply from `backend`.
+    pub pool: Option<std::sync::Arc<Pool>>,
+    /// Backend and threads of the pool made when `pool` is `None`.
+    pub backend: BackendOptions,
 }
 
 /// What an apply did.
@@ -123,18 +130,33 @@ fn apply_inner(
     let same_owner = opts
         .same_owner
         .unwrap_or_else(|| rustix::process::geteuid().is_root());
+    let own_pool;
+    let pool = match &opts.pool {
+        Some(p) => p,
+        None => {
+            own_pool = Pool::new(opts.backend).map_err(|e| {
+                ApplyError::fs(format!("start the {} backend", opts.backend.kind), e)
+            })?;
+            &own_pool
+        }
+    };
+    let w = Writer {
+        root,
+        pool,
+        same_owner,
+    };
     let report = match input {
         LayerInput::Path(p) => {
             let f = File::open(&p).map_err(|e| ApplyError::fs("open layer", e))?;
-            from_file(f, root, same_owner, opts)?
+            from_file(f, w, opts)?
         }
         LayerInput::Stdin => {
             let fd = rustix::io::dup(std::io::stdin().as_fd())
                 .map_err(|e| ApplyError::fs("read stdin", e.into()))?;
-            from_file(File::from(fd), root, same_owner, opts)?
+            from_file(File::from(fd), w, opts)?
         }
-        LayerInput::File(f) => from_file(f, root, same_owner, opts)?,
-        LayerInput::Reader(r) => from_reader(r, root, same_owner, opts)?,
+        LayerInput::File(f) => from_file(f, w, opts)?,
+        LayerInput::Reader(r) => from_reader(r, w, opts)?,
     };
     if let Some(want) = opts.diff_id {
         if want != report.diff_id {
@@ -147,33 +169,34 @@ fn apply_inner(
     Ok(report)
 }
 
-fn from_file(
-    f: File,
+/// Where an apply writes: the target directory, the pool whose workers
+/// write, and whether entries keep their owners.
+struct Writer<'p> {
     root: OwnedFd,
+    pool: &'p Arc<Pool>,
     same_owner: bool,
-    opts: &ApplyOptions,
-) -> Result<ApplyReport, ApplyError> {
+}
+
+fn from_file(f: File, w: Writer<'_>, opts: &ApplyOptions) -> Result<ApplyReport, ApplyError> {
     let st = rfs::fstat(&f).map_err(|e| ApplyError::fs("stat layer", e.into()))?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-        return from_reader(Box::new(f), root, same_owner, opts);
+        return from_reader(Box::new(f), w, opts);
     }
     if st.st_size == 0 {
-        return whole(&[], None, Compression::Plain, root, same_owner, opts);
+        return whole(Arc::new(Vec::new()), Compression::Plain, w, opts);
     }
-    let map = map(&f)?;
+    let map = Arc::new(map(&f)?);
     let comp = Compression::detect(&map[..map.len().min(16)])?;
     let strategy = opts.decode.strategy;
     match comp {
-        Compression::Plain if strategy != DecodeStrategy::Streaming => {
-            whole(&map, Some(&map), comp, root, same_owner, opts)
-        }
+        Compression::Plain if strategy != DecodeStrategy::Streaming => whole(map, comp, w, opts),
         Compression::Gzip if strategy.gzip_whole() => {
             match decode::gunzip_whole(&map, opts.decode.memory_cap) {
-                Some(buf) => whole(&buf, None, comp, root, same_owner, opts),
-                None => streaming(&map[..], comp, root, same_owner, opts),
+                Some(buf) => whole(Arc::new(buf), comp, w, opts),
+                None => streaming(&map[..], comp, w, opts),
             }
         }
-        _ => streaming(&map[..], comp, root, same_owner, opts),
+        _ => streaming(&map[..], comp, w, opts),
     }
 }
 
@@ -198,8 +221,7 @@ fn map(f: &File) -> Result<crate::sys::Map, ApplyError> {
 
 fn from_reader(
     mut r: Box<dyn Read + Send>,
-    root: OwnedFd,
-    same_owner: bool,
+    w: Writer<'_>,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
     // Peek the magic without losing it.
@@ -215,42 +237,37 @@ fn from_reader(
     }
     let comp = Compression::detect(&head[..n])?;
     let input = Cursor::new(head[..n].to_vec()).chain(r);
-    streaming(input, comp, root, same_owner, opts)
+    streaming(input, comp, w, opts)
 }
 
 const _: () = assert!(RELEASE_STEP % decode::HASH_CHUNK == 0);
 
-/// Applies a fully decoded layer, hashing it on a second thread. When
-/// `buf` is the layer file's memory map (`map`), the parser and the hasher
-/// each drop the pages behind them from the process's RSS as they go.
-fn whole(
-    buf: &[u8],
-    map: Option<&crate::sys::Map>,
+/// Applies a fully decoded layer, hashing it on a second thread. The
+/// parser and the hasher each tell the buffer how far they got, so a
+/// memory map drops the pages behind both from the RSS.
+fn whole<B: Bytes + 'static>(
+    buf: Arc<B>,
     comp: Compression,
-    root: OwnedFd,
-    same_owner: bool,
+    w: Writer<'_>,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
-    let release = |at: usize| {
-        if let Some(m) = map {
-            m.release_before(at);
-        }
-    };
+    let len = buf.bytes().len();
     std::thread::scope(|s| {
+        let hashed = &*buf;
         let hasher = std::thread::Builder::new()
             .name("unlade-hash".into())
-            .spawn_scoped(s, || {
+            .spawn_scoped(s, move || {
                 // Every RELEASE_STEP, as the parser (a whole number of
                 // hash chunks: the assertion above `whole`).
-                decode::hash_whole(buf, |done| {
+                decode::hash_whole(hashed.bytes(), |done| {
                     if done % RELEASE_STEP == 0 {
-                        release(done);
+                        hashed.release_before(done);
                     }
                 })
             })
             .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
-        let source = SliceSource::releasing(buf, &release);
-        let done = drive(source, applier(root, same_owner, opts));
+        let shared: Arc<dyn Bytes> = buf.clone();
+        let done = drive(SliceSource::new(shared), applier(w, opts));
         let diff_id = hasher
             .join()
             .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?;
@@ -259,7 +276,7 @@ fn whole(
             diff_id,
             compression: comp,
             whole_buffer: true,
-            uncompressed_bytes: buf.len() as u64,
+            uncompressed_bytes: len as u64,
             counts,
             warnings,
         })
@@ -271,8 +288,7 @@ fn whole(
 fn streaming(
     input: impl Read + Send,
     comp: Compression,
-    root: OwnedFd,
-    same_owner: bool,
+    w: Writer<'_>,
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
@@ -297,7 +313,7 @@ fn streaming(
             .name("unlade-hash".into())
             .spawn_scoped(s, move || decode::hash_blocks(hrx))
             .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
-        let done = drive(StreamSource::new(rx), applier(root, same_owner, opts));
+        let done = drive(StreamSource::new(rx), applier(w, opts));
         let panicked =
             |what: &str| ApplyError::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
@@ -320,8 +336,8 @@ fn streaming(
     })
 }
 
-fn applier<'a>(root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Applier<'a, Syscalls> {
-    Applier::new(root, Syscalls, same_owner)
+fn applier(w: Writer<'_>, opts: &ApplyOptions) -> Applier {
+    Applier::new(w.root, w.pool.lane(), w.same_owner)
         .with_cancel(opts.cancel.clone())
         .with_lower(opts.lower.clone())
 }
@@ -330,10 +346,7 @@ fn applier<'a>(root: OwnedFd, same_owner: bool, opts: &ApplyOptions) -> Applier<
 /// (the digest covers what follows the end-of-archive marker too).
 /// Returns the counts, the warnings, and the length of the uncompressed
 /// stream.
-fn drive<'a, S: Source<'a>>(
-    src: S,
-    mut ap: Applier<'a, Syscalls>,
-) -> Result<(Counts, Vec<String>, u64), ApplyError> {
+fn drive<S: Source>(src: S, mut ap: Applier) -> Result<(Counts, Vec<String>, u64), ApplyError> {
     let mut r = Reader::new(src);
     while let Some(e) = r.next_entry()? {
         ap.entry(&mut r, e)?;

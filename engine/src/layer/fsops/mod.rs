@@ -1,19 +1,29 @@
 //! The file-system operations an applier asks for, and the backends that
 //! carry them out.
 //!
-//! The applier turns tar entries into [`Job`]s and hands them over in
-//! batches; a backend executes a batch and reports one [`Done`] per job, in
-//! any order, naming the job so the applier can say which entry failed.
-//! The applier only puts jobs in one batch that are independent of each
-//! other (different names, existing parent directories, no hardlink to a
-//! pending file), so a backend is free to run a batch's jobs concurrently:
-//! that is the contract the io_uring backend relies on. The portable
-//! [`syscalls::Syscalls`] backend runs them one after another.
+//! The applier turns tar entries into [`Job`]s and hands them to a
+//! [`pool::Lane`]: its apply's way into a [`pool::Pool`] of worker threads
+//! (one per CPU by default, pinned, shared by every layer a root applies
+//! at once). A job goes to the worker chosen by its parent directory, so
+//! one directory's creates stay on one worker (the kernel serializes them
+//! anyway) while other directories proceed on other workers. Completions
+//! ([`Done`]) come back later, each naming its job.
+//!
+//! What runs in what order is the applier's to decide: it tracks the
+//! paths with jobs in flight and waits only where an entry depends on one
+//! (a parent that must exist, a hard link's target, a name replaced from
+//! another worker). A worker runs the batches it gets in order, and the
+//! jobs of one batch are independent of each other (different names, no
+//! link to a file of the same batch), so an executor ([`Exec`]) may run a
+//! batch's jobs concurrently: that is what the io_uring executor relies
+//! on. The portable [`syscalls::Syscalls`] executor runs them one after
+//! another.
 //!
 //! Every job names its parent directory by an open fd and the object by a
 //! single component: nothing here ever resolves a path, so nothing here can
 //! be steered outside the target by a symlink.
 
+pub mod pool;
 pub mod syscalls;
 
 use std::ffi::CString;
@@ -58,11 +68,11 @@ pub enum NodeKind {
 /// everything in it), except [`Op::Mkdir`], which keeps an existing
 /// directory.
 #[derive(Debug)]
-pub enum Op<'a> {
+pub enum Op {
     /// Create a regular file with its whole contents and metadata.
     File {
         /// Data extents: (offset, bytes). Holes stay holes.
-        data: Vec<(u64, Chunk<'a>)>,
+        data: Vec<(u64, Chunk)>,
         /// Final size (past the last extent for sparse files).
         size: u64,
         /// Metadata.
@@ -78,7 +88,7 @@ pub enum Op<'a> {
         /// Byte offset in the file of the first byte of `data`.
         offset: u64,
         /// The bytes to write there.
-        data: Chunk<'a>,
+        data: Chunk,
     },
     /// Set the size and metadata of a file from [`Op::Open`].
     Finish {
@@ -133,15 +143,15 @@ pub enum Op<'a> {
 
 /// An operation with its place: the parent directory and the name in it.
 #[derive(Debug)]
-pub struct Job<'a> {
+pub struct Job {
     /// Caller's tag, returned in [`Done`].
-    pub id: usize,
+    pub id: u64,
     /// Parent directory (or, for [`Op::DirMeta`], the directory itself).
     pub dir: Arc<OwnedFd>,
     /// A single path component.
     pub name: CString,
     /// What to do.
-    pub op: Op<'a>,
+    pub op: Op,
 }
 
 /// Why an operation failed: the step and the OS error.
@@ -166,15 +176,103 @@ impl OpError {
 #[derive(Debug)]
 pub struct Done {
     /// The job's `id`.
-    pub id: usize,
+    pub id: u64,
     /// The fd of an [`Op::Open`], or nothing.
     pub result: Result<Option<OwnedFd>, OpError>,
 }
 
-/// Something that carries out batches of jobs.
-pub trait Backend {
-    /// Runs every job of `jobs` (draining it) and pushes one completion per
-    /// job to `done`. Jobs of one batch are independent; see the module
-    /// docs.
-    fn run(&mut self, jobs: &mut Vec<Job<'_>>, done: &mut Vec<Done>);
+impl Job {
+    /// Bytes of file data the job writes (what sizes a batch).
+    pub fn data_bytes(&self) -> usize {
+        match &self.op {
+            Op::File { data, .. } => data.iter().map(|(_, c)| c.len()).sum(),
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
+    /// Bytes the job keeps alive that nothing else does (copies out of a
+    /// streaming source): what bounds memory in flight.
+    pub fn owned_bytes(&self) -> usize {
+        match &self.op {
+            Op::File { data, .. } => data.iter().map(|(_, c)| c.owned_bytes()).sum(),
+            Op::Write { data, .. } => data.owned_bytes(),
+            _ => 0,
+        }
+    }
+}
+
+/// What carries out batches of jobs on one worker thread: one per worker,
+/// made on that thread (an io_uring ring is then owned by the thread that
+/// submits to it).
+pub trait Exec {
+    /// Runs every job of `jobs` and pushes one completion per job to
+    /// `done`, in any order. Jobs of one batch are independent (see the
+    /// module docs); batches given to one executor must complete in the
+    /// order given.
+    fn run(&mut self, jobs: Vec<Job>, done: &mut Vec<Done>);
+}
+
+/// Which executor the workers use.
+///
+/// With the `cli` feature it is also the `--backend` value of the commands
+/// that write (`auto`, `uring`, `syscalls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum BackendKind {
+    /// The one measured faster here (perf/README.md), falling back to
+    /// plain syscalls, with one log line, where io_uring is unavailable.
+    #[default]
+    #[cfg_attr(
+        feature = "cli",
+        value(
+            help = "The faster one on this machine; plain syscalls where io_uring is unavailable"
+        )
+    )]
+    Auto,
+    /// io_uring rings, one per worker; an error where the kernel refuses
+    /// them.
+    #[cfg_attr(feature = "cli", value(help = "io_uring, one ring per worker"))]
+    Uring,
+    /// Plain blocking syscalls on each worker: works wherever Linux does.
+    #[cfg_attr(feature = "cli", value(help = "Plain syscalls on each worker"))]
+    Syscalls,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Auto => "auto",
+            BackendKind::Uring => "uring",
+            BackendKind::Syscalls => "syscalls",
+        })
+    }
+}
+
+/// How to build the worker pool of an apply or a root.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendOptions {
+    /// Which executor.
+    pub kind: BackendKind,
+    /// Worker threads; `None`: the CPUs this process may run on (its
+    /// affinity mask).
+    pub threads: Option<usize>,
+}
+
+/// What `auto` runs: the executor measured faster on this machine's file
+/// systems (perf/README.md, "Backends").
+pub(crate) fn auto_choice() -> BackendKind {
+    BackendKind::Syscalls
+}
+
+/// Makes a worker's executor, on that worker's thread.
+pub(crate) fn make_exec(kind: BackendKind) -> io::Result<Box<dyn Exec>> {
+    match kind {
+        BackendKind::Uring => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the io_uring backend is not built in",
+        )),
+        BackendKind::Auto | BackendKind::Syscalls => Ok(Box::new(syscalls::Syscalls)),
+    }
 }

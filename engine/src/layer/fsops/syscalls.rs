@@ -9,16 +9,16 @@ use rustix::fs::Timespec;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timestamps, XattrFlags};
 use rustix::io::Errno;
 
-use super::{Backend, Done, Job, Meta, NodeKind, Op, OpError};
+use super::{Done, Exec, Job, Meta, NodeKind, Op, OpError};
 use crate::layer::tar::Time;
 
 /// Runs jobs in order with plain syscalls. Works wherever Linux does.
 #[derive(Debug, Default)]
 pub struct Syscalls;
 
-impl Backend for Syscalls {
-    fn run(&mut self, jobs: &mut Vec<Job<'_>>, done: &mut Vec<Done>) {
-        for job in jobs.drain(..) {
+impl Exec for Syscalls {
+    fn run(&mut self, jobs: Vec<Job>, done: &mut Vec<Done>) {
+        for job in jobs {
             let id = job.id;
             done.push(Done {
                 id,
@@ -28,10 +28,10 @@ impl Backend for Syscalls {
     }
 }
 
-/// Carries out one job of a batch: [`Syscalls::run`] calls it for each in
-/// turn. The applier hands every job over through [`Backend::run`], a
-/// structural one (a missing parent) as a batch of one.
-fn exec(job: Job<'_>) -> Result<Option<OwnedFd>, OpError> {
+/// Carries out one job: [`Syscalls::run`] calls it for each in turn, and
+/// [`super::pool::Lane::run_here`] for the jobs an applier needs done
+/// before it can go on (a directory it is about to look into).
+pub(crate) fn exec(job: Job) -> Result<Option<OwnedFd>, OpError> {
     let dir = job.dir.as_fd();
     let name = job.name.as_c_str();
     match job.op {

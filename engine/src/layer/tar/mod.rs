@@ -105,7 +105,7 @@ pub struct Entry {
 }
 
 /// The tar parser. See the module docs.
-pub struct Reader<'a, S: Source<'a>> {
+pub struct Reader<S: Source> {
     src: S,
     /// Data bytes of the current entry not yet read.
     remaining: u64,
@@ -116,7 +116,6 @@ pub struct Reader<'a, S: Source<'a>> {
     globals: BTreeMap<Vec<u8>, Vec<u8>>,
     globals_bytes: u64,
     done: bool,
-    _lt: std::marker::PhantomData<&'a ()>,
 }
 
 fn pad(size: u64) -> u64 {
@@ -127,7 +126,7 @@ fn is_header_only(flag: u8) -> bool {
     matches!(flag, b'1' | b'2' | b'3' | b'4' | b'5' | b'6')
 }
 
-impl<'a, S: Source<'a>> Reader<'a, S> {
+impl<S: Source> Reader<S> {
     /// A parser at the start of `src`.
     pub fn new(src: S) -> Self {
         Reader {
@@ -138,7 +137,6 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
             globals: BTreeMap::new(),
             globals_bytes: 0,
             done: false,
-            _lt: std::marker::PhantomData,
         }
     }
 
@@ -160,7 +158,7 @@ impl<'a, S: Source<'a>> Reader<'a, S> {
     /// Reads up to `max` bytes of the current entry's data; an empty chunk
     /// once all of it has been read. A stream that ends early is an error
     /// naming the entry and offset.
-    pub fn read(&mut self, max: usize) -> Result<Chunk<'a>, ApplyError> {
+    pub fn read(&mut self, max: usize) -> Result<Chunk, ApplyError> {
         if self.remaining == 0 {
             return Ok(Chunk::Owned(Vec::new()));
         }
