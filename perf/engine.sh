@@ -14,6 +14,9 @@
 #                                          manyfiles:tar manyfiles:gz)
 # Env:   IMAGES_DIR=/tmp/unlade-images (../shared/testimages/build.sh builds it)
 #        RUNS=3  WORK=/var/tmp (a disk)
+#        VARIANTS="auto:0" - unlade runs per case, BACKEND:THREADS each (0: the default,
+#                 one per CPU), e.g. VARIANTS="syscalls:1 syscalls:0 uring:1 uring:0"
+#        FS=ext4 (a fresh ext4 per case) or FS=tmpfs (a fresh tmpfs per case)
 # Needs: root, e2fsprogs, GNU tar, pigz, zstd, GNU time (/usr/bin/time), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,8 +53,10 @@ PY
 cmd_of() {
   local c=$1 out=$2 img=${1#*/} tool=${1%%/*}
   local name=${img%:*} tag=${img#*:}
-  if [[ $tool == unlade ]]; then
-    echo "$bin unpack $images_dir/$name:$tag --root $out -q >/dev/null"
+  if [[ $tool == unlade-* ]]; then
+    local v=${tool#unlade-} threads=""
+    [[ ${v#*-} != 0 ]] && threads="--threads ${v#*-}"
+    echo "$bin unpack $images_dir/$name:$tag --root $out -q --backend ${v%-*} $threads >/dev/null"
     return
   fi
   local s="mkdir -p $out"
@@ -66,11 +71,19 @@ cmd_of() {
 }
 peer_of() { case ${1#*:} in tar) echo tar-xf ;; gz) echo pigz-tar ;; zst) echo zstd-tar ;; esac; }
 
+variants=(${VARIANTS:-auto:0})
+unlades=()
+for v in "${variants[@]}"; do unlades+=("unlade-${v%:*}-${v#*:}"); done
 all=()
 for ic in "${cases_in[@]}"; do
   [[ -f $images_dir/${ic%:*}/index.json ]] || { echo "no layout $images_dir/${ic%:*}" >&2; exit 1; }
-  all+=("unlade/$ic" "$(peer_of "$ic")/$ic")
+  for u in "${unlades[@]}"; do all+=("$u/$ic"); done
+  all+=("$(peer_of "$ic")/$ic")
 done
+if [[ ${FS:-ext4} == tmpfs ]]; then
+  fresh_fs() { mount -t tmpfs -o size=12G tmpfs "$fsdir"; }
+  drop_fs() { umount "$fsdir"; }
+fi
 
 declare -A wall user sys rss
 for ((r = 1; r <= RUNS; r++)); do
@@ -88,14 +101,15 @@ for ((r = 1; r <= RUNS; r++)); do
 done
 
 mm() { tr ' ' '\n' | grep . | sort -n | sed -n '1p;$p' | tr '\n' ' '; }
+echo "file system: ${FS:-ext4}, $RUNS rounds, $(nproc) CPUs, $(uname -r)"
 echo "| case | median s | min–max s | user s | sys s | peak RSS MB | peer ÷ unlade |"
 echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 for ic in "${cases_in[@]}"; do
-  u=unlade/$ic p=$(peer_of "$ic")/$ic
-  mu=$(median <<<"${wall[$u]}") mp=$(median <<<"${wall[$p]}")
-  for c in "$u" "$p"; do
+  p=$(peer_of "$ic")/$ic
+  mp=$(median <<<"${wall[$p]}")
+  for c in "${unlades[@]/%//$ic}" "$p"; do
     read -r lo hi <<<"$(mm <<<"${wall[$c]}")"
-    ratio=$([[ $c == "$p" ]] && echo "$(bc -l <<<"scale=2; $mp / $mu")x" || echo "")
+    ratio=$([[ $c != "$p" ]] && echo "$(bc -l <<<"scale=2; $mp / $(median <<<"${wall[$c]}")")x" || echo "")
     printf '| %s | %.2f | %.2f–%.2f | %.2f | %.2f | %d | %s |\n' "$c" "$(median <<<"${wall[$c]}")" "$lo" "$hi" \
       "$(median <<<"${user[$c]}")" "$(median <<<"${sys[$c]}")" $(($(median <<<"${rss[$c]}" | cut -d. -f1) / 1024)) "$ratio"
   done

@@ -581,7 +581,15 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
         })),
         pool: Some(root.pool()?),
         backend: root.0.opts.backend,
+        // A stored blob was checked when stored; any other is copied into
+        // the store beside this apply, and that copy checks it (its
+        // failure below outranks the apply's result).
+        verified_digest: Some(layer.digest),
     };
+    // Whether this call copied the blob from this source into the store
+    // (and so checked the very bytes a local file's apply reads).
+    let copied = std::sync::atomic::AtomicBool::new(false);
+    let local_input = !stored && local.is_some();
     let (applied, ingested) = std::thread::scope(|s| {
         // The download starts before the apply waits for its permit. A
         // thread the system refuses makes it happen first, whole: slower,
@@ -589,8 +597,8 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
         let ing = (!stored).then(|| {
             std::thread::Builder::new()
                 .name("unlade-fetch".into())
-                .spawn_scoped(s, || ensure_blob(job, i, growing.as_deref()))
-                .map_err(|_| ensure_blob(job, i, growing.as_deref()))
+                .spawn_scoped(s, || ensure_blob(job, i, growing.as_deref(), &copied))
+                .map_err(|_| ensure_blob(job, i, growing.as_deref(), &copied))
         });
         // Apply permits go in no order of layers (priority 0 for all).
         let permit = root.0.permits.acquire(0, &job.cancel);
@@ -620,6 +628,15 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
         return Err(RootError::Cancelled);
     }
     let report = applied?;
+    if local_input
+        && report.compression == crate::layer::decode::Compression::Plain
+        && !copied.load(Ordering::Relaxed)
+    {
+        // The store got the blob from elsewhere (another process, or a
+        // pull), so nothing checked the layout's own file, whose bytes
+        // were applied without a second hash: check them now.
+        check_local(job, &layer.digest)?;
+    }
     if !report.warnings.is_empty() {
         let mut w = job.warnings.lock().unwrap_or_else(|p| p.into_inner());
         w.extend(
@@ -632,10 +649,50 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
     Ok(())
 }
 
+/// Hashes the source's local file of `digest` and fails unless it
+/// matches: for an uncompressed layer applied from a layout file that the
+/// store did not get from that file.
+fn check_local(job: &Arc<Job>, digest: &Digest) -> Result<(), RootError> {
+    let fault = |e| source_error(job.source.as_ref(), digest, e, "");
+    let Some((mut f, _)) = job.source.local_file(digest).map_err(fault)? else {
+        return Ok(());
+    };
+    let mut h = crate::oci::digest::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(fault(crate::source::SourceError::fatal(format!(
+                    "{}: read {digest}: {e}",
+                    job.source.describe()
+                ))))
+            }
+        }
+    }
+    let actual = h.finish();
+    if actual != *digest {
+        return Err(RootError::Content(
+            crate::store::content::ContentError::DigestMismatch {
+                expected: *digest,
+                actual,
+            },
+        ));
+    }
+    Ok(())
+}
+
 /// Copies layer `i`'s blob into the content store once (flight `Blob`),
 /// feeding `growing` (a download's readers) with the file or, when
 /// another caller or process got the blob, with the published blob.
-fn ensure_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), Arc<RootError>> {
+fn ensure_blob(
+    job: &Arc<Job>,
+    i: usize,
+    growing: Option<&Growing>,
+    copied: &std::sync::atomic::AtomicBool,
+) -> Result<(), Arc<RootError>> {
     let layer = &job.image.layers[i];
     let root = &job.root;
     let adopt = |e: &Arc<RootError>| e.content_fault() == Some(layer.digest);
@@ -643,7 +700,7 @@ fn ensure_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<()
         .0
         .flights
         .run(Key::Blob(layer.digest), &job.cancel, adopt, || {
-            fetch_blob(job, i, growing).map_err(Arc::new)
+            fetch_blob(job, i, growing, copied).map_err(Arc::new)
         });
     let r = flown(r).map(|_| ());
     match (&r, growing) {
@@ -659,7 +716,12 @@ fn ensure_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<()
 
 /// The `Blob` flight leader's work: a download slot, the blob's lock
 /// file, then the copy (unless another process finished it meanwhile).
-fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(), RootError> {
+fn fetch_blob(
+    job: &Arc<Job>,
+    i: usize,
+    growing: Option<&Growing>,
+    copied: &std::sync::atomic::AtomicBool,
+) -> Result<(), RootError> {
     let layer = &job.image.layers[i];
     let root = &job.root.0;
     let _slot = root
@@ -687,6 +749,7 @@ fn fetch_blob(job: &Arc<Job>, i: usize, growing: Option<&Growing>) -> Result<(),
     };
     match fetcher.fetch_into(&layer.digest, layer.size, growing) {
         Ok(_) => {
+            copied.store(true, Ordering::Relaxed);
             root.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }

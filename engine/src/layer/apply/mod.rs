@@ -75,6 +75,12 @@ pub struct ApplyOptions {
     pub pool: Option<std::sync::Arc<Pool>>,
     /// Backend and threads of the pool made when `pool` is `None`.
     pub backend: BackendOptions,
+    /// The blob's digest, where the caller checks the blob against it
+    /// anyway (a content-store blob, checked when it was stored, or a
+    /// blob copied into the store beside this apply and checked there).
+    /// If the layer is uncompressed, its diff ID is this digest and the
+    /// apply does not hash the same bytes a second time.
+    pub verified_digest: Option<Digest>,
 }
 
 /// What an apply did.
@@ -242,6 +248,15 @@ fn from_reader(
 
 const _: () = assert!(RELEASE_STEP % decode::HASH_CHUNK == 0);
 
+/// The diff ID without hashing: an uncompressed layer's bytes are its
+/// blob, whose digest the caller checks ([`ApplyOptions::verified_digest`]).
+fn known_diff_id(comp: Compression, opts: &ApplyOptions) -> Option<Digest> {
+    match comp {
+        Compression::Plain => opts.verified_digest,
+        _ => None,
+    }
+}
+
 /// Applies a fully decoded layer, hashing it on a second thread. The
 /// parser and the hasher each tell the buffer how far they got, so a
 /// memory map drops the pages behind both from the RSS.
@@ -252,25 +267,35 @@ fn whole<B: Bytes + 'static>(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport, ApplyError> {
     let len = buf.bytes().len();
+    let known = known_diff_id(comp, opts);
     std::thread::scope(|s| {
         let hashed = &*buf;
-        let hasher = std::thread::Builder::new()
-            .name("unlade-hash".into())
-            .spawn_scoped(s, move || {
-                // Every RELEASE_STEP, as the parser (a whole number of
-                // hash chunks: the assertion above `whole`).
-                decode::hash_whole(hashed.bytes(), |done| {
-                    if done % RELEASE_STEP == 0 {
-                        hashed.release_before(done);
-                    }
-                })
-            })
-            .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
+        let hasher = match known {
+            Some(_) => None,
+            None => Some(
+                std::thread::Builder::new()
+                    .name("unlade-hash".into())
+                    .spawn_scoped(s, move || {
+                        // Every RELEASE_STEP, as the parser (a whole number
+                        // of hash chunks: the assertion above `whole`).
+                        decode::hash_whole(hashed.bytes(), |done| {
+                            if done % RELEASE_STEP == 0 {
+                                hashed.release_before(done);
+                            }
+                        })
+                    })
+                    .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?,
+            ),
+        };
         let shared: Arc<dyn Bytes> = buf.clone();
         let done = drive(SliceSource::new(shared), applier(w, opts));
-        let diff_id = hasher
-            .join()
-            .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?;
+        let diff_id = match (hasher, known) {
+            (Some(h), _) => h
+                .join()
+                .map_err(|_| ApplyError::fs("hash layer", io::Error::other("hasher panicked")))?,
+            (None, Some(d)) => d,
+            (None, None) => unreachable!("a hasher runs unless the digest is known"),
+        };
         let (counts, warnings, _) = done?;
         Ok(ApplyReport {
             diff_id,
@@ -293,12 +318,14 @@ fn streaming(
 ) -> Result<ApplyReport, ApplyError> {
     let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
     let (htx, hrx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
+    let known = known_diff_id(comp, opts);
+    let htx = known.is_none().then_some(htx);
     std::thread::scope(|s| {
         let decoder = std::thread::Builder::new()
             .name("unlade-decode".into())
             .spawn_scoped(s, move || {
                 let r = decode::stream(input, comp, |b| {
-                    htx.send(b.clone()).is_ok() && tx.send(Ok(b)).is_ok()
+                    htx.as_ref().is_none_or(|h| h.send(b.clone()).is_ok()) && tx.send(Ok(b)).is_ok()
                 });
                 match r {
                     Ok(complete) => complete,
@@ -309,15 +336,24 @@ fn streaming(
                 }
             })
             .map_err(|e| ApplyError::fs("start a thread to decode the layer", e))?;
-        let hasher = std::thread::Builder::new()
-            .name("unlade-hash".into())
-            .spawn_scoped(s, move || decode::hash_blocks(hrx))
-            .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?;
+        let hasher = match known {
+            Some(_) => None,
+            None => Some(
+                std::thread::Builder::new()
+                    .name("unlade-hash".into())
+                    .spawn_scoped(s, move || decode::hash_blocks(hrx))
+                    .map_err(|e| ApplyError::fs("start a thread to hash the layer", e))?,
+            ),
+        };
         let done = drive(StreamSource::new(rx), applier(w, opts));
         let panicked =
             |what: &str| ApplyError::fs(what.to_string(), io::Error::other("thread panicked"));
         let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
-        let diff_id = hasher.join().map_err(|_| panicked("hash layer"))?;
+        let diff_id = match (hasher, known) {
+            (Some(h), _) => h.join().map_err(|_| panicked("hash layer"))?,
+            (None, Some(d)) => d,
+            (None, None) => unreachable!("a hasher runs unless the digest is known"),
+        };
         let (counts, warnings, src_len) = done?;
         if !complete {
             return Err(ApplyError::fs(
