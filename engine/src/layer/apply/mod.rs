@@ -206,14 +206,22 @@ fn from_file(f: File, w: Writer<'_>, opts: &ApplyOptions) -> Result<ApplyReport,
     }
 }
 
-/// Maps a layer file for the whole-buffer paths: the crate's one
-/// `unsafe` outside [`crate::sys`], kept to this call.
-#[allow(unsafe_code)]
+/// Maps a layer file for the whole-buffer paths.
 fn map(f: &File) -> Result<crate::sys::Map, ApplyError> {
+    map_immutable(f).map_err(|e| ApplyError::fs("map layer", e))
+}
+
+/// Maps a blob file that nothing writes while it is mapped: the crate's
+/// one `unsafe` outside [`crate::sys`], kept to this call. Callers: the
+/// whole-buffer apply paths, and the content-store copy of a layout blob
+/// (`pipeline::fetch`), which reads the file through the map instead of
+/// copying it into a buffer first.
+#[allow(unsafe_code)]
+pub(crate) fn map_immutable(f: &File) -> io::Result<crate::sys::Map> {
     // SAFETY: `map_layer` needs the file unmodified while mapped; the map
-    // lives for this apply only. Every layer file unlade itself hands in
-    // is immutable: content-store blobs (`Root::unpack`, `pull`) are
-    // written to a private ingest file and published by rename, and
+    // lives for one apply or one copy. Every layer file unlade itself
+    // hands in is immutable: content-store blobs (`Root::unpack`, `pull`)
+    // are written to a private ingest file and published by rename, and
     // nothing in unlade writes a published blob again (gc only unlinks,
     // which leaves the mapped inode intact); layout blobs
     // (`BlobSource::local_file`) are content-addressed files that the OCI
@@ -222,7 +230,7 @@ fn map(f: &File) -> Result<crate::sys::Map, ApplyError> {
     // the caller's, and not changing it during the apply is the documented
     // precondition of `LayerInput`; where that is not sure,
     // `LayerInput::Reader` streams and maps nothing.
-    unsafe { crate::sys::map_layer(f) }.map_err(|e| ApplyError::fs("map layer", e))
+    unsafe { crate::sys::map_layer(f) }
 }
 
 fn from_reader(
