@@ -14,11 +14,12 @@ work=$(mktemp -d /var/tmp/unlade-ab.XXXXXX) fsdir=$work/mnt
 mkdir -p "$fsdir"
 . "$(dirname "$0")/lib.sh"
 trap cleanup_fs EXIT
-run() { # BIN-WITH-ARGS -> "wall user sys rss"
+run() { # BIN-WITH-ARGS [UNLADE ARGS] -> "wall user sys rss"
+  local bin=$1; shift
   fresh_fs
   sync; echo 3 > /proc/sys/vm/drop_caches
   # shellcheck disable=SC2086
-  /usr/bin/time -o "$work/t" -f '%e %U %S %M' $1 unpack "$images/$name:$tag" --root "$fsdir/root" -q "$@" >/dev/null
+  /usr/bin/time -o "$work/t" -f '%e %U %S %M' $bin unpack "$images/$name:$tag" --root "$fsdir/root" -q "$@" >/dev/null
   cat "$work/t"
   drop_fs
 }

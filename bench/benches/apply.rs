@@ -1,6 +1,7 @@
 //! criterion benchmarks: decoding (libdeflate whole-buffer vs zlib-rs
-//! streaming, zstd streaming), hashing, and whole applies of generated
-//! layers (a few thousand mixed-size files; many small files).
+//! streaming, zstd streaming), hashing, whole applies of generated layers
+//! (a few thousand mixed-size files; many small files), and the write
+//! stage per backend and number of workers (group `backend`).
 //!
 //! Run: `cargo bench -p unlade-bench`. Ratios between these are what to
 //! read; absolute numbers depend on the machine and its page cache.
@@ -11,6 +12,8 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use unlade::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
+use unlade::layer::fsops::pool::Pool;
+use unlade::layer::fsops::{BackendKind, BackendOptions};
 use unlade::{apply_layer, ApplyOptions, LayerInput};
 use unlade_tests::{noise, RawTar};
 
@@ -169,6 +172,48 @@ fn benches(c: &mut Criterion) {
                     BatchSize::PerIteration,
                 )
             });
+        }
+    }
+    g.finish();
+
+    // The write stage per backend and worker count, on plain layers (no
+    // decoding in the way): one pool per configuration, as a root has.
+    let mut g = c.benchmark_group("backend");
+    g.sample_size(10);
+    let cpus = unlade::layer::fsops::pool::default_threads();
+    for (name, data) in [("mixed.tar", &tar), ("small-files.tar", &many)] {
+        let p = work.path().join(name);
+        std::fs::write(&p, data).unwrap();
+        for kind in [BackendKind::Syscalls, BackendKind::Uring] {
+            for threads in [1, cpus] {
+                let pool = match Pool::new(BackendOptions {
+                    kind,
+                    threads: Some(threads),
+                }) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("skipped {kind} backend: {e}");
+                        continue;
+                    }
+                };
+                let opts = ApplyOptions {
+                    pool: Some(pool),
+                    ..ApplyOptions::default()
+                };
+                let dest = work.path().join("dest");
+                g.bench_function(format!("{name} {kind} x{threads}"), |b| {
+                    b.iter_batched(
+                        || {
+                            let _ = std::fs::remove_dir_all(&dest);
+                        },
+                        |_| {
+                            apply_layer(LayerInput::Path(p.clone()), Path::new(&dest), &opts)
+                                .unwrap()
+                        },
+                        BatchSize::PerIteration,
+                    )
+                });
+            }
         }
     }
     g.finish();

@@ -22,6 +22,25 @@ use sha2::{Digest as _, Sha256};
 
 pub use tempfile::TempDir;
 
+/// Options of a root opened by a test in-process: the backend the binary
+/// would take from `$UNLADE_BACKEND` (and `$UNLADE_THREADS`), so that CI
+/// runs the library's tests on each backend the way it runs the binary's.
+pub fn root_options() -> unlade::RootOptions {
+    let kind = match std::env::var("UNLADE_BACKEND").as_deref() {
+        Ok("uring") => unlade::layer::fsops::BackendKind::Uring,
+        Ok("syscalls") => unlade::layer::fsops::BackendKind::Syscalls,
+        Ok("auto") | Ok("") | Err(_) => unlade::layer::fsops::BackendKind::Auto,
+        Ok(other) => panic!("UNLADE_BACKEND={other}: not auto, uring or syscalls"),
+    };
+    let threads = std::env::var("UNLADE_THREADS")
+        .ok()
+        .map(|t| t.parse().expect("UNLADE_THREADS is a number"));
+    unlade::RootOptions {
+        backend: unlade::layer::fsops::BackendOptions { kind, threads },
+        ..unlade::RootOptions::default()
+    }
+}
+
 /// A fresh temporary directory.
 pub fn tmp() -> TempDir {
     tempfile::Builder::new()

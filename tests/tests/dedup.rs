@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use unlade::cancel::Cancel;
 use unlade::pipeline::flight::Role;
-use unlade::root::{Root, RootError, RootOptions};
+use unlade::root::{Root, RootError};
 use unlade::source::layout::Layout;
 use unlade_tests::*;
 
@@ -28,7 +28,7 @@ fn three_layers() -> Vec<TestLayer> {
 }
 
 fn open(root: &Path) -> Root {
-    Root::open(root, RootOptions::default()).unwrap()
+    Root::open(root, unlade_tests::root_options()).unwrap()
 }
 
 /// Tests that run unpacks in this process take it shared; the one that

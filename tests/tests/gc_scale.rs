@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 
 use unlade::store::images::ImageRecord;
 use unlade::store::snapshot::Snapshotter;
-use unlade::{Cancel, Digest, Root, RootOptions};
+use unlade::{Cancel, Digest, Root};
 use unlade_tests::*;
 
 /// Committed snapshots in all.
@@ -29,7 +29,7 @@ fn commit(snaps: &Snapshotter, parent: Option<Digest>, chain: Digest) {
 #[test]
 fn gc_of_thousands_of_snapshots_reads_each_a_few_times() {
     let dir = tmp();
-    let root = Root::open(dir.path(), RootOptions::default()).unwrap();
+    let root = Root::open(dir.path(), unlade_tests::root_options()).unwrap();
     let snaps = root.snapshots();
     let chain = |i: usize| Digest::of(format!("snapshot {i}").as_bytes());
 

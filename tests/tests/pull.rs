@@ -493,11 +493,8 @@ fn twenty_concurrent_pulls_fetch_each_blob_once() {
     // 20 library calls in one process.
     let proxy = Proxy::start(&reg.addr);
     let reference = unlade::Reference::parse(&format!("{}/many/app:v1", proxy.addr)).expect("ref");
-    let root = unlade::Root::open(
-        &work.path().join("root-lib"),
-        unlade::RootOptions::default(),
-    )
-    .expect("open root");
+    let root = unlade::Root::open(&work.path().join("root-lib"), unlade_tests::root_options())
+        .expect("open root");
     let opts = unlade::PullOptions {
         remote: unlade::source::remote::RemoteOptions {
             plain_http: true,

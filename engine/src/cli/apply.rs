@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use unlade::layer::decode::{parse_size, DecodeOptions, DecodeStrategy, DEFAULT_MEMORY_CAP};
+use unlade::layer::fsops::pool::Pool;
 use unlade::{apply_layer, ApplyError, ApplyOptions, Digest, LayerInput};
 
 use super::{emit, warn, Result};
@@ -61,13 +62,22 @@ pub fn run(a: Args) -> Result {
         LayerInput::File(f)
     };
     let started = std::time::Instant::now();
+    // The pool is started here rather than inside the apply, to say what
+    // wrote the files.
+    let kind = a.write.backend;
+    let pool = Pool::new(a.write.options())
+        .map_err(|e| ApplyError::fs(format!("start the {kind} backend"), e).layer(&name))?;
+    let opts = ApplyOptions {
+        pool: Some(pool.clone()),
+        ..opts
+    };
     let r = apply_layer(input, &a.dest, &opts).map_err(|e| e.relabel(&name))?;
     warn(&r.warnings);
     let mut out = Vec::new();
     if !a.quiet {
         let secs = started.elapsed().as_secs_f64();
         out.push(format!(
-            "applied {} entries ({} files, {} dirs, {} whiteouts), {} bytes uncompressed ({:?}, {}) in {:.3}s",
+            "applied {} entries ({} files, {} dirs, {} whiteouts), {} bytes uncompressed ({:?}, {}) in {:.3}s by {} {} worker{}",
             r.counts.entries,
             r.counts.files,
             r.counts.dirs,
@@ -75,7 +85,10 @@ pub fn run(a: Args) -> Result {
             r.uncompressed_bytes,
             r.compression,
             if r.whole_buffer { "whole-buffer" } else { "streaming" },
-            secs
+            secs,
+            pool.threads(),
+            pool.backend(),
+            if pool.threads() == 1 { "" } else { "s" },
         ));
     }
     out.push(r.diff_id.to_string());
