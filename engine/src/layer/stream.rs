@@ -68,7 +68,17 @@ pub enum Chunk {
         /// Number of bytes.
         len: usize,
     },
-    /// A copy out of a streaming source.
+    /// `len` bytes at `start` of one block of a streaming source (zero
+    /// copy; the block lives until its last chunk is written).
+    Block {
+        /// The block.
+        buf: Block,
+        /// Offset of the first byte.
+        start: usize,
+        /// Number of bytes.
+        len: usize,
+    },
+    /// A copy out of a streaming source (data that straddle blocks).
     Owned(Vec<u8>),
 }
 
@@ -76,6 +86,7 @@ impl std::fmt::Debug for Chunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Chunk::Shared { start, len, .. } => write!(f, "Shared({start}+{len})"),
+            Chunk::Block { start, len, .. } => write!(f, "Block({start}+{len})"),
             Chunk::Owned(v) => write!(f, "Owned({})", v.len()),
         }
     }
@@ -83,11 +94,14 @@ impl std::fmt::Debug for Chunk {
 
 impl Chunk {
     /// Bytes a chunk keeps alive that nothing else does: a copy's length,
-    /// nothing for a range of a shared layer. What bounds memory in
-    /// flight.
+    /// a block range's length (the chunks in flight cover a contiguous
+    /// stretch of the stream, so their lengths add up to about the
+    /// blocks they hold), nothing for a range of a whole decoded layer.
+    /// What bounds memory in flight.
     pub fn owned_bytes(&self) -> usize {
         match self {
             Chunk::Shared { .. } => 0,
+            Chunk::Block { len, .. } => *len,
             Chunk::Owned(v) => v.len(),
         }
     }
@@ -98,6 +112,7 @@ impl Deref for Chunk {
     fn deref(&self) -> &[u8] {
         match self {
             Chunk::Shared { buf, start, len } => &buf.bytes()[*start..*start + *len],
+            Chunk::Block { buf, start, len } => &buf[*start..*start + *len],
             Chunk::Owned(v) => v,
         }
     }
@@ -124,6 +139,12 @@ pub trait Source {
     /// source lends any size for free, a streaming one copies.
     fn max_chunk(&self) -> usize {
         usize::MAX
+    }
+    /// How many bytes [`Source::data`] can lend right now without
+    /// copying (at least 1 unless at the end): a piecewise reader asks for
+    /// no more, so a large file goes out in zero-copy chunks.
+    fn lendable(&mut self) -> Result<usize, DecodeError> {
+        Ok(usize::MAX)
     }
 }
 
@@ -278,8 +299,19 @@ impl Source for StreamSource {
         if !self.refill()? {
             return Ok(Chunk::Owned(Vec::new()));
         }
-        // Try to hand out the whole request at once so small files are one
-        // chunk even when they straddle two blocks.
+        if self.cur.len() - self.pos >= max {
+            // Within the current block: lend it.
+            let c = Chunk::Block {
+                buf: self.cur.clone(),
+                start: self.pos,
+                len: max,
+            };
+            self.pos += max;
+            self.offset += max as u64;
+            return Ok(c);
+        }
+        // Otherwise copy, so a small file is one chunk even when it
+        // straddles two blocks.
         let mut v = vec![0u8; max];
         let n = self.copy_into(&mut v)?;
         v.truncate(n);
@@ -311,6 +343,14 @@ impl Source for StreamSource {
 
     fn max_chunk(&self) -> usize {
         STREAM_BLOCK * 4
+    }
+
+    fn lendable(&mut self) -> Result<usize, DecodeError> {
+        Ok(if self.refill()? {
+            self.cur.len() - self.pos
+        } else {
+            0
+        })
     }
 }
 
@@ -372,6 +412,41 @@ mod tests {
         assert_eq!(s.skip(1000).unwrap(), 138);
         assert_eq!(s.data(10).unwrap().len(), 0);
         assert_eq!(s.offset(), 700);
+    }
+
+    #[test]
+    fn stream_source_lends_within_a_block_and_copies_across() {
+        let (tx, rx) = crossbeam_channel::bounded(4);
+        tx.send(Ok(Arc::new(vec![1u8; 1000]))).unwrap();
+        tx.send(Ok(Arc::new(vec![2u8; 1000]))).unwrap();
+        drop(tx);
+        let mut s = StreamSource::new(rx);
+        assert_eq!(s.lendable().unwrap(), 1000);
+        let c = s.data(600).unwrap();
+        assert!(
+            matches!(
+                c,
+                Chunk::Block {
+                    start: 0,
+                    len: 600,
+                    ..
+                }
+            ),
+            "{c:?}"
+        );
+        assert_eq!(
+            c.owned_bytes(),
+            600,
+            "a lent block range counts toward memory in flight"
+        );
+        assert_eq!(s.lendable().unwrap(), 400);
+        let c = s.data(600).unwrap();
+        assert!(matches!(c, Chunk::Owned(_)), "straddles two blocks: {c:?}");
+        assert_eq!((c[399], c[400]), (1, 2));
+        assert_eq!(s.lendable().unwrap(), 800);
+        assert_eq!(s.offset(), 1200);
+        assert_eq!(s.skip(800).unwrap(), 800);
+        assert_eq!(s.lendable().unwrap(), 0);
     }
 
     #[test]

@@ -572,15 +572,21 @@ impl Applier {
     ) -> Result<(), ApplyError> {
         let at = |err: ApplyError| err.at(Some(&e.path), e.offset);
         let w = self.lane.worker_for(parent);
-        let max = r.max_chunk();
-        let whole = e.size <= max as u64;
-        self.replacing(&path, if whole { Route::Worker(w) } else { Route::Here })?;
+        self.replacing(&path, Route::Worker(w))?;
         let dir = self.parent(e, parent)?;
         let meta = self.meta(e).map_err(at)?;
-        let first = r.read(e.size.min(max as u64) as usize)?;
+        let max = r.max_chunk() as u64;
+        // A file that fits a chunk is read whole (copied if it straddles
+        // blocks); a larger one is read as lent pieces from the start.
+        let want = if e.size <= max {
+            e.size
+        } else {
+            max.min(r.lendable()? as u64)
+        };
+        let first = r.read(want as usize)?;
         self.counts.files += 1;
         self.counts.bytes += e.size;
-        if whole {
+        if first.len() as u64 == e.size {
             // Whole file in hand: one job.
             let op = Op::File {
                 data: vec![(0, first)],
@@ -589,7 +595,9 @@ impl Applier {
             };
             return self.submit(who(e), w, path, parent, dir, name, op);
         }
-        // Larger than a chunk of a streaming source: write it piecewise.
+        // Larger than a chunk of a streaming source: written piecewise,
+        // opened here, so after any job in flight at the same name.
+        self.after_path(&path, Route::Here)?;
         let extents = [(0, e.size)];
         let file = PieceFile {
             path,
@@ -622,7 +630,10 @@ impl Applier {
             while at < end {
                 let c = match first.take() {
                     Some(c) => c,
-                    None => r.read((end - at).min(max) as usize)?,
+                    None => {
+                        let want = (end - at).min(max).min(r.lendable()? as u64);
+                        r.read(want as usize)?
+                    }
                 };
                 if c.is_empty() {
                     return Err(ApplyError::new(ErrorKind::Truncated(

@@ -183,6 +183,17 @@ impl<S: Source> Reader<S> {
         self.src.max_chunk()
     }
 
+    /// How many bytes [`Reader::read`] can return right now without a
+    /// copy (see [`Source::lendable`]); at least 1 while data remain.
+    pub fn lendable(&mut self) -> Result<usize, ApplyError> {
+        let at = self.src.offset();
+        let n = self
+            .src
+            .lendable()
+            .map_err(|e| ApplyError::from(e).at(Some(&self.current), at))?;
+        Ok(n.max(1))
+    }
+
     fn truncated(&self, what: String) -> ApplyError {
         ApplyError::new(ErrorKind::Truncated(what)).at(Some(&self.current), self.src.offset())
     }
