@@ -345,24 +345,32 @@ impl Applier {
             .map_err(|oe| ApplyError::fs(oe.op, oe.err).at(Some(who.0), who.1))
     }
 
+    /// Before the directory walk to `dir` (unless it is cached): waits for
+    /// the jobs in flight at `dir` and at each of its ancestors, since one
+    /// may create or replace something on the way (a symlink the walk must
+    /// follow, a file it must refuse).
+    fn before_walk(&mut self, dir: &[u8]) -> Result<(), ApplyError> {
+        if self.dirs.is_cached(dir) {
+            return Ok(());
+        }
+        let mut end = 0;
+        while end < dir.len() {
+            end = dir[end..]
+                .iter()
+                .position(|&b| b == b'/')
+                .map_or(dir.len(), |i| end + i);
+            if let Some(&id) = self.by_path.get(&dir[..end]) {
+                self.wait_for(id)?;
+            }
+            end += 1;
+        }
+        Ok(())
+    }
+
     /// The parent directory of `parent`, creating missing ones (0755,
     /// root-owned like containerd and GNU tar as root make them).
     fn parent(&mut self, e: &Entry, parent: &[u8]) -> Result<Arc<OwnedFd>, ApplyError> {
-        if !self.dirs.is_cached(parent) {
-            // A job in flight may create or replace something on the way
-            // (a symlink the walk must follow, a file it must refuse).
-            let mut end = 0;
-            while end < parent.len() {
-                end = parent[end..]
-                    .iter()
-                    .position(|&b| b == b'/')
-                    .map_or(parent.len(), |i| end + i);
-                if let Some(&id) = self.by_path.get(&parent[..end]) {
-                    self.wait_for(id)?;
-                }
-                end += 1;
-            }
-        }
+        self.before_walk(parent)?;
         let chown = self.same_owner;
         let lane = &mut self.lane;
         let mut mk = |dir: &Arc<OwnedFd>, name: &CStr| -> Result<(), ApplyError> {
@@ -760,19 +768,7 @@ impl Applier {
         if let Some(&id) = self.by_path.get(target) {
             self.wait_for(id)?;
         }
-        if !self.dirs.is_cached(tparent) {
-            let mut end = 0;
-            while end < tparent.len() {
-                end = tparent[end..]
-                    .iter()
-                    .position(|&b| b == b'/')
-                    .map_or(tparent.len(), |i| end + i);
-                if let Some(&id) = self.by_path.get(&tparent[..end]) {
-                    self.wait_for(id)?;
-                }
-                end += 1;
-            }
-        }
+        self.before_walk(tparent)?;
         let tdir = self.dirs.get(tparent, &mut Missing::Fail).map_err(|err| {
             let link = String::from_utf8_lossy(&e.link);
             at(match *err.kind {
