@@ -15,9 +15,10 @@
 //! another worker). A worker runs the batches it gets in order, and the
 //! jobs of one batch are independent of each other (different names, no
 //! link to a file of the same batch), so an executor ([`Exec`]) may run a
-//! batch's jobs concurrently: that is what the io_uring executor relies
-//! on. The portable [`syscalls::Syscalls`] executor runs them one after
-//! another.
+//! batch's jobs concurrently: the io_uring executor ([`uring::Uring`])
+//! keeps a batch's creates and writes in flight at once, which lets one
+//! worker's batch (one directory's files) use more than one CPU. The
+//! portable [`syscalls::Syscalls`] executor runs them one after another.
 //!
 //! Every job names its parent directory by an open fd and the object by a
 //! single component: nothing here ever resolves a path, so nothing here can
@@ -25,6 +26,7 @@
 
 pub mod pool;
 pub mod syscalls;
+pub mod uring;
 
 use std::ffi::CString;
 use std::io;
@@ -269,10 +271,7 @@ pub(crate) fn auto_choice() -> BackendKind {
 /// Makes a worker's executor, on that worker's thread.
 pub(crate) fn make_exec(kind: BackendKind) -> io::Result<Box<dyn Exec>> {
     match kind {
-        BackendKind::Uring => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "the io_uring backend is not built in",
-        )),
+        BackendKind::Uring => Ok(Box::new(uring::Uring::new()?)),
         BackendKind::Auto | BackendKind::Syscalls => Ok(Box::new(syscalls::Syscalls)),
     }
 }
