@@ -223,13 +223,16 @@ pub trait Exec {
 #[non_exhaustive]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum BackendKind {
-    /// The one measured faster here (perf/README.md), falling back to
-    /// plain syscalls, with one log line, where io_uring is unavailable.
+    /// The one measured faster on the target's file system
+    /// (perf/README.md, "Backends": io_uring on ext4 and tmpfs, plain
+    /// syscalls elsewhere), falling back to plain syscalls, with one log
+    /// line, where io_uring is unavailable.
     #[default]
     #[cfg_attr(
         feature = "cli",
         value(
-            help = "The faster one on this machine; plain syscalls where io_uring is unavailable"
+            help = "io_uring on ext4 and tmpfs (measured faster there), plain syscalls \
+                    elsewhere and where io_uring is unavailable"
         )
     )]
     Auto,
@@ -262,10 +265,36 @@ pub struct BackendOptions {
     pub threads: Option<usize>,
 }
 
-/// What `auto` runs: the executor measured faster on this machine's file
-/// systems (perf/README.md, "Backends").
-pub(crate) fn auto_choice() -> BackendKind {
-    BackendKind::Syscalls
+/// `statfs` magic numbers (`f_type`) of the file systems where the
+/// io_uring backend measured faster than plain syscalls (perf/README.md,
+/// "Backends"): ext4 (whose driver also mounts ext2/ext3, same magic) and
+/// tmpfs.
+const URING_FASTER_ON: [i64; 2] = [0xEF53, 0x0102_1994];
+
+/// The `f_type` of the file system holding `path` (or the nearest
+/// existing ancestor of it: a target is often created by the apply).
+pub(crate) fn fs_type(path: &std::path::Path) -> Option<i64> {
+    let mut p = Some(path);
+    while let Some(q) = p {
+        match rustix::fs::statfs(q) {
+            // `__fsword_t`: i64 on 64-bit Linux, i32 elsewhere.
+            #[allow(clippy::unnecessary_cast)]
+            Ok(st) => return Some(st.f_type as i64),
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => p = q.parent(),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// What `auto` runs for a target on the file system `fs_type` (`None`:
+/// unknown): io_uring where it measured faster (ext4, tmpfs), plain
+/// syscalls on file systems it was not measured on.
+pub(crate) fn auto_choice(fs_type: Option<i64>) -> BackendKind {
+    match fs_type {
+        Some(t) if URING_FASTER_ON.contains(&t) => BackendKind::Uring,
+        _ => BackendKind::Syscalls,
+    }
 }
 
 /// Makes a worker's executor, on that worker's thread.
@@ -273,5 +302,29 @@ pub(crate) fn make_exec(kind: BackendKind) -> io::Result<Box<dyn Exec>> {
     match kind {
         BackendKind::Uring => Ok(Box::new(uring::Uring::new()?)),
         BackendKind::Auto | BackendKind::Syscalls => Ok(Box::new(syscalls::Syscalls)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_uring_only_where_it_measured_faster() {
+        assert_eq!(auto_choice(Some(0xEF53)), BackendKind::Uring);
+        assert_eq!(auto_choice(Some(0x0102_1994)), BackendKind::Uring);
+        // XFS, btrfs, overlayfs: not measured.
+        for t in [0x5846_5342, 0x9123_683E, 0x794C_7630] {
+            assert_eq!(auto_choice(Some(t)), BackendKind::Syscalls);
+        }
+        assert_eq!(auto_choice(None), BackendKind::Syscalls);
+    }
+
+    #[test]
+    fn fs_type_of_a_missing_target_is_its_ancestors() {
+        let tmp = std::env::temp_dir();
+        let want = fs_type(&tmp);
+        assert!(want.is_some());
+        assert_eq!(fs_type(&tmp.join("unlade-no-such/dir/below")), want);
     }
 }
