@@ -243,14 +243,13 @@ fn both_backends_fail_the_same_on_a_full_file_system() {
 
 /// Whether `--backend auto` tries io_uring for a target at `dest`: on
 /// the file systems where it measured faster (the engine's
-/// `fsops::auto_choice`: ext4, tmpfs).
+/// `fsops::auto_choice`: ext4).
 fn auto_tries_uring(dest: &Path) -> bool {
     const EXT4: i64 = 0xEF53;
-    const TMPFS: i64 = 0x0102_1994;
     let st = rustix::fs::statfs(dest).expect("statfs");
     #[allow(clippy::unnecessary_cast)]
     let t = st.f_type as i64;
-    t == EXT4 || t == TMPFS
+    t == EXT4
 }
 
 /// `AUDIT_ARCH_*` of the build target, the arch a seccomp filter checks
