@@ -50,10 +50,15 @@ scripts/readme-commands.sh
 # module went wrong).
 echo "== module layering (engine/tests/layering.rs)"
 cargo test -p unlade --locked --test layering -q
-echo "== cargo test"
+echo "== cargo test (UNLADE_BACKEND=syscalls)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+UNLADE_BACKEND=syscalls cargo test --workspace --locked 2>&1 | tee "$log"
+# The whole suite once more on the io_uring backend (the binary and the
+# tests' in-process roots take it from UNLADE_BACKEND; about 5 minutes);
+# tests/tests/backends.rs also compares the two tree for tree.
+echo "== cargo test (UNLADE_BACKEND=uring)"
+UNLADE_BACKEND=uring cargo test --workspace --locked 2>&1 | tee -a "$log"
 echo "== fuzz smoke run"
 scripts/fuzz-smoke.sh
 # One closing line for the whole suite (cargo prints one per test binary).

@@ -4,6 +4,9 @@
 //! safe `libdeflater` crate does not expose), and the `fchmodat2` syscall
 //! (chmod without following a symlink, which rustix does not offer).
 
+/// io_uring: a ring that owns what its in-flight operations point at.
+pub mod uring;
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

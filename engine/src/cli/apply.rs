@@ -65,7 +65,7 @@ pub fn run(a: Args) -> Result {
     // The pool is started here rather than inside the apply, to say what
     // wrote the files.
     let kind = a.write.backend;
-    let pool = Pool::new(a.write.options())
+    let pool = Pool::new_for(a.write.options(), &a.dest)
         .map_err(|e| ApplyError::fs(format!("start the {kind} backend"), e).layer(&name))?;
     let opts = ApplyOptions {
         pool: Some(pool.clone()),

@@ -166,8 +166,10 @@ impl Context {
             return Ok(p.clone());
         }
         let kind = self.0.opts.backend.kind;
-        let p =
-            Pool::new(self.0.opts.backend).map_err(|source| RootError::Backend { kind, source })?;
+        // Snapshots are made below the root: its file system decides
+        // what `auto` takes.
+        let p = Pool::new_for(self.0.opts.backend, &self.0.dir)
+            .map_err(|source| RootError::Backend { kind, source })?;
         Ok(self.0.pool.get_or_init(|| p).clone())
     }
 

@@ -140,7 +140,7 @@ fn apply_inner(
     let pool = match &opts.pool {
         Some(p) => p,
         None => {
-            own_pool = Pool::new(opts.backend).map_err(|e| {
+            own_pool = Pool::new_for(opts.backend, dest).map_err(|e| {
                 ApplyError::fs(format!("start the {} backend", opts.backend.kind), e)
             })?;
             &own_pool

@@ -95,17 +95,34 @@ fn pin_to(cpu: usize) {
 }
 
 impl Pool {
-    /// Starts the workers `opts` ask for. `auto` takes io_uring where it
-    /// measured faster and is available, and plain syscalls otherwise,
-    /// saying why in one line on stderr when io_uring was wanted but is
-    /// unavailable; `uring` fails where the kernel refuses it.
+    /// Starts the workers `opts` ask for, for writing to a file system
+    /// `auto` knows nothing of (it takes plain syscalls there): see
+    /// [`Pool::new_for`].
     pub fn new(opts: BackendOptions) -> io::Result<Arc<Pool>> {
+        Pool::start_for(opts, None)
+    }
+
+    /// Starts the workers `opts` ask for, to write below `target` (or its
+    /// nearest existing ancestor). `auto` takes io_uring where it measured
+    /// faster on the target's file system and is available, and plain
+    /// syscalls otherwise, saying why in one line on stderr when io_uring
+    /// was wanted but is unavailable; `uring` fails where the kernel
+    /// refuses it.
+    pub fn new_for(opts: BackendOptions, target: &std::path::Path) -> io::Result<Arc<Pool>> {
+        let fs = match opts.kind {
+            BackendKind::Auto => super::fs_type(target),
+            _ => None,
+        };
+        Pool::start_for(opts, fs)
+    }
+
+    fn start_for(opts: BackendOptions, fs_type: Option<i64>) -> io::Result<Arc<Pool>> {
         let threads = opts
             .threads
             .unwrap_or_else(default_threads)
             .clamp(1, MAX_THREADS);
         let backend = match opts.kind {
-            BackendKind::Auto => super::auto_choice(),
+            BackendKind::Auto => super::auto_choice(fs_type),
             k => k,
         };
         match Pool::start(backend, threads) {

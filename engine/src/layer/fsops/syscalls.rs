@@ -142,7 +142,9 @@ pub(crate) fn open_dir(dir: BorrowedFd<'_>, name: &CStr) -> rustix::io::Result<O
     )
 }
 
-fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, OpError> {
+/// Creates `name` in `dir` (0600, never following a symlink there),
+/// replacing whatever is there.
+pub(crate) fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, OpError> {
     replacing(dir, name, "create file", || {
         rfs::openat(
             dir,
@@ -155,7 +157,7 @@ fn create_file(dir: BorrowedFd<'_>, name: &CStr) -> Result<OwnedFd, OpError> {
 
 /// Runs `f`; if the name exists, removes it (a directory with its
 /// contents) and runs `f` once more. Later entries replace earlier ones.
-fn replacing<T>(
+pub(crate) fn replacing<T>(
     dir: BorrowedFd<'_>,
     name: &CStr,
     what: &str,
@@ -189,7 +191,7 @@ fn mkdir_keep(dir: BorrowedFd<'_>, name: &CStr, mode: Mode) -> Result<(), OpErro
 
 /// Removes `name` from `dir`, recursively if it is a directory. A missing
 /// name is not an error.
-fn remove_any(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), OpError> {
+pub(crate) fn remove_any(dir: BorrowedFd<'_>, name: &CStr) -> Result<(), OpError> {
     match rfs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(Errno::ISDIR) | Err(Errno::PERM) => remove_tree(dir, name, 0),
@@ -233,7 +235,9 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &CStr, depth: usize) -> Result<(), OpE
         .map_err(|e| OpError::new("remove existing directory", e))
 }
 
-fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut off: u64) -> Result<(), OpError> {
+/// `pwrite` until all of `data` is at `off`; a write of nothing is
+/// `ENOSPC`.
+pub(crate) fn write_all_at(fd: &OwnedFd, mut data: &[u8], mut off: u64) -> Result<(), OpError> {
     while !data.is_empty() {
         match rustix::io::pwrite(fd, data, off) {
             Ok(0) => return Err(OpError::new("write file", Errno::NOSPC)),
