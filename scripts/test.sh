@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with only the Rust
-# toolchain: installs the real tools the tests drive (GNU tar, bsdtar, Go,
+# toolchain: installs what the build links (libisal-dev, found with
+# pkg-config) and the real tools the tests drive (GNU tar, bsdtar, Go,
 # Python, pigz, zstd, docker-registry, skopeo; as root), then format, lint,
 # README.md's opening commands (scripts/readme-commands.sh), every test, and
 # a short fuzz run (installing cargo-fuzz first if missing: a few quiet
@@ -9,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
+# The build itself: engine/build.rs links the system ISA-L (the streaming
+# gzip decoder) and finds it with pkg-config.
+command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
+pkg-config --exists libisal 2>/dev/null || need_pkgs+=(libisal-dev)
 command -v tar     >/dev/null || need_pkgs+=(tar)
 command -v bsdtar  >/dev/null || need_pkgs+=(libarchive-tools)
 command -v go      >/dev/null || need_pkgs+=(golang-go)
@@ -31,6 +36,9 @@ if ((${#need_pkgs[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
+# The tests hold ISA-L to zlib-rs: a build that fell back to zlib-rs
+# (engine/build.rs) would pass them without testing ISA-L at all.
+export UNLADE_REQUIRE_ISAL=1
 if [[ $(id -u) != 0 ]]; then
   echo "the tests chown, mknod and set trusted.* xattrs: run as root" >&2
   exit 1

@@ -1,6 +1,6 @@
-//! criterion benchmarks: decoding (libdeflate whole-buffer vs zlib-rs
-//! streaming, zstd streaming), hashing, whole applies of generated layers
-//! (a few thousand mixed-size files; many small files), and the write
+//! criterion benchmarks: decoding (libdeflate whole-buffer vs ISA-L and
+//! zlib-rs streaming, zstd streaming), hashing, whole applies of generated
+//! layers (a few thousand mixed-size files; many small files), and the write
 //! stage per backend and number of workers (group `backend`).
 //!
 //! Run: `cargo bench -p unlade-bench`. Ratios between these are what to
@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use unlade::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy};
+use unlade::layer::decode::{self, Compression, DecodeOptions, DecodeStrategy, GzipStreamer};
 use unlade::layer::fsops::pool::Pool;
 use unlade::layer::fsops::{BackendKind, BackendOptions};
 use unlade::{apply_layer, ApplyOptions, LayerInput};
@@ -95,6 +95,17 @@ fn drain_stream(input: &[u8], comp: Compression) -> usize {
     })
 }
 
+/// [`drain_stream`] for gzip with a chosen inflater.
+fn drain_gzip(input: &[u8], with: GzipStreamer) -> usize {
+    let (tx, rx) = crossbeam_channel::bounded(decode::STREAM_QUEUE);
+    std::thread::scope(|s| {
+        let h = s.spawn(move || decode::stream_gzip(input, with, |b| tx.send(b).is_ok()));
+        let n: usize = rx.iter().map(|b| black_box(b.len())).sum();
+        assert!(h.join().unwrap().unwrap());
+        n
+    })
+}
+
 fn benches(c: &mut Criterion) {
     let tar = layer(3000, 256 << 10);
     let gz = gzip(&tar);
@@ -106,8 +117,11 @@ fn benches(c: &mut Criterion) {
     g.bench_function("gzip libdeflate whole-buffer", |b| {
         b.iter(|| black_box(decode::gunzip_whole(&gz, 1 << 30).unwrap().len()))
     });
-    g.bench_function("gzip zlib-rs streaming", |b| {
+    g.bench_function("gzip isal streaming", |b| {
         b.iter(|| drain_stream(&gz, Compression::Gzip))
+    });
+    g.bench_function("gzip zlib-rs streaming", |b| {
+        b.iter(|| drain_gzip(&gz, GzipStreamer::ZlibRs))
     });
     g.bench_function("zstd streaming", |b| {
         b.iter(|| drain_stream(&zst, Compression::Zstd))

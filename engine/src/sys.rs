@@ -1,7 +1,8 @@
 //! Every `unsafe` block of the crate lives here, each a thin wrapper that
 //! states the invariant it relies on: memory maps of layer files, the
 //! libdeflate FFI (whose `_ex` variant, needed for multi-member gzip, the
-//! safe `libdeflater` crate does not expose), and the `fchmodat2` syscall
+//! safe `libdeflater` crate does not expose), the ISA-L inflate FFI
+//! ([`isal`], the streaming gzip decoder), and the `fchmodat2` syscall
 //! (chmod without following a symlink, which rustix does not offer).
 
 /// io_uring: a ring that owns what its in-flight operations point at.
@@ -12,6 +13,10 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 
 use rustix::fs::Mode;
+
+/// Built where `build.rs` found libisal (`cfg(unlade_isal)`).
+#[cfg(unlade_isal)]
+pub mod isal;
 
 /// A read-only memory map of a layer file.
 pub struct Map(memmap2::Mmap);

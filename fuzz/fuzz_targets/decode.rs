@@ -35,9 +35,14 @@
 //!   and the reserved distance symbols 30 and 31 as 29 (its decode tables
 //!   repeat the last entry; nothing checks), where zlib rejects them.
 //!
-//! `UNLADE_FUZZ_STRICT=1` in the environment makes the engine's two known
-//! leniencies failures: the whole-buffer path accepting what the
-//! reference rejects, and the zstd streaming path accepting what the
+//! - the streaming gzip path (ISA-L) likewise, where the reference fails,
+//!   may succeed with bytes that agree with all the reference produced:
+//!   ISA-L checks that a Huffman code is not over-subscribed but not that
+//!   it is complete (`decode::GzipStreamer`).
+//!
+//! `UNLADE_FUZZ_STRICT=1` in the environment makes the engine's known
+//! leniencies failures: the whole-buffer path and the ISA-L streaming path
+//! accepting what the reference rejects, and the zstd streaming path accepting what the
 //! one-shot decoder rejects (a frame with a wrong content size that
 //! starts near the end of a 1 MiB block). fuzz/regressions/README.md has
 //! a reproducer of each.
@@ -128,6 +133,12 @@ fn check(input: &[u8], comp: Compression) {
     });
     common_prefix_agrees(&out, &want.out, "stream");
     match r {
+        Ok(true) if !want.complete() && comp == Compression::Gzip && !strict() => {
+            // ISA-L's leniency: a dynamic block whose Huffman code is
+            // incomplete decodes when no unassigned pattern occurs, where
+            // zlib refuses the block. What it produced agrees with all
+            // the reference produced (checked above).
+        }
         Ok(true) => {
             assert!(
                 want.complete(),

@@ -1,5 +1,5 @@
 //! Layer decompression: detection by magic bytes, the whole-buffer gzip
-//! path (libdeflate on a memory map) and the streaming path (zlib-rs for
+//! path (libdeflate on a memory map) and the streaming path (ISA-L for
 //! gzip, libzstd for zstd, a plain copy for tar) that feeds bounded
 //! channels. The caller hashes the uncompressed bytes: the diff ID.
 //!
@@ -22,6 +22,8 @@ use crossbeam_channel::Receiver;
 use crate::layer::error::DecodeError;
 use crate::layer::stream::{Block, STREAM_BLOCK};
 use crate::oci::digest::{Digest, Hasher};
+#[cfg(unlade_isal)]
+mod isal_gzip;
 use crate::sys::{Deflate, Inflate};
 
 /// The compression of a layer blob, told by its first bytes.
@@ -72,15 +74,22 @@ impl Compression {
 /// Which decoding path to take.
 ///
 /// On the 2-CPU machine this was built on, applying the 167 MB Debian base
-/// layer (`perf/README.md`), the streaming path (zlib-rs decoding, sha256
-/// and applying on three threads at once) finished 11-19% before the
-/// whole-buffer path in the last series of shuffled and paired runs, and
-/// the two were even in some earlier ones; whole-buffer libdeflate always
-/// took about 6% less CPU. Streaming overlaps everything and does not
-/// depend on huge pages being available for a large buffer, and with more
-/// CPUs it can only gain; so `Auto` streams gzip when there are two CPUs or
-/// more. A caller that already keeps every CPU busy with several layers at
-/// once has nothing to overlap and asks for [`DecodeStrategy::WholeBuffer`].
+/// layer (`perf/README.md`), the streaming path (then zlib-rs decoding,
+/// sha256 and applying on three threads at once) finished 11-19% before
+/// the whole-buffer path in the last series of shuffled and paired runs,
+/// and the two were even in some earlier ones; whole-buffer libdeflate
+/// always took about 6% less CPU. Streaming overlaps everything and does
+/// not depend on huge pages being available for a large buffer, and with
+/// more CPUs it can only gain; so `Auto` streams gzip when there are two
+/// CPUs or more. Streaming gzip now inflates with ISA-L
+/// ([`GzipStreamer::Isal`]), which also takes less CPU in all than
+/// whole-buffer libdeflate: libdeflate's inflate loop is the faster one,
+/// but filling a fresh buffer as large as the layer costs the kernel more
+/// in page faults than that (see [`GzipStreamer`]). A single CPU still
+/// takes the whole buffer: no decoder thread, no hand-offs between three
+/// threads on one core, and the paired runs of whole applies there did not
+/// tell the two apart. A caller that keeps every CPU busy with several
+/// layers at once may ask for [`DecodeStrategy::WholeBuffer`] too.
 ///
 /// With the `cli` feature it is also the `--decode` value of `unlade
 /// apply` (`auto`, `whole`, `streaming`): the command line takes the
@@ -309,19 +318,87 @@ pub fn stream(
     comp: Compression,
     send: impl FnMut(Block) -> bool,
 ) -> Result<bool, DecodeError> {
+    if comp == Compression::Gzip {
+        return stream_gzip(input, GzipStreamer::default(), send);
+    }
     let counting = Counting {
         inner: input,
         count: 0,
         io_error: None,
     };
     match comp {
-        Compression::Plain => pump(counting, send, comp, |c| c),
-        Compression::Gzip => {
+        Compression::Zstd => pump(ZstdFrames::new(counting), send, comp, |d| &d.inner),
+        _ => pump(counting, send, comp, |c| c),
+    }
+}
+
+/// The library that inflates a gzip layer on the streaming path.
+///
+/// ISA-L (`libisal`, the library of `igzip`) is the default, measured
+/// against the others on the 2-CPU machine this was built on (AMD EPYC,
+/// shared with other builds: CPU time is the steadier figure) decoding the
+/// five gzip layers of the golang image (308 MB to 973 MB) on one core,
+/// output discarded, 18 shuffled rounds (`bench/examples/gunzip.rs`;
+/// medians of user + system time): ISA-L streaming 1.69 s, `igzip -dc`
+/// 1.73 s, zlib-rs streaming 1.93 s, whole-buffer libdeflate 2.66 s (1.46 s
+/// of it in user space, the fastest inflate loop of the three; the rest is
+/// the kernel faulting in the 1 GiB output map and the read input), `pigz
+/// -dc` 4.63 s. zlib-rs stays for comparison and as the reference the
+/// tests hold ISA-L to.
+///
+/// One difference between the two: ISA-L checks that a Huffman code is
+/// not over-subscribed but not that it is complete, so a dynamic block
+/// whose code leaves some bit patterns unassigned decodes as long as none
+/// of them occurs, where zlib refuses the block (the same class of
+/// leniency as whole-buffer libdeflate's, `fuzz/regressions/README.md`).
+/// No encoder writes such blocks, the output is the unique decoding of
+/// the bits present, and the member's CRC32 and the layer's diff ID still
+/// hold it to the right bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum GzipStreamer {
+    /// ISA-L's stateful inflate; member headers parsed here, CRC32 and
+    /// ISIZE checked by ISA-L. In a build without libisal
+    /// ([`GzipStreamer::isal_built_in`] is false) it is zlib-rs.
+    #[default]
+    Isal,
+    /// flate2's `MultiGzDecoder` on zlib-rs.
+    ZlibRs,
+}
+
+impl GzipStreamer {
+    /// Whether this build links ISA-L (`build.rs` found libisal with
+    /// pkg-config); without it [`GzipStreamer::Isal`] falls back to zlib-rs,
+    /// so benchmarks say which one they measured.
+    pub const fn isal_built_in() -> bool {
+        cfg!(unlade_isal)
+    }
+}
+
+/// [`stream`] for gzip with a chosen inflater: the same blocks, the same
+/// errors (with the compressed offset where decoding stopped), whichever
+/// library decodes. For benchmarks and tests that compare the two; the
+/// engine uses [`GzipStreamer::default`].
+pub fn stream_gzip(
+    input: impl Read,
+    with: GzipStreamer,
+    send: impl FnMut(Block) -> bool,
+) -> Result<bool, DecodeError> {
+    match with {
+        #[cfg(unlade_isal)]
+        GzipStreamer::Isal => isal_gzip::isal_gunzip(input, send),
+        #[cfg(not(unlade_isal))]
+        GzipStreamer::Isal => stream_gzip(input, GzipStreamer::ZlibRs, send),
+        GzipStreamer::ZlibRs => {
+            let counting = Counting {
+                inner: input,
+                count: 0,
+                io_error: None,
+            };
             let dec =
                 flate2::bufread::MultiGzDecoder::new(BufReader::with_capacity(1 << 16, counting));
-            pump(dec, send, comp, |d| d.get_ref().get_ref())
+            pump(dec, send, Compression::Gzip, |d| d.get_ref().get_ref())
         }
-        Compression::Zstd => pump(ZstdFrames::new(counting), send, comp, |d| &d.inner),
     }
 }
 
