@@ -17,6 +17,8 @@
 #        VARIANTS="auto:0" - unlade runs per case, BACKEND:THREADS each (0: the default,
 #                 one per CPU), e.g. VARIANTS="syscalls:1 syscalls:0 uring:1 uring:0"
 #        FS=ext4 (a fresh ext4 per case) or FS=tmpfs (a fresh tmpfs per case)
+#        RAW=FILE - also append one line per run: fs, round, case, wall s, user s, sys s,
+#                 peak RSS KB (tab-separated; perf/table.sh reads it)
 # Needs: root, e2fsprogs, GNU tar, pigz, zstd, GNU time (/usr/bin/time), python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +97,7 @@ for ((r = 1; r <= RUNS; r++)); do
     /usr/bin/time -f "%e %U %S %M" -o "$work/time" bash -c "$cmd"
     read -r e u s m < "$work/time"
     wall[$c]+="$e "; user[$c]+="$u "; sys[$c]+="$s "; rss[$c]+="$m "
+    [[ -n ${RAW:-} ]] && printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "${FS:-ext4}" "$r" "$c" "$e" "$u" "$s" "$m" >> "$RAW"
     printf 'round %d  %-22s %6.2f s (user %5.2f sys %5.2f, %d MB)\n' "$r" "$c" "$e" "$u" "$s" $((m / 1024)) >&2
     drop_fs
   done

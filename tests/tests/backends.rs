@@ -241,15 +241,10 @@ fn both_backends_fail_the_same_on_a_full_file_system() {
     assert_eq!(lines[0].0, lines[1].0, "{lines:?}");
 }
 
-/// Whether `--backend auto` tries io_uring for a target at `dest`: on
-/// the file systems where it measured faster (the engine's
-/// `fsops::auto_choice`: ext4).
+/// Whether `--backend auto` tries io_uring for a target at `dest` (the
+/// engine's own policy, `BackendKind::auto_for`).
 fn auto_tries_uring(dest: &Path) -> bool {
-    const EXT4: i64 = 0xEF53;
-    let st = rustix::fs::statfs(dest).expect("statfs");
-    #[allow(clippy::unnecessary_cast)]
-    let t = st.f_type as i64;
-    t == EXT4
+    unlade::layer::fsops::BackendKind::auto_for(dest) == unlade::layer::fsops::BackendKind::Uring
 }
 
 /// `AUDIT_ARCH_*` of the build target, the arch a seccomp filter checks

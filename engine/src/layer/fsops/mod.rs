@@ -255,6 +255,16 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+impl BackendKind {
+    /// The executor `auto` picks for writing below `target` (or its
+    /// nearest existing ancestor), before asking the kernel for io_uring:
+    /// what a runtime (or a test) checks to know which backend an apply
+    /// there means to use. Never `Auto`.
+    pub fn auto_for(target: &std::path::Path) -> BackendKind {
+        auto_choice(fs_type(target))
+    }
+}
+
 /// How to build the worker pool of an apply or a root.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendOptions {
