@@ -24,6 +24,8 @@
 # Env:   IMAGES="golang manyfiles base redis"  RUNS=5  IMAGES_DIR=/tmp/unlade-images
 #        VARIANTS="syscalls:1 syscalls:0 uring:1 uring:0"  OUT=perf/table-DATE.txt
 #        SKIP_CTR=1 (no containerd part)
+#        RAW_FROM=FILE: no sections 1 and 3; the runs of section 1 are read from FILE (the
+#                 .raw.tsv of an earlier run), and the floors and targets made again
 # Needs: what perf/engine.sh and perf/unpack.sh need, and igzip (apt-get install isal),
 #        libdeflate-gunzip (libdeflate-tools), openssl.
 set -euo pipefail
@@ -75,11 +77,16 @@ cpu() {
   echo "# machine: $(nproc) CPUs ($(lscpu | sed -n 's/^Model name: *//p')), $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "# RUNS=$RUNS VARIANTS=\"$VARIANTS\" (threads 0 = the default: one per CPU)"
   echo
-  echo "## 1a. fresh ext4 per case, cold cache"
-  FS=ext4 RAW=$work/raw.tsv perf/engine.sh "${cases[@]}"
-  echo
-  echo "## 1b. fresh tmpfs per case, cold cache"
-  FS=tmpfs RAW=$work/raw.tsv perf/engine.sh "${cases[@]}"
+  if [[ -n ${RAW_FROM:-} ]]; then
+    echo "## 1. (runs read from $RAW_FROM)"
+    cp "$RAW_FROM" "$work/raw.tsv"
+  else
+    echo "## 1a. fresh ext4 per case, cold cache"
+    FS=ext4 RAW=$work/raw.tsv perf/engine.sh "${cases[@]}"
+    echo
+    echo "## 1b. fresh tmpfs per case, cold cache"
+    FS=tmpfs RAW=$work/raw.tsv perf/engine.sh "${cases[@]}"
+  fi
   echo
   echo "## 2. floors (warm, one core, CPU seconds, best of 3)"
   printf 'image\tigzip\tlibdeflate\tzstd\tsha256_plain\tsha256_gz\tsha256_zst\tstore_gz\tstore_zst\tstore_tar\tcold_read_gz\tcold_read_zst\tcold_read_tar\n' > "$work/floors.tsv"
@@ -92,9 +99,9 @@ cpu() {
       ld=$(awk -v a="$ld" -v b="$(cpu "libdeflate-gunzip -dc $l > /dev/null")" 'BEGIN {printf "%.3f", a + b}')
     done
     zs=$(cpu "for l in $zst; do zstd -qdc \$l; done > /dev/null")
-    sp=$(cpu "cat $tar | openssl dgst -sha256")
-    sg=$(cpu "cat $gz | openssl dgst -sha256")
-    sz=$(cpu "cat $zst | openssl dgst -sha256")
+    sp=$(cpu "openssl dgst -sha256 $tar")
+    sg=$(cpu "openssl dgst -sha256 $gz")
+    sz=$(cpu "openssl dgst -sha256 $zst")
     row="$i\t$ig\t$ld\t$zs\t$sp\t$sg\t$sz"
     for f in gz zst tar; do
       fresh_fs
@@ -110,7 +117,7 @@ cpu() {
     printf "$row\n" >> "$work/floors.tsv"
   done
   column -t "$work/floors.tsv"
-  if [[ ${SKIP_CTR:-0} != 1 ]]; then
+  if [[ ${SKIP_CTR:-0} != 1 && -z ${RAW_FROM:-} ]]; then
     echo
     echo "## 3. containerd: ctr images import against unlade unpack (warm input, fresh ext4)"
     CASES="unlade-1 ctr-import" perf/unpack.sh "$IMAGES_DIR/golang:gz"
@@ -119,5 +126,5 @@ cpu() {
   echo "## 4. targets (medians of section 1; floors of section 2)"
   python3 perf/table.py "$work/raw.tsv" "$work/floors.tsv" "$(nproc)"
 } | tee "$out"
-cp "$work/raw.tsv" "${out%.txt}.raw.tsv"
+[[ -n ${RAW_FROM:-} ]] || cp "$work/raw.tsv" "${out%.txt}.raw.tsv"
 echo "wrote $out and ${out%.txt}.raw.tsv" >&2
