@@ -37,20 +37,6 @@ source perf/lib.sh
 trap cleanup_fs EXIT
 tarflags="--xattrs --xattrs-include=* --same-owner --numeric-owner -p --delay-directory-restore"
 
-# The layer blobs of IMAGE:TAG in order (paths into the layout), from its manifest.
-layers_of() {
-  python3 - "$images_dir/$1" "$2" <<'PY'
-import json, sys
-lay, tag = sys.argv[1], sys.argv[2]
-blob = lambda d: f"{lay}/blobs/sha256/{d.split(':')[1]}"
-idx = json.load(open(f"{lay}/index.json"))
-m = next(m for m in idx["manifests"]
-         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
-man = json.load(open(blob(m["digest"])))
-print(" ".join(blob(l["digest"]) for l in man["layers"]))
-PY
-}
-
 # cmd_of CASE OUT: the command line of a case, writing under OUT.
 cmd_of() {
   local c=$1 out=$2 img=${1#*/} tool=${1%%/*}
@@ -62,7 +48,7 @@ cmd_of() {
     return
   fi
   local s="mkdir -p $out"
-  for l in $(layers_of "$name" "$tag"); do
+  for l in $(layers_of "$images_dir/$name" "$tag"); do
     case $tag in
       tar) s+=" && tar $tarflags -xf $l -C $out" ;;
       gz) s+=" && pigz -dc $l | tar $tarflags -x -C $out" ;;

@@ -52,5 +52,20 @@ cleanup_fs() {
   rm -rf "$work"
 }
 
+# layers_of LAYOUT TAG: the layer blobs of the image tagged TAG in the OCI layout LAYOUT,
+# in order (paths into the layout), from its manifest.
+layers_of() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+lay, tag = sys.argv[1], sys.argv[2]
+blob = lambda d: f"{lay}/blobs/sha256/{d.split(':')[1]}"
+idx = json.load(open(f"{lay}/index.json"))
+m = next(m for m in idx["manifests"]
+         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+man = json.load(open(blob(m["digest"])))
+print(" ".join(blob(l["digest"]) for l in man["layers"]))
+PY
+}
+
 now() { date +%s.%N; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }

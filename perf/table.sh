@@ -48,18 +48,6 @@ mkdir -p "$fsdir"
 source perf/lib.sh
 trap cleanup_fs EXIT
 
-# The layer blobs of IMAGE:TAG in order.
-blobs_of() {
-  python3 - "$IMAGES_DIR/$1" "$2" <<'PY'
-import json, sys
-lay, tag = sys.argv[1], sys.argv[2]
-blob = lambda d: f"{lay}/blobs/sha256/{d.split(':')[1]}"
-idx = json.load(open(f"{lay}/index.json"))
-m = next(m for m in idx["manifests"]
-         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
-print(" ".join(blob(l["digest"]) for l in json.load(open(blob(m["digest"])))["layers"]))
-PY
-}
 
 # cpu CMD: user + system CPU seconds of `bash -c CMD`, the least of 3 (warm).
 cpu() {
@@ -91,7 +79,9 @@ cpu() {
   echo "## 2. floors (warm, one core, CPU seconds, best of 3)"
   printf 'image\tigzip\tlibdeflate\tzstd\tsha256_plain\tsha256_gz\tsha256_zst\tstore_gz\tstore_zst\tstore_tar\tcold_read_gz\tcold_read_zst\tcold_read_tar\n' > "$work/floors.tsv"
   for i in "${images[@]}"; do
-    gz=$(blobs_of "$i" gz) zst=$(blobs_of "$i" zst) tar=$(blobs_of "$i" tar)
+    declare -A blobs=()
+    for f in gz zst tar; do blobs[$f]=$(layers_of "$IMAGES_DIR/$i" $f); done
+    gz=${blobs[gz]} zst=${blobs[zst]} tar=${blobs[tar]}
     cat $gz $zst $tar > /dev/null
     ig=0 ld=0
     for l in $gz; do
@@ -105,13 +95,13 @@ cpu() {
     row="$i\t$ig\t$ld\t$zs\t$sp\t$sg\t$sz"
     for f in gz zst tar; do
       fresh_fs
-      /usr/bin/time -f "%U %S" -o "$work/t" bash -c "cat $(blobs_of "$i" $f) > $fsdir/blobs"
+      /usr/bin/time -f "%U %S" -o "$work/t" bash -c "cat ${blobs[$f]} > $fsdir/blobs"
       row+="\t$(awk '{printf "%.3f", $1 + $2}' "$work/t")"
       drop_fs
     done
     for f in gz zst tar; do
       sync; echo 3 > /proc/sys/vm/drop_caches
-      t0=$(now); cat $(blobs_of "$i" $f) > /dev/null; t1=$(now)
+      t0=$(now); cat ${blobs[$f]} > /dev/null; t1=$(now)
       row+="\t$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", b - a}')"
     done
     printf "$row\n" >> "$work/floors.tsv"
