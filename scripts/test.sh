@@ -62,11 +62,20 @@ echo "== cargo test (UNLADE_BACKEND=syscalls)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 UNLADE_BACKEND=syscalls cargo test --workspace --locked 2>&1 | tee "$log"
-# The whole suite once more on the io_uring backend (the binary and the
-# tests' in-process roots take it from UNLADE_BACKEND; about 5 minutes);
-# tests/tests/backends.rs also compares the two tree for tree.
+# Once more on the io_uring backend, every test that writes a tree through
+# a backend (the binary and the tests' in-process roots take it from
+# UNLADE_BACKEND): apply and unpack, hostile and corrupt input, writers,
+# workers, snapshots, many layers, full disks and kills. Left to the first
+# pass: the engine's unit tests (they name their backends themselves), the
+# tests whose subject is not the writing (registry pulls, singleflight, gc,
+# signals, power loss, content: their trees come from the apply code
+# tested here) and backends.rs, which runs both backends itself and
+# compares them tree for tree.
 echo "== cargo test (UNLADE_BACKEND=uring)"
-UNLADE_BACKEND=uring cargo test --workspace --locked 2>&1 | tee -a "$log"
+UNLADE_BACKEND=uring cargo test --locked -p unlade-tests \
+  --test entries --test unpack --test unpack_errors --test hostile \
+  --test hostile_images --test corrupt --test writers --test workers \
+  --test snapshots --test many_layers 2>&1 | tee -a "$log"
 echo "== fuzz smoke run"
 scripts/fuzz-smoke.sh
 # One closing line for the whole suite (cargo prints one per test binary).
