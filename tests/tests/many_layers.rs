@@ -298,3 +298,80 @@ fn five_hundred_layers_mount_and_501_are_refused() {
         "no writable snapshot is left: {ls}"
     );
 }
+
+/// The most threads `pid` had at once while it ran, sampled every
+/// millisecond (a sample can miss a peak; it never invents one), and its
+/// exit status.
+fn peak_threads(mut child: std::process::Child) -> (usize, std::process::ExitStatus) {
+    let tasks = format!("/proc/{}/task", child.id());
+    let mut peak = 0;
+    loop {
+        if let Ok(d) = fs::read_dir(&tasks) {
+            peak = peak.max(d.count());
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return (peak, status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// An unpack's threads are bounded by its options, not by its layers:
+/// ARCHITECTURE.md, "Threads", gives the bound. With 2 layers at a time,
+/// 3 downloads and 2 writers: 4 fixed threads (main, signals, the cancel
+/// watcher, progress), 7 layer threads each with at most one copy into
+/// the store, a decoder and a hasher per layer being applied, and each
+/// writer with at most 4 io-wq threads: 4 + 14 + 4 + 2 × 5 = 32.
+#[test]
+fn threads_stay_bounded_however_many_layers() {
+    let w = tmp();
+    let layers: Vec<TestLayer> = (0..48)
+        .map(|i| many_files(40, 8 << 10, 500 + i as u64, [MT_TAR, MT_GZ, MT_ZST][i % 3]))
+        .collect();
+    let refs: Vec<&TestLayer> = layers.iter().collect();
+    let layout = w.path().join("layout");
+    let chains = image_layout(&layout, &[("wide", &refs)]);
+    let image = format!("{}:wide", layout.display());
+    let bound = 32;
+    let mut peaks = Vec::new();
+    for (round, layers) in [8usize, 48].into_iter().enumerate() {
+        let root = w.path().join(format!("root{round}"));
+        // The first 8 layers: an image of its own, the same lower chain.
+        let r = if layers == 48 {
+            image.clone()
+        } else {
+            let small = w.path().join("small");
+            image_layout(&small, &[("narrow", &refs[..layers])]);
+            format!("{}:narrow", small.display())
+        };
+        let child = Command::new(bin())
+            .args([
+                "unpack",
+                &r,
+                "-q",
+                "--parallel",
+                "2",
+                "--threads",
+                "2",
+                "--root",
+            ])
+            .arg(&root)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (peak, status) = peak_threads(child);
+        assert!(status.success(), "{layers} layers: {status}");
+        let top = Snapshotter::open(&root)
+            .unwrap()
+            .stat(&chains[0][layers - 1].parse::<Digest>().unwrap());
+        assert!(top.is_ok(), "{layers} layers: the top is committed");
+        // Sampling worked: the two writers and the main thread at least.
+        assert!(peak >= 3, "{layers} layers: {peak} threads seen");
+        assert!(
+            peak <= bound,
+            "{layers} layers: {peak} threads, over {bound}"
+        );
+        peaks.push(peak);
+    }
+    eprintln!("peak threads (8 layers, 48 layers): {peaks:?}");
+}

@@ -44,7 +44,9 @@ pub struct RootOptions {
     /// How layers are decoded.
     pub decode: DecodeOptions,
     /// Most layers applied at the same time by this root, however many
-    /// unpacks run (waiting for another's result takes none).
+    /// unpacks run (waiting for another's result takes none): each holds
+    /// a decoder and a hasher thread. Default: the CPUs of the affinity
+    /// mask, as the writers, clamped to 2..8.
     pub parallel_layers: usize,
     /// Most blobs downloaded at the same time by this root (containerd's
     /// `max_concurrent_downloads`, 3 by default); lower layers first.
@@ -61,9 +63,8 @@ impl Default for RootOptions {
         RootOptions {
             durability: Durability::None,
             decode: DecodeOptions::default(),
-            parallel_layers: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .clamp(2, 8),
+            // The writers' default count (ARCHITECTURE.md, "Threads").
+            parallel_layers: crate::layer::fsops::pool::default_threads().clamp(2, 8),
             max_downloads: 3,
             retry: Retry::default(),
             backend: BackendOptions::default(),
