@@ -113,7 +113,10 @@ impl Fetcher<'_> {
         } else if let Some(map) = self.local_map(d, size) {
             // A layout's file: hashed and written straight from the page
             // cache, without first copying it into a buffer (a plain
-            // layer's apply maps the same pages).
+            // layer's apply maps the same pages), and written past the
+            // page cache where the file system allows: those pages are
+            // cached once already.
+            w.direct();
             for (i, chunk) in map.chunks(MAP_STEP).enumerate() {
                 if cancel.is_cancelled() {
                     return Err(FetchError::Cancelled);
