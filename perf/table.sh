@@ -74,6 +74,9 @@ cpu() {
     echo
     echo "## 1b. fresh tmpfs per case, cold cache"
     FS=tmpfs RAW=$work/raw.tsv perf/engine.sh "${cases[@]}"
+    # Kept now: a later section that fails (a full disk under containerd)
+    # must not take the runs with it; RAW_FROM= remakes the rest.
+    cp "$work/raw.tsv" "${out%.txt}.raw.tsv"
   fi
   echo
   echo "## 2. floors (warm, one core, CPU seconds, best of 3)"
@@ -116,5 +119,4 @@ cpu() {
   echo "## 4. targets (medians of section 1; floors of section 2)"
   python3 perf/table.py "$work/raw.tsv" "$work/floors.tsv" "$(nproc)"
 } | tee "$out"
-[[ -n ${RAW_FROM:-} ]] || cp "$work/raw.tsv" "${out%.txt}.raw.tsv"
-echo "wrote $out and ${out%.txt}.raw.tsv" >&2
+if [[ -n ${RAW_FROM:-} ]]; then echo "wrote $out" >&2; else echo "wrote $out and ${out%.txt}.raw.tsv" >&2; fi

@@ -356,7 +356,7 @@ fn threads_stay_bounded_however_many_layers() {
                 "--root",
             ])
             .arg(&root)
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let (peak, status) = peak_threads(child);

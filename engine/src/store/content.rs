@@ -307,28 +307,26 @@ impl IngestWriter<'_> {
         if self.direct && !aligned(buf) {
             self.set_direct(false);
         }
+        // `write_all`, but a refused direct write goes on buffered from
+        // where it stopped.
         let mut done = 0;
         while done < buf.len() {
-            match self.file.write(&buf[done..]) {
-                Ok(0) => {
-                    let e = io::Error::from(io::ErrorKind::WriteZero);
-                    return Err(
-                        io_err(STORE, "write blob", &self.store.path(&self.expected), e).into(),
-                    );
+            let e = match self.file.write(&buf[done..]) {
+                Ok(0) => io::Error::from(io::ErrorKind::WriteZero),
+                Ok(n) => {
+                    done += n;
+                    continue;
                 }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // What the file system will not write directly (or a
                 // short direct write left unaligned) goes buffered.
                 Err(e) if self.direct && e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {
                     self.set_direct(false);
+                    continue;
                 }
-                Err(e) => {
-                    return Err(
-                        io_err(STORE, "write blob", &self.store.path(&self.expected), e).into(),
-                    )
-                }
-            }
+                Err(e) => e,
+            };
+            return Err(io_err(STORE, "write blob", &self.store.path(&self.expected), e).into());
         }
         self.size = size;
         Ok(())
