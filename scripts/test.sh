@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh Debian machine with only the Rust
 # toolchain: installs what the build links (libisal-dev, found with
 # pkg-config) and the real tools the tests drive (GNU tar, bsdtar, Go,
-# Python, pigz, zstd, docker-registry, skopeo; as root), then format, lint,
+# Python, pigz, zstd, docker-registry, skopeo, containerd, runc; as root), then format, lint,
 # README.md's opening commands (scripts/readme-commands.sh), every test, and
 # a short fuzz run (installing cargo-fuzz first if missing: a few quiet
 # minutes). CI (.ci/run) calls exactly this.
@@ -27,6 +27,9 @@ command -v docker-registry >/dev/null || need_pkgs+=(docker-registry)
 command -v skopeo  >/dev/null || need_pkgs+=(skopeo)
 command -v htpasswd >/dev/null || need_pkgs+=(apache2-utils)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
+# The snapshotter tests: the real containerd (1.6) and runc.
+command -v containerd >/dev/null || need_pkgs+=(containerd)
+command -v runc    >/dev/null || need_pkgs+=(runc)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "missing ${need_pkgs[*]}: run as root (the tests need root anyway)" >&2
@@ -77,6 +80,8 @@ UNLADE_BACKEND=uring cargo test --locked -p unlade-tests \
   --test hostile_images --test corrupt --test writers --test workers \
   --test snapshots --test many_layers 2>&1 | tee -a "$log"
 echo "== fuzz smoke run"
-scripts/fuzz-smoke.sh
+# 10 s a target here (scripts/fuzz-campaign.sh runs the long ones): CI's
+# 30 minutes also hold the containerd tests now.
+FUZZ_SECONDS=${FUZZ_SECONDS:-10} scripts/fuzz-smoke.sh
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"

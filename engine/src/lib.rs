@@ -14,6 +14,9 @@
 //!   [`Root::unpack_task`] runs one on its own thread as a [`Task`], a
 //!   `Future` that async code can `.await` and that cancels the work when
 //!   dropped.
+//! - [`containerd`] (feature `snapshotter`, on by default) serves
+//!   containerd's snapshots API on a unix socket, so that containerd (and
+//!   Kubernetes through it) keeps its snapshots in an unlade root.
 //! - [`apply_layer`] turns one layer blob (tar, gzip or zstd) into an
 //!   overlay upper directory, with every file-system operation confined to
 //!   the target by construction.
@@ -40,6 +43,8 @@
 // The stages, in the order a blob flows through them; each depends only
 // on the ones above it (checked by `tests/tests/layering.rs`).
 pub mod cancel;
+#[cfg(feature = "snapshotter")]
+pub mod containerd;
 pub mod layer;
 pub mod oci;
 pub mod pipeline;

@@ -58,6 +58,11 @@ enum Cmd {
     Snapshots(cli::snapshots::Args),
     /// The content store: blobs by digest under ROOT/content.
     Content(cli::content::Args),
+    /// Serve containerd's snapshots API on a unix socket, as the proxy
+    /// snapshotter plugin containerd loads with `[proxy_plugins.unlade]
+    /// type = "snapshot" address = "SOCKET"`. Its snapshots live under
+    /// ROOT/containerd. Runs until SIGINT or SIGTERM.
+    Snapshotter(cli::snapshotter::Args),
 }
 
 /// Directory fds are cached while applying; let the process have as many
@@ -83,6 +88,7 @@ fn run(cli: Cli) -> cli::Result {
         Cmd::Gc(a) => cli::gc::run(a, root),
         Cmd::Snapshots(a) => cli::snapshots::run(a, root),
         Cmd::Content(a) => cli::content::run(a, root),
+        Cmd::Snapshotter(a) => cli::snapshotter::run(a, root),
     }
 }
 

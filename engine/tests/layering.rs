@@ -27,6 +27,7 @@ const STAGES: &[&[&str]] = &[
     &["layer"],
     &["pipeline"],
     &["root"],
+    &["containerd"],
 ];
 
 fn stage_rank(top: &str) -> Option<usize> {

@@ -6,6 +6,7 @@
 //! The tests run as root (CI does): they chown, mknod and set trusted.*
 //! xattrs, and they compare against GNU tar extracting as root.
 
+pub mod containerd;
 pub mod registry;
 
 use std::collections::BTreeMap;

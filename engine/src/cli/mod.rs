@@ -12,6 +12,7 @@ pub mod progress;
 pub mod pull;
 pub mod signals;
 pub mod snapshots;
+pub mod snapshotter;
 pub mod unpack;
 
 use std::error::Error;

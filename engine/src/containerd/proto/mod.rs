@@ -1,0 +1,21 @@
+//! containerd's snapshots API as prost messages and a tonic server,
+//! generated from `engine/proto/containerd` by `engine/proto/gen`
+//! (`cd engine/proto/gen && cargo run && cargo fmt --all`) and checked in, so that building
+//! unlade needs no protobuf compiler.
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// `containerd.types`: the Mount message.
+pub mod types {
+    include!("containerd.types.rs");
+}
+
+/// `containerd.services.snapshots.v1`: the Snapshots service.
+pub mod services {
+    /// The snapshots service.
+    pub mod snapshots {
+        /// Version 1, what containerd 1.6 and later speak.
+        pub mod v1 {
+            include!("containerd.services.snapshots.v1.rs");
+        }
+    }
+}
