@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh Debian machine with only the Rust
 # toolchain: installs what the build links (libisal-dev, found with
 # pkg-config) and the real tools the tests drive (GNU tar, bsdtar, Go,
-# Python, pigz, zstd, docker-registry, skopeo, containerd, runc; as root), then format, lint,
+# Python, pigz, zstd, docker-registry, skopeo, containerd, runc,
+# python3-grpcio; as root), then format, lint,
 # README.md's opening commands (scripts/readme-commands.sh), every test, and
 # a short fuzz run (installing cargo-fuzz first if missing: a few quiet
 # minutes). CI (.ci/run) calls exactly this.
@@ -30,6 +31,8 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 # The snapshotter tests: the real containerd (1.6) and runc.
 command -v containerd >/dev/null || need_pkgs+=(containerd)
 command -v runc    >/dev/null || need_pkgs+=(runc)
+# The CRI pulls (perf/cri_pull.py): Debian's python3 with its grpcio.
+/usr/bin/python3 -c 'import grpc' 2>/dev/null || need_pkgs+=(python3 python3-grpcio)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "missing ${need_pkgs[*]}: run as root (the tests need root anyway)" >&2

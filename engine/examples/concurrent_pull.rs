@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..RemoteOptions::default()
         },
         platform: None,
+        record_as: None,
     };
     let pulls = std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)

@@ -181,6 +181,22 @@ impl Root {
         Ok(self.0.parts().snapshots.create_rw(key, parent)?)
     }
 
+    /// Keeps committed snapshot `chain` and its parents from gc for
+    /// `holder` until [`Root::release_snapshot`] (see
+    /// [`Snapshotter::hold`]): for users of a chain that are not images
+    /// or writable snapshots of this root, such as containerd's snapshots.
+    /// Holds `gc.lock` shared, so a gc running now finishes first and the
+    /// next one sees the hold.
+    pub fn hold_snapshot(&self, holder: &str, chain: &Digest) -> Result<(), RootError> {
+        let _gc = self.0.gc_lock(false, &Cancel::new())?;
+        Ok(self.0.parts().snapshots.hold(holder, chain)?)
+    }
+
+    /// Ends `holder`'s hold; the next gc may remove the chain.
+    pub fn release_snapshot(&self, holder: &str) -> Result<(), RootError> {
+        Ok(self.0.parts().snapshots.release(holder)?)
+    }
+
     /// Removes writable snapshot `key` (unmount it first), holding
     /// `gc.lock` shared as every removal does, so that a gc never reads a
     /// half-removed one.

@@ -24,6 +24,12 @@ impl Server {
     /// Starts `unlade snapshotter --root ROOT --address SOCK` and waits
     /// until it answers.
     pub fn start(root: &Path, sock: &Path) -> Server {
+        Server::start_with(root, sock, &[])
+    }
+
+    /// [`Server::start`] with more arguments (`--plain-http`); its log is
+    /// appended to, so a restarted server's follows the first's.
+    pub fn start_with(root: &Path, sock: &Path, args: &[&str]) -> Server {
         let log = sock.with_extension("log");
         let child = Command::new(bin())
             .arg("--root")
@@ -31,8 +37,15 @@ impl Server {
             .arg("snapshotter")
             .arg("--address")
             .arg(sock)
+            .args(args)
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("log file"),
+            )
             .spawn()
             .expect("start unlade snapshotter");
         let s = Server {
@@ -91,6 +104,18 @@ fn wait_for(mut ready: impl FnMut() -> bool, log: impl Fn() -> String) {
     }
 }
 
+/// containerd's CRI configuration for pulls from a plain-HTTP registry at
+/// `addr` (127.0.0.1:PORT) into snapshotter `unlade`, with the snapshot
+/// labels the fast path reads turned on (1.6 has them off by default).
+pub fn cri_config(addr: &str) -> String {
+    format!(
+        "[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"unlade\"\n  \
+         disable_snapshot_annotations = false\n\
+         [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{addr}\"]\n  \
+         endpoint = [\"http://{addr}\"]\n"
+    )
+}
+
 /// A private containerd whose proxy plugin `unlade` is a [`Server`].
 pub struct Containerd {
     /// Scratch: config, root, state, sockets, logs.
@@ -106,10 +131,15 @@ impl Containerd {
     /// Starts unlade's server on `root` and a containerd using it;
     /// `extra` is more of containerd's TOML config.
     pub fn start(root: &Path, extra: &str) -> Containerd {
+        Containerd::start_with(root, extra, &[])
+    }
+
+    /// [`Containerd::start`], the server started with `args`.
+    pub fn start_with(root: &Path, extra: &str, args: &[&str]) -> Containerd {
         let dir = tmp();
         let d = dir.path();
         let usock = d.join("unlade.sock");
-        let unlade = Server::start(root, &usock);
+        let unlade = Server::start_with(root, &usock, args);
         let sock = d.join("containerd.sock");
         let cri = if extra.contains("io.containerd.grpc.v1.cri") {
             String::new()
@@ -156,6 +186,25 @@ impl Containerd {
     /// containerd's log.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// Runs `perf/cri_pull.py`: `n` concurrent CRI PullImage calls of
+    /// `reference` (Debian's python3 with python3-grpcio).
+    pub fn cri_pull(&self, reference: &str, n: usize) -> Output {
+        self.cri_pull_cmd(reference, n)
+            .output()
+            .expect("run cri_pull.py")
+    }
+
+    /// The command [`Containerd::cri_pull`] runs, to start it in the
+    /// background.
+    pub fn cri_pull_cmd(&self, reference: &str, n: usize) -> Command {
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/cri_pull.py"))
+            .arg(&self.sock)
+            .arg(reference)
+            .arg(n.to_string());
+        c
     }
 
     /// Runs `ctr -a SOCK ARGS…`.

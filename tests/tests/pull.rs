@@ -503,6 +503,7 @@ fn twenty_concurrent_pulls_fetch_each_blob_once() {
             ..Default::default()
         },
         platform: None,
+        record_as: None,
     };
     let tops: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..20)

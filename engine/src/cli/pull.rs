@@ -63,6 +63,7 @@ pub fn run(a: Args, root: &Path) -> Result {
             ..Default::default()
         },
         platform,
+        record_as: None,
     };
     let display = (!a.image.quiet).then(progress::Display::new);
     let r = root.pull(

@@ -4,8 +4,10 @@
 //! `[proxy_plugins.unlade] type = "snapshot" address = "SOCKET"`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use unlade::{Root, RootOptions};
+use unlade::source::remote::RemoteOptions;
+use unlade::{PullOptions, Root, RootOptions};
 
 use super::{signals, Result};
 
@@ -15,17 +17,38 @@ pub struct Args {
     /// socket nobody answers on is replaced).
     #[arg(long, default_value = "/run/unlade/snapshotter.sock")]
     address: PathBuf,
+    /// Where registry `hosts.toml` files are, for the images unlade pulls
+    /// itself on CRI's labelled Prepares (containerd's certs.d layout).
+    #[arg(long, default_value = "/etc/unlade/certs.d")]
+    hosts_dir: PathBuf,
+    /// Plain HTTP to registries no hosts.toml describes (a local test
+    /// registry).
+    #[arg(long)]
+    plain_http: bool,
+    /// Serve as a plain snapshotter only: containerd fetches and applies
+    /// every layer itself, labels or not.
+    #[arg(long)]
+    no_fast_path: bool,
 }
 
 pub fn run(a: Args, root: &Path) -> Result {
     // Makes the root (and checks it is one) before containerd can call.
-    drop(Root::open(root, RootOptions::default())?);
+    let root = Arc::new(Root::open(root, RootOptions::default())?);
+    let fast = (!a.no_fast_path).then(|| PullOptions {
+        remote: RemoteOptions {
+            plain_http: a.plain_http,
+            hosts_dir: Some(a.hosts_dir.clone()),
+            ..Default::default()
+        },
+        platform: None,
+        record_as: None,
+    });
     let interrupts = signals::watch()?;
     eprintln!(
         "unlade: serving containerd's snapshots API for {} on {}",
-        root.display(),
+        root.dir().display(),
         a.address.display()
     );
-    unlade::containerd::serve(root, &a.address, interrupts.cancel())?;
+    unlade::containerd::serve(root, &a.address, fast, interrupts.cancel())?;
     Ok(())
 }

@@ -192,6 +192,7 @@ mod tests {
             .into_iter()
             .collect(),
             usage: None,
+            chain: None,
         }
     }
 

@@ -10,10 +10,12 @@
 //!
 //! - [`store`]: the snapshots, under `ROOT/containerd`, the file system as
 //!   the record.
+//! - [`fast`]: the fast path, CRI pulls done by unlade's own pipeline.
 //! - [`filter`]: containerd's filter syntax, for List.
 //! - [`service`]: the gRPC methods over the store.
 //! - [`serve`]: the server loop the `unlade snapshotter` command runs.
 
+pub mod fast;
 pub mod filter;
 mod mount;
 pub mod proto;
@@ -25,6 +27,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cancel::Cancel;
+use crate::pipeline::pull::PullOptions;
+use crate::root::Root;
 
 pub use service::Service;
 pub use store::{CtrError, CtrStore};
@@ -62,12 +66,19 @@ pub enum ServeError {
 }
 
 /// Binds `socket` (removing a stale one nobody answers on), then serves
-/// containerd's snapshots API for root directory `root` until `cancel`
+/// containerd's snapshots API for unlade root `root` until `cancel`
 /// trips; then stops accepting, lets calls in flight finish and removes
 /// the socket. Blocks; runs its own small tokio runtime (two workers; the
 /// file-system work goes to tokio's blocking pool, at most 16 threads).
-pub fn serve(root: &Path, socket: &Path, cancel: &Cancel) -> Result<(), ServeError> {
-    let store = Arc::new(CtrStore::open(root)?);
+/// With `fast` (how to reach registries), CRI's labelled Prepares make
+/// unlade pull images itself (see [`fast`]).
+pub fn serve(
+    root: Arc<Root>,
+    socket: &Path,
+    fast: Option<PullOptions>,
+    cancel: &Cancel,
+) -> Result<(), ServeError> {
+    let store = Arc::new(CtrStore::open(root, fast)?);
     let ioe = |op, source| ServeError::Io {
         op,
         path: socket.to_path_buf(),
@@ -109,7 +120,7 @@ pub fn serve(root: &Path, socket: &Path, cancel: &Cancel) -> Result<(), ServeErr
         .worker_threads(2)
         .max_blocking_threads(16)
         .thread_name("unlade-grpc")
-        .enable_io()
+        .enable_all()
         .build()
         .map_err(|e| ioe("start the runtime for", e))?;
     let stop = cancel.signal().clone();

@@ -32,7 +32,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ring::digest::{digest, SHA256};
@@ -41,9 +41,14 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::cancel::Cancel;
-use crate::containerd::mount;
+use crate::containerd::{fast, mount};
+use crate::oci::digest::Digest;
+use crate::pipeline::error::RootError;
+use crate::pipeline::pull::PullOptions;
+use crate::root::Root;
 use crate::store::lock::FileLock;
 use crate::store::snapshot::Mount;
+use crate::store::statedir::private_name;
 
 /// The most bytes of a key or name (containerd's keys are short; this
 /// bounds what a record holds).
@@ -92,6 +97,17 @@ pub enum CtrError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// The fast path's pull, or another call into unlade's root, failed.
+    #[error("{op} {name}")]
+    Root {
+        /// What was being done.
+        op: &'static str,
+        /// The image reference or snapshot.
+        name: String,
+        /// The error.
+        #[source]
+        source: Box<RootError>,
     },
     /// A record on disk does not parse.
     #[error("snapshot record {}", path.display())]
@@ -155,6 +171,10 @@ pub struct Record {
     /// Bytes and inodes of `fs/`, measured when committed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// For a snapshot made by the fast path: the chain ID of unlade's
+    /// committed snapshot that is its tree (and that it holds from gc).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
 }
 
 /// Disk usage of a snapshot's own tree, as containerd's `Usage` reports
@@ -178,18 +198,32 @@ pub enum LabelUpdate {
 }
 
 /// containerd's snapshots in an unlade root.
-#[derive(Debug)]
 pub struct CtrStore {
     dir: PathBuf,
     dirfd: OwnedFd,
     snaps: OwnedFd,
-    seq: AtomicU64,
+    root: Arc<Root>,
+    fast: Option<PullOptions>,
+}
+
+impl std::fmt::Debug for CtrStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CtrStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// The name of the hold on unlade's committed snapshot that containerd's
+/// snapshot `name` keeps (fast path).
+pub fn holder(name: &str) -> String {
+    format!("containerd-{}", hash_name(name))
 }
 
 /// The directory name of snapshot `name`.
@@ -306,10 +340,13 @@ pub fn tree_usage(dir: &Path) -> Result<Usage, CtrError> {
 }
 
 impl CtrStore {
-    /// Opens (creating) `ROOT/containerd` and settles what a crashed
-    /// process left: commits half-done, staging directories, trash.
-    pub fn open(root: &Path) -> Result<CtrStore, CtrError> {
-        let dir = root.join("containerd");
+    /// Opens (creating) `ROOT/containerd` of unlade root `root` and settles
+    /// what a crashed process left: commits half-done, staging
+    /// directories, trash. With `fast` (how to reach registries), a
+    /// Prepare that carries CRI's labels makes unlade pull the image
+    /// itself (see [`CtrStore::create`]).
+    pub fn open(root: Arc<Root>, fast: Option<PullOptions>) -> Result<CtrStore, CtrError> {
+        let dir = root.dir().join("containerd");
         let dirfd = open_dir(&dir)?;
         let snaps = open_dir(&dir.join("snapshots"))?;
         for sub in ["tmp", "trash", "mnt"] {
@@ -319,7 +356,8 @@ impl CtrStore {
             dir,
             dirfd,
             snaps,
-            seq: AtomicU64::new(0),
+            root,
+            fast,
         };
         let _lock = s.lock()?;
         for ent in s.entries()? {
@@ -352,12 +390,16 @@ impl CtrStore {
 
     /// A fresh name for a staging or trash entry, unique across processes.
     fn unique(&self) -> String {
-        format!(
-            "{}-{}-{}",
-            std::process::id(),
-            now_ns(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        )
+        private_name()
+    }
+
+    /// The tree of `rec`: its own `fs/`, or for a snapshot made from one of
+    /// unlade's (the fast path) that committed snapshot's.
+    fn fs_of(&self, rec: &Record) -> PathBuf {
+        match rec.chain.as_deref().and_then(|c| c.parse::<Digest>().ok()) {
+            Some(chain) => self.root.snapshots().committed_dir(&chain).join("fs"),
+            None => self.snap_dir(&hash_name(&rec.name)).join("fs"),
+        }
     }
 
     fn entries(&self) -> Result<Vec<String>, CtrError> {
@@ -447,7 +489,7 @@ impl CtrStore {
                 });
             }
             let r = self.get(&next, true)?;
-            out.push(self.snap_dir(&hash_name(&r.name)).join("fs"));
+            out.push(self.fs_of(&r));
             next = r.parent;
         }
         Ok(out)
@@ -465,6 +507,15 @@ impl CtrStore {
     ) -> Result<Vec<Mount>, CtrError> {
         check_name("key", key)?;
         check_labels(&labels)?;
+        if !view {
+            if let Some(opts) = &self.fast {
+                if let Some(ask) = fast::Ask::of(&labels) {
+                    if let Some(made) = self.adopt(parent, &labels, &ask, opts)? {
+                        return Err(made);
+                    }
+                }
+            }
+        }
         let _lock = self.lock()?;
         if !parent.is_empty() {
             let p = self.get(parent, true)?;
@@ -494,6 +545,7 @@ impl CtrStore {
             updated_ns: now,
             labels,
             usage: None,
+            chain: None,
         };
         let tmp = self.dir.join("tmp").join(self.unique());
         let made = (|| {
@@ -534,6 +586,159 @@ impl CtrStore {
                 Err(e)
             }
         }
+    }
+
+    /// The fast path (see [`fast`]): makes committed snapshot `ask.target`
+    /// on `parent` from unlade's own committed snapshot of that chain,
+    /// pulling the image first when unlade has not got it, and returns the
+    /// `AlreadyExists` to answer containerd with — or `None` when the name
+    /// is taken by a snapshot of another parent or kind, which leaves the
+    /// Prepare to containerd's own unpack.
+    fn adopt(
+        &self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        ask: &fast::Ask,
+        opts: &PullOptions,
+    ) -> Result<Option<CtrError>, CtrError> {
+        let target = ask.target.as_str();
+        let made = || Some(CtrError::AlreadyExists(target.to_string()));
+        // Made before, by this server or another, for this namespace or
+        // another: `None` if the name is taken otherwise.
+        let existing = |s: &CtrStore| -> Result<Option<Option<CtrError>>, CtrError> {
+            match s.get(target, true) {
+                Ok(r) if r.kind == Kind::Committed && r.parent == parent => Ok(Some(made())),
+                Ok(_) => Ok(Some(None)),
+                Err(CtrError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        {
+            let _lock = self.lock()?;
+            if let Some(answer) = existing(self)? {
+                return Ok(answer);
+            }
+            if !parent.is_empty() && self.get(parent, true)?.kind != Kind::Committed {
+                return Err(CtrError::InvalidArgument(format!(
+                    "parent {parent:?} is not committed"
+                )));
+            }
+        }
+        let root_err = |op: &'static str, name: String| {
+            move |e: RootError| CtrError::Root {
+                op,
+                name,
+                source: Box::new(e),
+            }
+        };
+        // Held before it exists, so that the pull's commit is never
+        // between unlade's record and this one.
+        self.root
+            .hold_snapshot(&holder(target), &ask.chain)
+            .map_err(root_err("hold", target.to_string()))?;
+        let result = self.pull_for(ask, opts).and_then(|()| {
+            let now = now_ns();
+            let mut rec = Record {
+                name: target.to_string(),
+                parent: parent.to_string(),
+                kind: Kind::Committed,
+                created_ns: now,
+                updated_ns: now,
+                labels: labels.clone(),
+                usage: None,
+                chain: Some(ask.chain.to_string()),
+            };
+            rec.usage = Some(tree_usage(&self.fs_of(&rec))?);
+            let _lock = self.lock()?;
+            if let Some(answer) = existing(self)? {
+                return Ok(answer);
+            }
+            self.publish(&rec)?;
+            Ok(made())
+        });
+        // Not made here: the hold goes, unless it is another snapshot's of
+        // the same name (one made by the fast path holds under it).
+        let held_by_other = |s: &CtrStore| s.stat(target).is_ok_and(|r| r.chain.is_some());
+        if !matches!(result, Ok(Some(_))) && !held_by_other(self) {
+            let _ = self.root.release_snapshot(&holder(target));
+        }
+        result
+    }
+
+    /// Makes sure unlade has committed snapshot `ask.chain`: pulls
+    /// `ask.reference` if not (shared with every other pull of it in
+    /// flight), recorded under a private name that is dropped once every
+    /// layer's chain is held for the Prepares containerd sends next.
+    fn pull_for(&self, ask: &fast::Ask, opts: &PullOptions) -> Result<(), CtrError> {
+        if self.root.snapshots().stat(&ask.chain).is_ok() {
+            return Ok(());
+        }
+        let record = format!("containerd-pull:{}", private_name());
+        let opts = PullOptions {
+            record_as: Some(record.clone()),
+            ..opts.clone()
+        };
+        let t = std::time::Instant::now();
+        let pulled = self
+            .root
+            .pull(&ask.reference, &opts, None, &Cancel::new())
+            .map_err(|e| CtrError::Root {
+                op: "pull",
+                name: ask.reference.to_string(),
+                source: Box::new(e),
+            })?;
+        for c in &pulled.unpacked.chain_ids {
+            let _ = self.root.hold_snapshot(&holder(&c.to_string()), c);
+        }
+        let _ = self.root.remove_image(&record);
+        let count = |r: crate::pipeline::flight::Role| {
+            pulled.unpacked.roles.iter().filter(|x| x.1 == r).count()
+        };
+        eprintln!(
+            "unlade: pulled {} for containerd: {} layers, {} present, {} applied here, \
+             {} by another; {} bytes fetched; {:.2} s",
+            ask.reference,
+            pulled.unpacked.chain_ids.len(),
+            pulled.unpacked.already,
+            count(crate::pipeline::flight::Role::Led)
+                + count(crate::pipeline::flight::Role::TookOver),
+            count(crate::pipeline::flight::Role::Waited),
+            pulled.bytes_fetched,
+            t.elapsed().as_secs_f64()
+        );
+        if pulled.unpacked.chain_ids.contains(&ask.chain) {
+            Ok(())
+        } else {
+            Err(CtrError::InvalidArgument(format!(
+                "image {} has no layer of chain {}",
+                ask.reference, ask.target
+            )))
+        }
+    }
+
+    /// Writes `rec` (a snapshot with no tree of its own) into place.
+    /// Holders of the lock only.
+    fn publish(&self, rec: &Record) -> Result<(), CtrError> {
+        let h = hash_name(&rec.name);
+        let tmp = self.dir.join("tmp").join(self.unique());
+        let made = (|| {
+            fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+            write_synced(&tmp.join("info.json"), &to_json(rec))?;
+            let tmpfd = open_dir(&self.dir.join("tmp"))?;
+            let name = tmp.file_name().map(|n| n.to_owned()).unwrap_or_default();
+            rfs::renameat_with(
+                &tmpfd,
+                &name,
+                &self.snaps,
+                h.as_str(),
+                RenameFlags::NOREPLACE,
+            )
+            .map_err(|e| io_err("rename into place", &self.snap_dir(&h))(e.into()))
+        })();
+        if made.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        made
     }
 
     /// The mounts that show snapshot `key` (Mounts).
@@ -660,6 +865,7 @@ impl CtrStore {
             updated_ns: now_ns(),
             labels,
             usage: Some(usage),
+            chain: None,
         };
         write_synced(&d.join("commit.json"), &to_json(&committed))?;
         match rfs::renameat_with(
@@ -693,7 +899,19 @@ impl CtrStore {
                     why: format!("it is the parent of {:?}", child.name),
                 });
             }
-            self.remove_locked(&rec)?
+            let trash = self.remove_locked(&rec)?;
+            if rec.chain.is_some() {
+                // unlade's snapshot is free for its gc once nothing else
+                // holds it.
+                self.root
+                    .release_snapshot(&holder(key))
+                    .map_err(|e| CtrError::Root {
+                        op: "release the hold of",
+                        name: key.to_string(),
+                        source: Box::new(e),
+                    })?;
+            }
+            trash
         };
         let _ = fs::remove_dir_all(&trash);
         Ok(())
@@ -803,9 +1021,14 @@ mod tests {
             .collect()
     }
 
+    fn open(dir: &Path) -> CtrStore {
+        let root = Root::open(dir, crate::root::RootOptions::default()).unwrap();
+        CtrStore::open(Arc::new(root), None).unwrap()
+    }
+
     fn store() -> (tempfile::TempDir, CtrStore) {
         let t = tempfile::tempdir().unwrap();
-        let s = CtrStore::open(t.path()).unwrap();
+        let s = open(t.path());
         (t, s)
     }
 
@@ -929,7 +1152,7 @@ mod tests {
         write_synced(&d.join("commit.json"), &to_json(&target)).unwrap();
         fs::rename(&d, s.snap_dir(&hash_name("done"))).unwrap();
         drop(s);
-        let s = CtrStore::open(t.path()).unwrap();
+        let s = open(t.path());
         assert_eq!(s.stat("done").unwrap().kind, Kind::Committed);
         assert!(matches!(s.stat("act"), Err(CtrError::NotFound(_))));
     }
@@ -939,9 +1162,7 @@ mod tests {
     #[test]
     fn two_stores_on_one_root_make_each_snapshot_once() {
         let t = tempfile::tempdir().unwrap();
-        let stores: Vec<_> = (0..2)
-            .map(|_| std::sync::Arc::new(CtrStore::open(t.path()).unwrap()))
-            .collect();
+        let stores: Vec<_> = (0..2).map(|_| Arc::new(open(t.path()))).collect();
         let results: Vec<Vec<bool>> = stores
             .iter()
             .map(|s| {

@@ -1,9 +1,10 @@
-//! Garbage collection: remove what no image record and no writable
-//! snapshot references.
+//! Garbage collection: remove what no image record, no writable snapshot
+//! and no hold references.
 //!
 //! Roots are the image records (their manifest, config and layer blobs,
-//! and their top snapshot with everything below it) and the writable
-//! snapshots (their parent chains). Everything else committed, and every
+//! and their top snapshot with everything below it), the writable
+//! snapshots (their parent chains) and the holds (`snapshots/holds/`: the
+//! chains containerd's snapshots are made of, with their parents). Everything else committed, and every
 //! blob nobody lists, goes, and so do the short links (`snapshots/l/`)
 //! whose snapshot is gone. Active snapshots are never touched: they
 //! belong to running operations (and a crashed one's are cleaned when a
@@ -53,6 +54,7 @@ impl Context {
             tops.extend(rec.top_chain);
         }
         tops.extend(snaps.list_rw()?.into_iter().filter_map(|r| r.parent));
+        tops.extend(snaps.list_holds()?.into_iter().map(|(_, chain)| chain));
         for top in tops {
             let mut cur = Some(top);
             while let Some(c) = cur {

@@ -30,12 +30,16 @@ pub struct PullOptions {
     pub remote: RemoteOptions,
     /// The platform to pick from an index (`None`: the host's).
     pub platform: Option<Platform>,
+    /// The image record's name (`None`: the normalized reference). The
+    /// containerd snapshotter records its pulls apart from the user's.
+    pub record_as: Option<String>,
 }
 
 /// What a pull did.
 #[derive(Debug, Clone)]
 pub struct Pulled {
-    /// The image record's name (the normalized reference).
+    /// The image record's name (the normalized reference, or
+    /// [`PullOptions::record_as`]).
     pub name: String,
     /// The digest the reference resolved to (index or manifest).
     pub resolved: Digest,
@@ -126,7 +130,10 @@ impl Context {
         let (res, _) =
             crate::pipeline::unpack::flown(r).map_err(crate::pipeline::unpack::unshare)?;
         let t1 = Instant::now();
-        let name = reference.to_string();
+        let name = opts
+            .record_as
+            .clone()
+            .unwrap_or_else(|| reference.to_string());
         let unpacked = self.unpack_observed(
             Arc::new(RemoteBlobs(res.remote.clone())),
             &res.image,

@@ -22,6 +22,11 @@
 //!   or links to that chain already, so the names need no record. gc
 //!   removes the ones whose snapshot is gone.
 //!
+//! - `holds/<holder>` are files naming a committed chain that something
+//!   outside unlade's own records still uses (containerd's snapshots made
+//!   from unlade's, see `crate::containerd`): gc keeps a held chain and
+//!   its parents as it keeps an image's.
+//!
 //! As with the content store, the directory names are the database.
 
 use std::collections::{HashMap, HashSet};
@@ -282,6 +287,8 @@ impl Snapshotter {
             listed: AtomicU64::new(0),
             dir,
         };
+        fs::create_dir_all(s.dir.join("holds"))
+            .map_err(|e| io_err(STORE, "create", &s.dir.join("holds"), e))?;
         s.clean()?;
         Ok(s)
     }
@@ -871,6 +878,69 @@ impl Snapshotter {
                 })
             }
         }
+    }
+
+    /// Keeps committed snapshot `chain` (and its parents) from gc for
+    /// `holder` (a key, as writable snapshots have) until
+    /// [`Self::release`]; a second hold by one holder replaces the first.
+    /// The chain need not exist yet: a hold taken before a pull covers what
+    /// the pull commits.
+    pub fn hold(&self, holder: &str, chain: &Digest) -> Result<(), SnapshotError> {
+        if !valid_key(holder) {
+            return Err(SnapshotError::Key {
+                key: holder.into(),
+                detail: "a holder is 1 to 200 of a-z A-Z 0-9 . _ - @ +, not starting with .",
+            });
+        }
+        let dir = self.dir.join("holds");
+        let tmp = dir.join(format!(".{}", crate::store::statedir::private_name()));
+        fs::write(&tmp, format!("{chain}\n"))
+            .and_then(|()| fs::rename(&tmp, dir.join(holder)))
+            .map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err(STORE, "write hold", &dir.join(holder), e).into()
+            })
+    }
+
+    /// Ends `holder`'s hold (none: nothing to do).
+    pub fn release(&self, holder: &str) -> Result<(), SnapshotError> {
+        if !valid_key(holder) {
+            return Ok(());
+        }
+        let p = self.dir.join("holds").join(holder);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(STORE, "remove hold", &p, e).into()),
+        }
+    }
+
+    /// Every hold: (holder, chain), sorted by holder.
+    pub fn list_holds(&self) -> Result<Vec<(String, Digest)>, SnapshotError> {
+        let dir = self.dir.join("holds");
+        let mut out = Vec::new();
+        for ent in fs::read_dir(&dir)
+            .map_err(|e| io_err(STORE, "list holds", &dir, e))?
+            .flatten()
+        {
+            let holder = ent.file_name().to_string_lossy().into_owned();
+            if holder.starts_with('.') {
+                continue;
+            }
+            let text = fs::read_to_string(ent.path())
+                .map_err(|e| io_err(STORE, "read hold", &ent.path(), e))?;
+            let chain = text.trim().parse::<Digest>().map_err(|e| {
+                io_err(
+                    STORE,
+                    "read hold",
+                    &ent.path(),
+                    io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
+                )
+            })?;
+            out.push((holder, chain));
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Every named writable snapshot, sorted by key.
