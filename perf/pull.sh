@@ -11,7 +11,12 @@
 #                   (fetch + unpack into overlayfs)
 #   ctr-20          20 `ctr images pull` processes at once on that containerd
 #   cri-1, cri-20   1 / 20 concurrent CRI PullImage calls (perf/cri_pull.py; containerd's CRI
-#                   image service, where its duplicate suppression lives; needs pip grpcio)
+#                   image service, where its duplicate suppression lives; needs grpcio:
+#                   Debian's python3-grpcio), snapshotter overlayfs
+#   cri-unlade-1, cri-unlade-20
+#                   the same with snapshotter unlade: `unlade snapshotter` beside containerd
+#                   as its proxy plugin, CRI's snapshot labels on, so unlade pulls each image
+#                   itself (the fast path); its root on the same fresh ext4
 # Every case starts on a freshly made ext4 (loop device over a sparse file, direct I/O), so
 # no case pays for the one before; registry storage and page cache are warm. Shuffled order,
 # RUNS rounds; prints medians and ratios to unlade-1 (also per round).
@@ -43,6 +48,7 @@ source perf/lib.sh
 reg_pid=
 cleanup() {
   if [[ -n $reg_pid ]]; then kill "$reg_pid" 2>/dev/null; wait "$reg_pid" 2>/dev/null || true; fi
+  if [[ -n ${snap_pid:-} ]]; then kill "$snap_pid" 2>/dev/null; wait "$snap_pid" 2>/dev/null || true; fi
   cleanup_fs
 }
 trap cleanup EXIT
@@ -70,12 +76,37 @@ printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "res
   > "$work/certs.d/$reg/hosts.toml"
 
 
-cri_config="[plugins.\"io.containerd.grpc.v1.cri\"]
-  sandbox_image = \"registry.invalid/pause:3.6\"
-  [plugins.\"io.containerd.grpc.v1.cri\".containerd]
-    snapshotter = \"overlayfs\"
-  [plugins.\"io.containerd.grpc.v1.cri\".registry]
-    config_path = \"$work/certs.d\""
+cri_config() { # SNAPSHOTTER
+  local extra=
+  if [[ $1 == unlade ]]; then
+    extra="    disable_snapshot_annotations = false"
+    printf '[proxy_plugins.unlade]\n  type = "snapshot"\n  address = "%s"\n' "$work/unlade.sock"
+  fi
+  cat <<TOML
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.invalid/pause:3.6"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "$1"
+$extra
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$work/certs.d"
+TOML
+}
+snap_pid=
+start_unlade_snapshotter() {
+  "$bin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
+    2> "$work/unlade.log" &
+  snap_pid=$!
+  for _ in $(seq 100); do [[ -S $work/unlade.sock ]] && return; sleep 0.1; done
+  echo "unlade snapshotter did not start: $(tail -3 "$work/unlade.log")" >&2; exit 1
+}
+stop_unlade_snapshotter() {
+  kill "$snap_pid"; wait "$snap_pid" 2>/dev/null || true; snap_pid=
+  # What it mounted for active snapshots (none after a pull).
+  { grep -o " $fsdir/root/containerd/mnt/[^ ]*" /proc/self/mounts || true; } | xargs -r -n1 umount -l
+}
+# perf/cri_pull.py needs grpcio: the first python3 that has it.
+PY=$(for p in python3 /usr/bin/python3; do $p -c 'import grpc' 2>/dev/null && { echo "$p"; break; }; done || true)
 
 ctr_pull() { # REF
   ctr -a "$work/ctd/sock" -n perf images pull --hosts-dir "$work/certs.d" \
@@ -86,7 +117,9 @@ declare -A times round ratios
 run_case() { # IMAGE CASE
   local img=$1 c=$2 ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
   fresh_fs
-  [[ $c == ctr-* || $c == cri-* ]] && start_containerd "$cri_config"
+  local snapper=overlayfs
+  if [[ $c == cri-unlade-* ]]; then snapper=unlade; start_unlade_snapshotter; fi
+  [[ $c == ctr-* || $c == cri-* ]] && start_containerd "$(cri_config $snapper)"
   case $c in
     unlade-1)
       t0=$(now); "$bin" pull --plain-http "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
@@ -107,15 +140,20 @@ run_case() { # IMAGE CASE
       pids=()
       for _ in $(seq "$N"); do ctr_pull "$ref" & pids+=($!); done
       wait "${pids[@]}"; t1=$(now) ;;
-    cri-1)
-      t0=$(now); python3 perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
-    cri-20)
-      t0=$(now); python3 perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
+    cri-1|cri-unlade-1)
+      t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
+    cri-20|cri-unlade-20)
+      t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
   esac
   if [[ $c == ctr-* || $c == cri-* ]]; then
     note="containerd: $(ctr -a "$work/ctd/sock" -n "$([[ $c == cri-* ]] && echo k8s.io || echo perf)" \
-      snapshots --snapshotter overlayfs ls | tail -n +2 | wc -l) snapshots"
+      snapshots --snapshotter $snapper ls | tail -n +2 | wc -l) snapshots"
+    if [[ $snapper == unlade ]]; then
+      note+="; unlade: $(grep -o '[0-9]* applied here' "$work/unlade.log" |
+        awk '{a+=$1} END {print a+0}') layers applied, $(grep -c ' for containerd: ' "$work/unlade.log") pulls"
+    fi
     stop_containerd
+    if [[ $snapper == unlade ]]; then stop_unlade_snapshotter; fi
   fi
   drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)
@@ -125,8 +163,8 @@ run_case() { # IMAGE CASE
 }
 
 read -ra cases <<< "${CASES:-unlade-1 unlade-20proc unlade-20lib ctr-1 ctr-20 cri-1 cri-20}"
-if [[ " ${cases[*]} " == *" cri-"* ]] && ! python3 -c 'import grpc' 2>/dev/null; then
-  echo "cri-* cases need grpcio (pip install grpcio); dropping them" >&2
+if [[ " ${cases[*]} " == *" cri-"* ]] && [[ -z $PY ]]; then
+  echo "cri-* cases need grpcio (apt-get install python3-grpcio); dropping them" >&2
   read -ra cases <<< "$(printf '%s\n' "${cases[@]}" | grep -v '^cri-' | tr '\n' ' ')"
 fi
 echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $(containerd --version | awk '{print $3}'); unlade $(git rev-parse --short HEAD)"
