@@ -58,6 +58,9 @@ const MAX_NAME: usize = 4096;
 const MAX_LABEL: usize = 4096;
 /// The most labels on one snapshot.
 const MAX_LABELS: usize = 256;
+/// A hold of the fast path's that no snapshot uses is released by Cleanup
+/// once it is this old.
+const STALE_HOLD: std::time::Duration = std::time::Duration::from_secs(3600);
 /// The most bytes of `info.json` read back.
 const MAX_RECORD: u64 = 4 << 20;
 /// The deepest parent chain followed (containerd images have at most a
@@ -981,7 +984,8 @@ impl CtrStore {
     }
 
     /// Cleanup: deletes the trash, staging directories and mount points
-    /// of snapshots that are gone.
+    /// of snapshots that are gone, and releases the fast path's holds that
+    /// no snapshot uses (after an hour).
     pub fn cleanup(&self) -> Result<(), CtrError> {
         let _lock = self.lock()?;
         self.sweep()
@@ -1005,6 +1009,20 @@ impl CtrStore {
                     let _ = mount::unmount(&ent.path(), true);
                 }
                 let _ = fs::remove_dir(ent.path());
+            }
+        }
+        // Holds the fast path took for the layers of a pull that containerd
+        // then gave up (it never asked for them): no snapshot here uses
+        // them, and they are older than any adoption still under way
+        // (which takes its holds again when its pull ends).
+        let snaps = self.root.snapshots();
+        for (holder, _) in snaps.list_holds().unwrap_or_default() {
+            let Some(h) = holder.strip_prefix("containerd-") else {
+                continue;
+            };
+            let stale = snaps.hold_age(&holder).is_some_and(|a| a > STALE_HOLD);
+            if stale && !self.snap_dir(h).exists() {
+                let _ = self.root.release_snapshot(&holder);
             }
         }
         Ok(())
@@ -1195,6 +1213,43 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Cleanup releases a fast-path hold no snapshot uses once it is old,
+    /// and keeps the young ones and the used ones.
+    #[test]
+    fn cleanup_releases_only_stale_unused_holds() {
+        let (t, s) = store();
+        let chain: Digest =
+            "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a"
+                .parse()
+                .unwrap();
+        s.create("used", "", BTreeMap::new(), false).unwrap();
+        for name in ["used", "unused-old", "unused-young"] {
+            s.root.hold_snapshot(&holder(name), &chain).unwrap();
+        }
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for name in ["used", "unused-old"] {
+            let p = t.path().join("snapshots/holds").join(holder(name));
+            fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        s.cleanup().unwrap();
+        let held: Vec<String> = s
+            .root
+            .snapshots()
+            .list_holds()
+            .unwrap()
+            .into_iter()
+            .map(|h| h.0)
+            .collect();
+        let mut want = vec![holder("used"), holder("unused-young")];
+        want.sort();
+        assert_eq!(held, want);
     }
 
     /// An active snapshot with a parent is an overlay unlade mounts

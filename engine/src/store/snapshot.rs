@@ -915,6 +915,15 @@ impl Snapshotter {
         }
     }
 
+    /// How long ago `holder`'s hold was last taken (`None`: no hold).
+    pub fn hold_age(&self, holder: &str) -> Option<std::time::Duration> {
+        if !valid_key(holder) {
+            return None;
+        }
+        let m = fs::metadata(self.dir.join("holds").join(holder)).ok()?;
+        m.modified().ok()?.elapsed().ok()
+    }
+
     /// Every hold: (holder, chain), sorted by holder.
     pub fn list_holds(&self) -> Result<Vec<(String, Digest)>, SnapshotError> {
         let dir = self.dir.join("holds");
