@@ -327,6 +327,17 @@ fn pulls_logged(c: &Containerd) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// `n` concurrent CRI pulls of `reference`, which must all succeed.
+fn cri_pull_ok(c: &Containerd, reference: &str, n: usize) {
+    let out = c.cri_pull(reference, n);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.unlade.log()
+    );
+}
+
 fn fast_path(root: &Path, proxy: &Proxy) -> Containerd {
     let none = root.with_extension("no-hosts");
     Containerd::start_with(
@@ -348,13 +359,7 @@ fn cri_pull_is_done_by_unlade() {
     let root = t.path().join("root");
     let c = fast_path(&root, &proxy);
     let reference = format!("{}/demo:latest", proxy.addr);
-    let out = c.cri_pull(&reference, 1);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.unlade.log()
-    );
+    cri_pull_ok(&c, &reference, 1);
     let layers = demo_layers(&reg);
     for l in &layers {
         assert_eq!(
@@ -457,13 +462,7 @@ fn twenty_concurrent_cri_pulls_apply_each_layer_once() {
     let root = t.path().join("root");
     let c = fast_path(&root, &proxy);
     let reference = format!("{}/demo:latest", proxy.addr);
-    let out = c.cri_pull(&reference, 20);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.unlade.log()
-    );
+    cri_pull_ok(&c, &reference, 20);
     let layers = demo_layers(&reg);
     let applied: usize = pulls_logged(&c).iter().map(|p| p.0).sum();
     assert_eq!(applied, layers.len(), "{:?}", pulls_logged(&c));

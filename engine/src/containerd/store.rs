@@ -35,8 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ring::digest::{digest, SHA256};
-use rustix::fs::{self as rfs, Mode, OFlags, RenameFlags};
+use rustix::fs::{self as rfs, RenameFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -205,6 +204,8 @@ pub struct CtrStore {
     dir: PathBuf,
     dirfd: OwnedFd,
     snaps: OwnedFd,
+    tmp: OwnedFd,
+    trash: OwnedFd,
     root: Arc<Root>,
     fast: Option<PullOptions>,
 }
@@ -231,25 +232,13 @@ pub fn holder(name: &str) -> String {
 
 /// The directory name of snapshot `name`.
 pub fn hash_name(name: &str) -> String {
-    let d = digest(&SHA256, name.as_bytes());
-    d.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hex = Digest::of(name.as_bytes()).hex();
+    hex.truncate(32);
+    hex
 }
 
 fn open_dir(p: &Path) -> Result<OwnedFd, CtrError> {
-    fs::create_dir_all(p).map_err(io_err("create", p))?;
-    rfs::open(
-        p,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| CtrError::Io {
-        op: "open",
-        path: p.to_path_buf(),
-        source: e.into(),
-    })
+    crate::store::statedir::open_dir(p).map_err(io_err("open", p))
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), CtrError> {
@@ -352,13 +341,15 @@ impl CtrStore {
         let dir = root.dir().join("containerd");
         let dirfd = open_dir(&dir)?;
         let snaps = open_dir(&dir.join("snapshots"))?;
-        for sub in ["tmp", "trash", "mnt"] {
-            open_dir(&dir.join(sub))?;
-        }
+        let tmp = open_dir(&dir.join("tmp"))?;
+        let trash = open_dir(&dir.join("trash"))?;
+        open_dir(&dir.join("mnt"))?;
         let s = CtrStore {
             dir,
             dirfd,
             snaps,
+            tmp,
+            trash,
             root,
             fast,
         };
@@ -389,11 +380,6 @@ impl CtrStore {
 
     fn mnt_dir(&self, h: &str) -> PathBuf {
         self.dir.join("mnt").join(h)
-    }
-
-    /// A fresh name for a staging or trash entry, unique across processes.
-    fn unique(&self) -> String {
-        private_name()
     }
 
     /// The tree of `rec`: its own `fs/`, or for a snapshot made from one of
@@ -550,37 +536,7 @@ impl CtrStore {
             usage: None,
             chain: None,
         };
-        let tmp = self.dir.join("tmp").join(self.unique());
-        let made = (|| {
-            fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
-            fs::create_dir(tmp.join("fs")).map_err(io_err("create", &tmp))?;
-            fs::set_permissions(
-                tmp.join("fs"),
-                std::os::unix::fs::PermissionsExt::from_mode(0o755),
-            )
-            .map_err(io_err("chmod", &tmp))?;
-            if !view {
-                fs::create_dir(tmp.join("work")).map_err(io_err("create", &tmp))?;
-            }
-            write_synced(&tmp.join("info.json"), &to_json(&rec))?;
-            let tmpfd = open_dir(&self.dir.join("tmp"))?;
-            let name = tmp.file_name().map(|n| n.to_owned()).unwrap_or_default();
-            match rfs::renameat_with(
-                &tmpfd,
-                &name,
-                &self.snaps,
-                h.as_str(),
-                RenameFlags::NOREPLACE,
-            ) {
-                Ok(()) => Ok(()),
-                Err(Errno::EXIST) => Err(CtrError::AlreadyExists(key.to_string())),
-                Err(e) => Err(io_err("rename into place", &self.snap_dir(&h))(e.into())),
-            }
-        })();
-        if let Err(e) = made {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
+        self.publish(&rec, if view { &["fs"] } else { &["fs", "work"] })?;
         match self.mounts_locked(&rec) {
             Ok(m) => Ok(m),
             Err(e) => {
@@ -656,7 +612,7 @@ impl CtrStore {
             if let Some(answer) = existing(self)? {
                 return Ok(answer);
             }
-            self.publish(&rec)?;
+            self.publish(&rec, &[])?;
             Ok(made())
         });
         // Not made here: the hold goes, unless it is another snapshot's of
@@ -719,24 +675,34 @@ impl CtrStore {
         }
     }
 
-    /// Writes `rec` (a snapshot with no tree of its own) into place.
-    /// Holders of the lock only.
-    fn publish(&self, rec: &Record) -> Result<(), CtrError> {
+    /// Makes snapshot `rec` whole in `tmp/` — its record and the empty
+    /// directories `dirs` (`fs`, `work`; none for a snapshot whose tree is
+    /// unlade's) — and renames it into place, `AlreadyExists` if the name
+    /// is taken. Holders of the lock only.
+    fn publish(&self, rec: &Record, dirs: &[&str]) -> Result<(), CtrError> {
         let h = hash_name(&rec.name);
-        let tmp = self.dir.join("tmp").join(self.unique());
+        let name = private_name();
+        let tmp = self.dir.join("tmp").join(&name);
         let made = (|| {
             fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+            for d in dirs {
+                let p = tmp.join(d);
+                fs::create_dir(&p).map_err(io_err("create", &p))?;
+                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                    .map_err(io_err("chmod", &p))?;
+            }
             write_synced(&tmp.join("info.json"), &to_json(rec))?;
-            let tmpfd = open_dir(&self.dir.join("tmp"))?;
-            let name = tmp.file_name().map(|n| n.to_owned()).unwrap_or_default();
-            rfs::renameat_with(
-                &tmpfd,
-                &name,
+            match rfs::renameat_with(
+                &self.tmp,
+                name.as_str(),
                 &self.snaps,
                 h.as_str(),
                 RenameFlags::NOREPLACE,
-            )
-            .map_err(|e| io_err("rename into place", &self.snap_dir(&h))(e.into()))
+            ) {
+                Ok(()) => Ok(()),
+                Err(Errno::EXIST) => Err(CtrError::AlreadyExists(rec.name.clone())),
+                Err(e) => Err(io_err("rename into place", &self.snap_dir(&h))(e.into())),
+            }
         })();
         if made.is_err() {
             let _ = fs::remove_dir_all(&tmp);
@@ -931,9 +897,8 @@ impl CtrStore {
             mount::unmount(&target, true).map_err(io_err("unmount", &target))?;
         }
         let _ = fs::remove_dir(&target);
-        let name = format!("{h}-{}", self.unique());
-        let trashfd = open_dir(&self.dir.join("trash"))?;
-        rfs::renameat(&self.snaps, h.as_str(), &trashfd, name.as_str()).map_err(|e| {
+        let name = format!("{h}-{}", private_name());
+        rfs::renameat(&self.snaps, h.as_str(), &self.trash, name.as_str()).map_err(|e| {
             CtrError::Io {
                 op: "move to trash",
                 path: self.snap_dir(&h),
@@ -967,7 +932,7 @@ impl CtrStore {
         check_labels(&rec.labels)?;
         rec.updated_ns = now_ns();
         let d = self.snap_dir(&hash_name(name));
-        let tmp = d.join(format!("info.json.{}", self.unique()));
+        let tmp = d.join(format!("info.json.{}", private_name()));
         write_synced(&tmp, &to_json(&rec))?;
         fs::rename(&tmp, d.join("info.json")).map_err(io_err("rename", &tmp))?;
         Ok(rec)
