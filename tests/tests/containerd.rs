@@ -441,6 +441,17 @@ fn cri_pull_is_done_by_unlade() {
     let gc = last_line(&sh(Command::new(bin()).arg("gc").arg("--root").arg(&root)));
     assert!(gc.starts_with("removed 0 snapshots"), "{gc}");
 
+    // The view, unless containerd's GC took it already (ctr held it by a
+    // lease only): left, it keeps the image's snapshots until a later GC.
+    let _ = c.ctr(&[
+        "-n",
+        "k8s.io",
+        "snapshots",
+        "--snapshotter",
+        "unlade",
+        "rm",
+        "cri-view",
+    ]);
     // Every image record CRI made (by reference and by ID), then GC.
     for name in k8s(&["images", "ls", "-q"]).lines() {
         k8s(&["images", "rm", "--sync", name]);
