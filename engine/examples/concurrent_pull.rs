@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         platform: None,
         record_as: None,
+        require_chain: None,
     };
     let pulls = std::thread::scope(|s| {
         let hs: Vec<_> = (0..n)

@@ -504,6 +504,7 @@ fn twenty_concurrent_pulls_fetch_each_blob_once() {
         },
         platform: None,
         record_as: None,
+        require_chain: None,
     };
     let tops: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..20)

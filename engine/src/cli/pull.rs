@@ -64,6 +64,7 @@ pub fn run(a: Args, root: &Path) -> Result {
         },
         platform,
         record_as: None,
+        require_chain: None,
     };
     let display = (!a.image.quiet).then(progress::Display::new);
     let r = root.pull(

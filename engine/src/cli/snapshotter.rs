@@ -42,6 +42,7 @@ pub fn run(a: Args, root: &Path) -> Result {
         },
         platform: None,
         record_as: None,
+        require_chain: None,
     });
     let interrupts = signals::watch()?;
     eprintln!(

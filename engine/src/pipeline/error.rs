@@ -51,6 +51,23 @@ pub enum RootError {
     /// Fetching a blob from its source failed (after retries).
     #[error(transparent)]
     Fetch(#[from] crate::pipeline::fetch::FetchError),
+    /// [`crate::pipeline::pull::PullOptions::require_chain`]: the image
+    /// has no layer of that chain.
+    #[error("image {reference} has no layer of chain {chain}")]
+    NotInImage {
+        /// The image reference pulled.
+        reference: String,
+        /// The chain asked for.
+        chain: Digest,
+    },
+    /// Creating or opening the root directory itself failed.
+    #[error("open the root {}", path.display())]
+    OpenRoot {
+        /// The root directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Taking a lock file failed.
     #[error("lock {path}")]
     Lock {
@@ -105,6 +122,30 @@ pub enum RootError {
 }
 
 impl RootError {
+    /// The source's failure this error comes from, if it does (a
+    /// registry that refused, stalled or was not found), wherever it is
+    /// in the chain: the callers that decide what to do next (the
+    /// containerd snapshotter: answer unavailable for a stalled
+    /// registry) look at its kind.
+    pub fn source_error(&self) -> Option<&crate::source::SourceError> {
+        use crate::layer::error::ErrorKind as K;
+        match self {
+            RootError::Source(e) => Some(e),
+            RootError::Fetch(crate::pipeline::fetch::FetchError::Source { source, .. }) => {
+                Some(source)
+            }
+            RootError::Layer { source, .. } => source.source_error(),
+            RootError::Shared(e) => e.source_error(),
+            RootError::Apply(e) => match &*e.kind {
+                K::Lower { source, .. } => source
+                    .downcast_ref::<RootError>()
+                    .and_then(RootError::source_error),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     /// The blob whose content caused this error, if the error is about
     /// content (corrupt data, digest or diff ID mismatch, a malformed or
     /// hostile archive) rather than the environment (I/O, space,

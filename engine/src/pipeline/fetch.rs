@@ -129,35 +129,63 @@ impl Fetcher<'_> {
         }
         let mut buf = vec![0u8; 256 << 10];
         let mut failures = 0u32;
+        let stall = self.retry.stall;
         'attempts: loop {
             if cancel.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
             let last = match source.open(d, w.written(), cancel) {
-                Ok(mut r) => loop {
-                    if cancel.is_cancelled() {
-                        return Err(FetchError::Cancelled);
-                    }
-                    match r.read(&mut buf) {
-                        Ok(0) => break 'attempts,
-                        Ok(n) => {
-                            w.write(&buf[..n])?;
-                            failures = 0;
-                            if let Some(g) = growing {
-                                g.advance(w.written());
-                            }
-                            (self.progress)(w.written());
+                Ok(mut r) => {
+                    // The minimum-progress rule, per attempt: the window's
+                    // start and what was written then.
+                    let mut window = (std::time::Instant::now(), w.written());
+                    loop {
+                        if cancel.is_cancelled() {
+                            return Err(FetchError::Cancelled);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            break SourceError::transient(format!(
-                                "{}: stream broke at byte {}: {e}",
+                        let read = r.read(&mut buf);
+                        if window.0.elapsed() >= stall.window {
+                            let got = w.written() + *read.as_ref().unwrap_or(&0) as u64 - window.1;
+                            if got < stall.min_bytes {
+                                break SourceError::stalled(format!(
+                                "{}: {got} bytes in {} s at byte {}, less than the {} a download must deliver",
                                 source.describe(),
-                                w.written()
-                            ))
+                                stall.window.as_secs(),
+                                w.written(),
+                                stall.min_bytes
+                            ));
+                            }
+                            window = (std::time::Instant::now(), w.written());
+                        }
+                        match read {
+                            Ok(0) => break 'attempts,
+                            Ok(n) => {
+                                w.write(&buf[..n])?;
+                                failures = 0;
+                                if let Some(g) = growing {
+                                    g.advance(w.written());
+                                }
+                                (self.progress)(w.written());
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(e) if crate::source::is_timeout(&e) => {
+                                break SourceError::stalled(format!(
+                                    "{}: no data for {} s at byte {}",
+                                    source.describe(),
+                                    stall.window.as_secs(),
+                                    w.written()
+                                ))
+                            }
+                            Err(e) => {
+                                break SourceError::transient(format!(
+                                    "{}: stream broke at byte {}: {e}",
+                                    source.describe(),
+                                    w.written()
+                                ))
+                            }
                         }
                     }
-                },
+                }
                 Err(e) => e,
             };
             failures += 1;
@@ -372,6 +400,10 @@ mod tests {
         attempts: 3,
         base: Duration::from_millis(1),
         max: Duration::from_millis(5),
+        stall: crate::source::Stall {
+            window: Duration::from_secs(60),
+            min_bytes: 1,
+        },
     };
 
     fn fetcher<'a>(s: &'a ContentStore, src: &'a dyn BlobSource) -> Fetcher<'a> {
@@ -460,6 +492,98 @@ mod tests {
         let text = crate::report::error_chain(&e);
         assert!(text.contains("stream broke at byte 0"), "{text}");
         assert_eq!(src.offsets.lock().unwrap().len(), 3);
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
+    /// A source that trickles: `every` between bytes, then a timeout
+    /// after `bytes` of them if `silent` (a registry that stops
+    /// answering); counts its opens.
+    struct Trickle {
+        every: Duration,
+        bytes: usize,
+        opens: AtomicU32,
+    }
+
+    struct TrickleRead {
+        every: Duration,
+        left: usize,
+    }
+
+    impl Read for TrickleRead {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            std::thread::sleep(self.every);
+            if self.left == 0 {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out"));
+            }
+            self.left -= 1;
+            buf[0] = b'x';
+            Ok(1)
+        }
+    }
+
+    impl BlobSource for Trickle {
+        fn open(
+            &self,
+            _: &Digest,
+            _: u64,
+            _: &Cancel,
+        ) -> Result<Box<dyn Read + Send>, SourceError> {
+            self.opens.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(TrickleRead {
+                every: self.every,
+                left: self.bytes,
+            }))
+        }
+        fn describe(&self) -> String {
+            "trickle".into()
+        }
+    }
+
+    /// A download that delivers less than the minimum in a window, or
+    /// times out waiting (a silent registry), fails as stalled at once:
+    /// not retried, however many bytes trickled in (progress resets the
+    /// retries, so a trickle used to hold a download for ever).
+    #[test]
+    fn a_trickle_or_a_silence_is_a_stall_not_retried() {
+        let (t, s) = store("stall");
+        let retry = Retry {
+            stall: crate::source::Stall {
+                window: Duration::from_millis(200),
+                min_bytes: 100,
+            },
+            ..FAST
+        };
+        let cancel = Cancel::new();
+        let run = |src: &Trickle| {
+            Fetcher {
+                store: &s,
+                source: src,
+                retry: &retry,
+                cancel: &cancel,
+                progress: &|_| {},
+            }
+            .fetch_into(&Digest::of(b"never"), 1 << 20, None)
+        };
+        for (every, bytes) in [
+            (Duration::from_millis(20), 1_000_000),
+            (Duration::from_millis(5), 3),
+        ] {
+            let src = Trickle {
+                every,
+                bytes,
+                opens: AtomicU32::new(0),
+            };
+            let t0 = std::time::Instant::now();
+            let e = run(&src).unwrap_err();
+            match &e {
+                FetchError::Source { source, .. } => {
+                    assert_eq!(source.kind, SourceErrorKind::Stalled, "{e}")
+                }
+                other => panic!("{other}"),
+            }
+            assert_eq!(src.opens.load(Ordering::SeqCst), 1, "not retried");
+            assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        }
         std::fs::remove_dir_all(&t).unwrap();
     }
 }

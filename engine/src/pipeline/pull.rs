@@ -33,6 +33,12 @@ pub struct PullOptions {
     /// The image record's name (`None`: the normalized reference). The
     /// containerd snapshotter records its pulls apart from the user's.
     pub record_as: Option<String>,
+    /// A layer chain the image must have: checked once the image is
+    /// resolved, before anything is fetched or applied
+    /// ([`RootError::NotInImage`] otherwise). The containerd snapshotter's
+    /// fast path pulls an image for one layer a label names; an image
+    /// that lacks it is not pulled at all.
+    pub require_chain: Option<Digest>,
 }
 
 /// What a pull did.
@@ -129,6 +135,14 @@ impl Context {
         });
         let (res, _) =
             crate::pipeline::unpack::flown(r).map_err(crate::pipeline::unpack::unshare)?;
+        if let Some(chain) = opts.require_chain {
+            if !res.image.layers.iter().any(|l| l.chain_id == chain) {
+                return Err(RootError::NotInImage {
+                    reference: reference.to_string(),
+                    chain,
+                });
+            }
+        }
         let t1 = Instant::now();
         let name = opts
             .record_as

@@ -25,6 +25,11 @@ pub enum SourceErrorKind {
     Transient,
     /// Credentials missing or refused (HTTP 401/403).
     Denied,
+    /// The source stopped delivering: no answer, or less than
+    /// [`Stall::min_bytes`] in a [`Stall::window`]. Not retried: a
+    /// registry that answers a byte a minute would otherwise hold a
+    /// download (and a thread) for as long as it likes.
+    Stalled,
     /// Anything else: retrying would fail the same way.
     Fatal,
 }
@@ -61,6 +66,19 @@ impl SourceError {
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(SourceErrorKind::Transient, message)
     }
+
+    /// The source stopped delivering (see [`SourceErrorKind::Stalled`]).
+    pub fn stalled(message: impl Into<String>) -> Self {
+        Self::new(SourceErrorKind::Stalled, message)
+    }
+}
+
+/// Whether `e` is a read that waited longer than the socket's timeout.
+pub fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    )
 }
 
 /// Where an image's blobs come from when they are not in the content
@@ -96,6 +114,8 @@ pub struct Retry {
     pub base: Duration,
     /// Longest back-off, and longest `Retry-After` honoured.
     pub max: Duration,
+    /// The least a download delivers before it is given up as stalled.
+    pub stall: Stall,
 }
 
 impl Default for Retry {
@@ -104,6 +124,33 @@ impl Default for Retry {
             attempts: 5,
             base: Duration::from_millis(200),
             max: Duration::from_secs(30),
+            stall: Stall::default(),
+        }
+    }
+}
+
+/// The minimum-progress rule of a download: fewer than `min_bytes` in
+/// any `window` (a silent source delivers none) fails it with
+/// [`SourceErrorKind::Stalled`]. Retries reset by progress, so without
+/// such a rule a source trickling a byte now and then never fails. A
+/// registry's socket reads time out after the same window
+/// ([`remote::RemoteOptions::read_timeout`]), which is what wakes a
+/// download waiting on a silent one.
+#[derive(Debug, Clone, Copy)]
+pub struct Stall {
+    /// The interval judged.
+    pub window: Duration,
+    /// The bytes it must deliver.
+    pub min_bytes: u64,
+}
+
+impl Default for Stall {
+    /// 64 KiB a minute: far below any working registry, far above a
+    /// trickle.
+    fn default() -> Self {
+        Stall {
+            window: Duration::from_secs(60),
+            min_bytes: 64 << 10,
         }
     }
 }

@@ -86,6 +86,9 @@ impl ContentStore {
     /// made durable too.
     pub fn open(root: &Path, sync: bool) -> Result<Self, ContentError> {
         let dir = root.join("content");
+        for d in [dir.clone(), dir.join("blobs")] {
+            open_dir(&d)?;
+        }
         let blobs = open_dir(&dir.join("blobs/sha256"))?;
         let ingest = open_dir(&dir.join("ingest"))?;
         let store = ContentStore {

@@ -278,6 +278,8 @@ impl Snapshotter {
     /// what crashed processes left: active snapshots nobody holds, trash.
     pub fn open(root: &Path) -> Result<Self, SnapshotError> {
         let dir = root.join("snapshots");
+        open_dir(&dir)?;
+        open_dir(&dir.join("holds"))?;
         let s = Snapshotter {
             committed: open_dir(&dir.join("committed"))?,
             active: open_dir(&dir.join("active"))?,
@@ -287,8 +289,6 @@ impl Snapshotter {
             listed: AtomicU64::new(0),
             dir,
         };
-        fs::create_dir_all(s.dir.join("holds"))
-            .map_err(|e| io_err(STORE, "create", &s.dir.join("holds"), e))?;
         s.clean()?;
         Ok(s)
     }
@@ -385,7 +385,8 @@ impl Snapshotter {
             tries += 1;
             let name = crate::store::statedir::private_name();
             let dir = self.dir.join("active").join(&name);
-            fs::create_dir(&dir).map_err(|e| io_err(STORE, "create active snapshot", &dir, e))?;
+            crate::store::statedir::make_dir(&dir, crate::store::statedir::PRIVATE)
+                .map_err(|e| io_err(STORE, "create active snapshot", &dir, e))?;
             let lock = match rfs::open(
                 dir.join("lock"),
                 OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
@@ -414,8 +415,12 @@ impl Snapshotter {
                 }
             }
         };
-        fs::create_dir(dir.join("fs")).map_err(|e| io_err(STORE, "create upper", &dir, e))?;
-        fs::create_dir(dir.join("work")).map_err(|e| io_err(STORE, "create work", &dir, e))?;
+        // The upper directory is the image's root unless a layer says
+        // otherwise: the usual 0755, never the umask's.
+        crate::store::statedir::make_dir(&dir.join("fs"), 0o755)
+            .map_err(|e| io_err(STORE, "create upper", &dir, e))?;
+        crate::store::statedir::make_dir(&dir.join("work"), crate::store::statedir::PRIVATE)
+            .map_err(|e| io_err(STORE, "create work", &dir, e))?;
         if let Some(p) = parent {
             fs::write(dir.join("parent"), p.to_string())
                 .map_err(|e| io_err(STORE, "write parent", &dir, e))?;
@@ -864,7 +869,8 @@ impl Snapshotter {
             None => {
                 // overlayfs needs a lower directory: an empty one.
                 let empty = self.dir.join("empty");
-                fs::create_dir_all(&empty).map_err(|e| io_err(STORE, "create", &empty, e))?;
+                crate::store::statedir::make_dirs(&empty, 0o755)
+                    .map_err(|e| io_err(STORE, "create", &empty, e))?;
                 Ok(Mount {
                     kind: "overlay",
                     source: "overlay".into(),

@@ -10,14 +10,68 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, Mode, OFlags};
 
-/// Creates `p` (and its parents) if missing and opens it as a directory.
+/// The mode of every directory of a root's state: the root itself, each
+/// store and each snapshot's own directory. A committed tree holds what
+/// an image carries (setuid binaries, files owned by any uid): were a host
+/// user able to reach it, they could run those or read what their uid
+/// owns in it (CVE-2021-41103, why containerd keeps its snapshotter roots
+/// 0700). Set explicitly, after `mkdir`, so that the umask neither widens
+/// it (umask 000 made every directory 0777: anyone could rename a store
+/// away and plant their own) nor narrows it.
+pub const PRIVATE: u32 = 0o700;
+
+/// Creates directory `p` (one component, `EEXIST` if it is there) with
+/// exactly `mode`, whatever the umask.
+pub fn make_dir(p: &Path, mode: u32) -> io::Result<()> {
+    rfs::mkdir(p, Mode::from_raw_mode(0o700))?;
+    rfs::chmod(p, Mode::from_raw_mode(mode))?;
+    Ok(())
+}
+
+/// Creates `p` and its missing parents, each made with exactly `mode`
+/// (parents that exist are left as they are).
+pub fn make_dirs(p: &Path, mode: u32) -> io::Result<()> {
+    match rfs::stat(p) {
+        Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
+            return Ok(())
+        }
+        Ok(_) => return Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+        Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        make_dirs(parent, mode)?;
+    }
+    match make_dir(p, mode) {
+        // Made by someone else meanwhile.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
+/// Makes directory `fd` [`PRIVATE`] if it is not: a root made before
+/// modes were explicit, or under a loose umask. Best effort: a directory
+/// this process may not change keeps its mode (it then belongs to someone
+/// who chose it).
+pub fn make_private(fd: &OwnedFd) {
+    if let Ok(st) = rfs::fstat(fd) {
+        if st.st_mode & 0o7777 != PRIVATE {
+            let _ = rfs::fchmod(fd, Mode::from_raw_mode(PRIVATE));
+        }
+    }
+}
+
+/// Creates `p` (and its parents) if missing, [`PRIVATE`], and opens it as
+/// a directory, made private if it was not.
 pub fn open_dir(p: &Path) -> io::Result<OwnedFd> {
-    std::fs::create_dir_all(p)?;
-    Ok(rfs::open(
+    make_dirs(p, PRIVATE)?;
+    let fd = rfs::open(
         p,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?)
+    )?;
+    make_private(&fd);
+    Ok(fd)
 }
 
 /// A name unique among this root's users: the process ID (unique among

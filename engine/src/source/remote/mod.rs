@@ -340,10 +340,15 @@ impl Remote {
                     return Err(status_error(&what, code, resp))
                 }
                 Err(ureq::Error::Transport(t)) => {
-                    return Err(SourceError::transient(format!(
-                        "{what}: {}",
-                        transport_text(&t, &url)
-                    )))
+                    let text = format!("{what}: {}", transport_text(&t, &url));
+                    return Err(if is_read_timeout(&t) {
+                        // Connected, asked, and no answer in the read
+                        // timeout: a silent registry, not worth asking
+                        // again and again.
+                        SourceError::stalled(text)
+                    } else {
+                        SourceError::transient(text)
+                    });
                 }
             }
         }
@@ -500,12 +505,28 @@ fn media_type_of(body: &[u8], content_type: Option<&str>) -> Result<String, Sour
     ))
 }
 
+/// Whether a transport failure is the read timeout: the registry took
+/// the request and then said nothing.
+fn is_read_timeout(t: &ureq::Transport) -> bool {
+    t.kind() == ureq::ErrorKind::Io
+        && std::error::Error::source(t)
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .is_some_and(crate::source::is_timeout)
+}
+
 fn read_bounded(resp: ureq::Response, host: &str, path: &str) -> Result<Vec<u8>, SourceError> {
     let mut body = Vec::new();
     resp.into_reader()
         .take(MAX_JSON + 1)
         .read_to_end(&mut body)
-        .map_err(|e| SourceError::transient(format!("{host}{path}: reading the answer: {e}")))?;
+        .map_err(|e| {
+            let text = format!("{host}{path}: reading the answer: {e}");
+            if crate::source::is_timeout(&e) {
+                SourceError::stalled(text)
+            } else {
+                SourceError::transient(text)
+            }
+        })?;
     if body.len() as u64 > MAX_JSON {
         return Err(SourceError::fatal(format!(
             "{host}{path}: document larger than {MAX_JSON} bytes"
