@@ -129,33 +129,23 @@ impl Fetcher<'_> {
         }
         let mut buf = vec![0u8; 256 << 10];
         let mut failures = 0u32;
-        let stall = self.retry.stall;
+        // Stalled attempts, never reset: a trickle makes progress.
+        let mut stalls = 0u32;
         'attempts: loop {
             if cancel.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
             let last = match source.open(d, w.written(), cancel) {
                 Ok(mut r) => {
-                    // The minimum-progress rule, per attempt: the window's
-                    // start and what was written then.
-                    let mut window = (std::time::Instant::now(), w.written());
+                    let mut progress = crate::source::Progress::new(self.retry.stall, w.written());
                     loop {
                         if cancel.is_cancelled() {
                             return Err(FetchError::Cancelled);
                         }
                         let read = r.read(&mut buf);
-                        if window.0.elapsed() >= stall.window {
-                            let got = w.written() + *read.as_ref().unwrap_or(&0) as u64 - window.1;
-                            if got < stall.min_bytes {
-                                break SourceError::stalled(format!(
-                                "{}: {got} bytes in {} s at byte {}, less than the {} a download must deliver",
-                                source.describe(),
-                                stall.window.as_secs(),
-                                w.written(),
-                                stall.min_bytes
-                            ));
-                            }
-                            window = (std::time::Instant::now(), w.written());
+                        let now = w.written() + *read.as_ref().unwrap_or(&0) as u64;
+                        if let Err(why) = progress.check(now) {
+                            break SourceError::stalled(format!("{}: {why}", source.describe()));
                         }
                         match read {
                             Ok(0) => break 'attempts,
@@ -170,10 +160,9 @@ impl Fetcher<'_> {
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(e) if crate::source::is_timeout(&e) => {
                                 break SourceError::stalled(format!(
-                                    "{}: no data for {} s at byte {}",
+                                    "{}: {}",
                                     source.describe(),
-                                    stall.window.as_secs(),
-                                    w.written()
+                                    progress.silent(w.written())
                                 ))
                             }
                             Err(e) => {
@@ -189,7 +178,15 @@ impl Fetcher<'_> {
                 Err(e) => e,
             };
             failures += 1;
-            if last.kind != SourceErrorKind::Transient || failures >= self.retry.attempts {
+            let retry = match last.kind {
+                SourceErrorKind::Transient => failures < self.retry.attempts,
+                SourceErrorKind::Stalled => {
+                    stalls += 1;
+                    stalls < self.retry.stall.attempts && failures < self.retry.attempts
+                }
+                _ => false,
+            };
+            if !retry {
                 return Err(FetchError::Source {
                     digest: *d,
                     source: last,
@@ -403,6 +400,7 @@ mod tests {
         stall: crate::source::Stall {
             window: Duration::from_secs(60),
             min_bytes: 1,
+            attempts: 2,
         },
     };
 
@@ -540,16 +538,18 @@ mod tests {
     }
 
     /// A download that delivers less than the minimum in a window, or
-    /// times out waiting (a silent registry), fails as stalled at once:
-    /// not retried, however many bytes trickled in (progress resets the
-    /// retries, so a trickle used to hold a download for ever).
+    /// times out waiting (a silent registry), is stalled: tried again as
+    /// many times as the rule says in all, however many bytes trickled in
+    /// (progress resets the other retries, so a trickle used to hold a
+    /// download for ever), then given up.
     #[test]
-    fn a_trickle_or_a_silence_is_a_stall_not_retried() {
+    fn a_trickle_or_a_silence_is_a_stall_tried_a_bounded_number_of_times() {
         let (t, s) = store("stall");
         let retry = Retry {
             stall: crate::source::Stall {
                 window: Duration::from_millis(200),
                 min_bytes: 100,
+                attempts: 2,
             },
             ..FAST
         };
@@ -581,7 +581,7 @@ mod tests {
                 }
                 other => panic!("{other}"),
             }
-            assert_eq!(src.opens.load(Ordering::SeqCst), 1, "not retried");
+            assert_eq!(src.opens.load(Ordering::SeqCst), 2, "tried twice");
             assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
         }
         std::fs::remove_dir_all(&t).unwrap();

@@ -134,9 +134,7 @@ impl Context {
 
     /// Opens (creating) the stores of the root at `dir`.
     pub(crate) fn open(dir: &Path, opts: RootOptions) -> Result<Context, RootError> {
-        // The root itself is private (statedir::PRIVATE), as each store
-        // under it.
-        crate::store::statedir::open_dir(dir).map_err(|source| RootError::OpenRoot {
+        crate::store::statedir::open_root(dir).map_err(|source| RootError::OpenRoot {
             path: dir.to_path_buf(),
             source,
         })?;

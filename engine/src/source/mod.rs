@@ -26,9 +26,11 @@ pub enum SourceErrorKind {
     /// Credentials missing or refused (HTTP 401/403).
     Denied,
     /// The source stopped delivering: no answer, or less than
-    /// [`Stall::min_bytes`] in a [`Stall::window`]. Not retried: a
-    /// registry that answers a byte a minute would otherwise hold a
-    /// download (and a thread) for as long as it likes.
+    /// [`Stall::min_bytes`] in a [`Stall::window`]. Retried at most
+    /// [`Stall::attempts`] times in all, whatever trickled in: a registry
+    /// that answers a byte a minute would otherwise hold a download (and
+    /// a thread) for as long as it likes, since progress resets the
+    /// other retries.
     Stalled,
     /// Anything else: retrying would fail the same way.
     Fatal,
@@ -129,29 +131,79 @@ impl Default for Retry {
     }
 }
 
-/// The minimum-progress rule of a download: fewer than `min_bytes` in
-/// any `window` (a silent source delivers none) fails it with
+/// The minimum-progress rule of a transfer: fewer than `min_bytes` in
+/// any `window` (a silent source delivers none) fails the attempt with
 /// [`SourceErrorKind::Stalled`]. Retries reset by progress, so without
 /// such a rule a source trickling a byte now and then never fails. A
 /// registry's socket reads time out after the same window
 /// ([`remote::RemoteOptions::read_timeout`]), which is what wakes a
-/// download waiting on a silent one.
+/// transfer waiting on a silent one.
 #[derive(Debug, Clone, Copy)]
 pub struct Stall {
     /// The interval judged.
     pub window: Duration,
     /// The bytes it must deliver.
     pub min_bytes: u64,
+    /// Stalled attempts before giving up, progress or not: 2 rides out
+    /// one dropped connection or one hung request of a CDN.
+    pub attempts: u32,
 }
 
 impl Default for Stall {
-    /// 64 KiB a minute: far below any working registry, far above a
-    /// trickle.
+    /// 64 KiB a minute, twice: far below any working registry, far above
+    /// a trickle.
     fn default() -> Self {
         Stall {
             window: Duration::from_secs(60),
             min_bytes: 64 << 10,
+            attempts: 2,
         }
+    }
+}
+
+/// [`Stall`] applied to one attempt: told the bytes transferred so far
+/// after each read, it says when the rule is broken.
+#[derive(Debug)]
+pub struct Progress {
+    rule: Stall,
+    start: std::time::Instant,
+    at_start: u64,
+}
+
+impl Progress {
+    /// An attempt starting now with `done` bytes transferred already.
+    pub fn new(rule: Stall, done: u64) -> Progress {
+        Progress {
+            rule,
+            start: std::time::Instant::now(),
+            at_start: done,
+        }
+    }
+
+    /// With `done` bytes transferred in all: `Err(why)` once a whole
+    /// window passed with fewer than the rule's bytes in it.
+    pub fn check(&mut self, done: u64) -> Result<(), String> {
+        if self.start.elapsed() < self.rule.window {
+            return Ok(());
+        }
+        let got = done.saturating_sub(self.at_start);
+        if got < self.rule.min_bytes {
+            return Err(format!(
+                "{got} bytes in {} s at byte {done}, less than the {} a transfer must deliver",
+                self.rule.window.as_secs(),
+                self.rule.min_bytes
+            ));
+        }
+        *self = Progress::new(self.rule, done);
+        Ok(())
+    }
+
+    /// A read that timed out: the source said nothing for a whole window.
+    pub fn silent(&self, done: u64) -> String {
+        format!(
+            "no data for {} s at byte {done}",
+            self.rule.window.as_secs()
+        )
     }
 }
 

@@ -180,7 +180,8 @@ impl ImageStore {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
+/// Whether process `pid` exists (a private name's writer, say).
+pub fn process_alive(pid: i32) -> bool {
     rustix::process::Pid::from_raw(pid)
         .is_some_and(|p| rustix::process::test_kill_process(p) != Err(Errno::SRCH))
 }

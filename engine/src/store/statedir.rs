@@ -61,6 +61,42 @@ pub fn make_private(fd: &OwnedFd) {
     }
 }
 
+/// Makes a root's directory `dir`: [`PRIVATE`] when it is made here, and
+/// made private when it is already a root (it holds a store) or empty. A
+/// directory with other things in it (`--root ~`, `--root /srv`) keeps
+/// its mode: unlade does not take over a directory it shares; the stores
+/// under it are private all the same.
+pub fn open_root(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return make_dirs(dir, PRIVATE);
+    }
+    const OURS: [&str; 6] = [
+        "content",
+        "snapshots",
+        "images",
+        "locks",
+        "containerd",
+        "gc.lock",
+    ];
+    let mut ours = true;
+    for ent in std::fs::read_dir(dir)? {
+        let name = ent?.file_name();
+        if !OURS.iter().any(|o| name == *o) {
+            ours = false;
+            break;
+        }
+    }
+    if ours {
+        let fd = rfs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        make_private(&fd);
+    }
+    Ok(())
+}
+
 /// Creates `p` (and its parents) if missing, [`PRIVATE`], and opens it as
 /// a directory, made private if it was not.
 pub fn open_dir(p: &Path) -> io::Result<OwnedFd> {

@@ -48,8 +48,15 @@ pub struct RemoteOptions {
     pub retry: Retry,
     /// Longest wait for a connection.
     pub connect_timeout: Duration,
-    /// Longest silence while reading a response.
+    /// Longest silence while reading a response; also the window of the
+    /// minimum-progress rule ([`crate::source::Stall`]) for documents and
+    /// for what a resumed download skips.
     pub read_timeout: Duration,
+    /// When every request must be done by, if anything bounds the whole
+    /// operation (the containerd snapshotter's pull deadline): each request
+    /// is given what is left as its overall timeout, headers and body
+    /// included, so that no answer however slow keeps a thread past it.
+    pub deadline: Option<Instant>,
 }
 
 impl Default for RemoteOptions {
@@ -61,6 +68,7 @@ impl Default for RemoteOptions {
             retry: Retry::default(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            deadline: None,
         }
     }
 }
@@ -90,6 +98,7 @@ pub struct Remote {
     auth: Mutex<HashMap<String, Auth>>,
     docs: Mutex<HashMap<Digest, Doc>>,
     retry: Retry,
+    deadline: Option<Instant>,
     /// What this client did.
     pub stats: RemoteStats,
 }
@@ -100,11 +109,16 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// What a request is for: which endpoints may serve it.
+/// What a request is for: which endpoints may serve it, and how large
+/// its answer may be.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Cap {
+    /// A tag's digest (HEAD or GET of a manifest by tag).
     Resolve,
+    /// A document by digest (manifest, index, config).
     Pull,
+    /// A layer blob: an answer of any size, read by the fetcher.
+    Blob,
 }
 
 const ACCEPT_ERR_BODY: u64 = 4096;
@@ -137,7 +151,14 @@ impl Remote {
             docker_config: opts.docker_config.clone().or_else(auth::docker_config_path),
             auth: Mutex::new(HashMap::new()),
             docs: Mutex::new(HashMap::new()),
-            retry: opts.retry,
+            retry: Retry {
+                stall: crate::source::Stall {
+                    window: opts.read_timeout,
+                    ..opts.retry.stall
+                },
+                ..opts.retry
+            },
+            deadline: opts.deadline,
             stats: RemoteStats::default(),
         })
     }
@@ -155,12 +176,23 @@ impl Remote {
         cancel: &Cancel,
         mut f: impl FnMut() -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
-        let mut n = 0;
+        let (mut n, mut stalls) = (0, 0);
         loop {
             match f() {
                 Ok(v) => return Ok(v),
                 Err(e) if e.kind == SourceErrorKind::Transient && n + 1 < self.retry.attempts => {
                     n += 1;
+                    if !self.retry.wait(n, e.retry_after, cancel) {
+                        return Err(e);
+                    }
+                }
+                Err(e)
+                    if e.kind == SourceErrorKind::Stalled
+                        && stalls + 1 < self.retry.stall.attempts
+                        && n + 1 < self.retry.attempts =>
+                {
+                    n += 1;
+                    stalls += 1;
                     if !self.retry.wait(n, e.retry_after, cancel) {
                         return Err(e);
                     }
@@ -201,7 +233,7 @@ impl Remote {
             let header = resp
                 .header("Docker-Content-Digest")
                 .and_then(|h| h.trim().parse::<Digest>().ok());
-            let body = read_bounded(resp, &ep.authority, &path)?;
+            let body = self.read_bounded(resp, &ep.authority, &path)?;
             let d = Digest::of(&body);
             if header.is_some_and(|h| h != d) {
                 return Err(SourceError::fatal(format!(
@@ -248,7 +280,7 @@ impl Remote {
         let path = format!("/{}/{section}/{d}", self.reference.repository);
         let (resp, ep) = self.request(Cap::Pull, "GET", &path, &[])?;
         let ct = content_type(&resp);
-        let body = read_bounded(resp, &ep.authority, &path)?;
+        let body = self.read_bounded(resp, &ep.authority, &path)?;
         let actual = Digest::of(&body);
         if actual != *d {
             return Err(SourceError::fatal(format!(
@@ -278,12 +310,12 @@ impl Remote {
         for (ep, agent) in &self.endpoints {
             let allowed = match cap {
                 Cap::Resolve => ep.resolve,
-                Cap::Pull => ep.pull,
+                Cap::Pull | Cap::Blob => ep.pull,
             };
             if !allowed {
                 continue;
             }
-            match self.request_one(ep, agent, method, path, headers) {
+            match self.request_one(ep, agent, method, path, headers, cap != Cap::Blob) {
                 Ok(r) => return Ok((r, ep)),
                 Err(e) => last = Some(e),
             }
@@ -303,6 +335,7 @@ impl Remote {
         method: &str,
         path: &str,
         headers: &[(&str, String)],
+        small: bool,
     ) -> Result<ureq::Response, SourceError> {
         let mut url = format!("{}{path}", ep.base);
         if ep.mirror {
@@ -324,8 +357,9 @@ impl Remote {
             if let Some(h) = self.auth_header(&ep.authority) {
                 req = req.set("Authorization", &h);
             }
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let what = format!("{} {method} {url}", ep.authority);
+            req = self.bounded(req, &what, small)?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             match req.call() {
                 Ok(r) => return Ok(r),
                 Err(ureq::Error::Status(401, resp)) if !answered_challenge => {
@@ -420,8 +454,9 @@ impl Remote {
                 if let Some(c) = &creds {
                     req = req.set("Authorization", &c.basic());
                 }
-                self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let what = format!("token from {realm}");
+                req = self.bounded(req, &what, true)?;
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let resp = match req.call() {
                     Ok(r) => r,
                     Err(ureq::Error::Status(code, resp)) => {
@@ -438,7 +473,7 @@ impl Remote {
                         )))
                     }
                 };
-                let body = read_bounded(resp, realm, "")?;
+                let body = self.read_bounded(resp, realm, "")?;
                 let t: auth::TokenResponse = serde_json::from_slice(&body)
                     .map_err(|e| SourceError::fatal(format!("{what}: {e}")))?;
                 let token = t
@@ -505,6 +540,78 @@ fn media_type_of(body: &[u8], content_type: Option<&str>) -> Result<String, Sour
     ))
 }
 
+impl Remote {
+    /// A document's body (a manifest, an index, a config, a token),
+    /// bounded in size and held to the minimum-progress rule: a registry
+    /// sending a manifest a byte at a time fails like a silent one.
+    fn read_bounded(
+        &self,
+        resp: ureq::Response,
+        host: &str,
+        path: &str,
+    ) -> Result<Vec<u8>, SourceError> {
+        let what = |why: String| format!("{host}{path}: reading the answer: {why}");
+        let mut r = resp.into_reader().take(MAX_JSON + 1);
+        let mut body = Vec::new();
+        let mut progress = crate::source::Progress::new(self.retry.stall, 0);
+        let mut buf = [0u8; 16 << 10];
+        loop {
+            let read = r.read(&mut buf);
+            let now = body.len() as u64 + *read.as_ref().unwrap_or(&0) as u64;
+            progress
+                .check(now)
+                .map_err(|why| SourceError::stalled(what(why)))?;
+            match read {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if crate::source::is_timeout(&e) => {
+                    return Err(SourceError::stalled(what(progress.silent(now))))
+                }
+                Err(e) => return Err(SourceError::transient(what(e.to_string()))),
+            }
+        }
+        if body.len() as u64 > MAX_JSON {
+            return Err(SourceError::fatal(format!(
+                "{host}{path}: document larger than {MAX_JSON} bytes"
+            )));
+        }
+        Ok(body)
+    }
+
+    /// `req` with its overall timeout: a request whose answer is `small`
+    /// (a document, a token, a HEAD) must be whole within the read
+    /// timeout and what is left of [`RemoteOptions::deadline`], headers
+    /// and body, so that a registry sending its answer a byte at a time
+    /// holds it no longer. A blob's request gets none (its body may take
+    /// minutes; the fetcher's minimum-progress rule judges it, and ureq's
+    /// overall timeout would replace the read timeout that notices a
+    /// silence). Past the deadline, no request is sent.
+    fn bounded(
+        &self,
+        req: ureq::Request,
+        what: &str,
+        small: bool,
+    ) -> Result<ureq::Request, SourceError> {
+        let left = match self.deadline {
+            None => None,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => {
+                    return Err(SourceError::fatal(format!(
+                        "{what}: the operation's deadline passed"
+                    )))
+                }
+            },
+        };
+        if !small {
+            return Ok(req);
+        }
+        let whole = left.map_or(self.retry.stall.window, |l| l.min(self.retry.stall.window));
+        Ok(req.timeout(whole))
+    }
+}
+
 /// Whether a transport failure is the read timeout: the registry took
 /// the request and then said nothing.
 fn is_read_timeout(t: &ureq::Transport) -> bool {
@@ -512,27 +619,6 @@ fn is_read_timeout(t: &ureq::Transport) -> bool {
         && std::error::Error::source(t)
             .and_then(|e| e.downcast_ref::<std::io::Error>())
             .is_some_and(crate::source::is_timeout)
-}
-
-fn read_bounded(resp: ureq::Response, host: &str, path: &str) -> Result<Vec<u8>, SourceError> {
-    let mut body = Vec::new();
-    resp.into_reader()
-        .take(MAX_JSON + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| {
-            let text = format!("{host}{path}: reading the answer: {e}");
-            if crate::source::is_timeout(&e) {
-                SourceError::stalled(text)
-            } else {
-                SourceError::transient(text)
-            }
-        })?;
-    if body.len() as u64 > MAX_JSON {
-        return Err(SourceError::fatal(format!(
-            "{host}{path}: document larger than {MAX_JSON} bytes"
-        )));
-    }
-    Ok(body)
 }
 
 /// An HTTP error status as one line: the status, the registry's error
@@ -643,16 +729,36 @@ impl BlobSource for RemoteBlobs {
         let path = format!("/{}/blobs/{d}", remote.reference.repository);
         let range = [("Range", format!("bytes={offset}-"))];
         let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
-        let (resp, ep) = remote.request(Cap::Pull, "GET", &path, headers)?;
+        let (resp, ep) = remote.request(Cap::Blob, "GET", &path, headers)?;
         let partial = resp.status() == 206;
         let mut r: Box<dyn Read + Send> = Box::new(Counted {
             inner: resp.into_reader(),
             remote: remote.clone(),
         });
         if offset > 0 && !partial {
-            // The server ignored the Range: skip what we have.
-            let skipped = std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
-                .map_err(|e| SourceError::transient(format!("{}{path}: {e}", ep.authority)))?;
+            // The server ignored the Range: skip what we have, held to the
+            // minimum-progress rule like the rest of the body.
+            let mut progress = crate::source::Progress::new(remote.retry.stall, 0);
+            let mut skipped = 0u64;
+            let mut buf = vec![0u8; 64 << 10];
+            while skipped < offset {
+                let want = buf.len().min((offset - skipped) as usize);
+                let what = |why: String| {
+                    format!("{}{path}: skipping to byte {offset}: {why}", ep.authority)
+                };
+                match r.read(&mut buf[..want]) {
+                    Ok(0) => break,
+                    Ok(n) => skipped += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if crate::source::is_timeout(&e) => {
+                        return Err(SourceError::stalled(what(progress.silent(skipped))))
+                    }
+                    Err(e) => return Err(SourceError::transient(what(e.to_string()))),
+                }
+                progress
+                    .check(skipped)
+                    .map_err(|why| SourceError::stalled(what(why)))?;
+            }
             if skipped < offset {
                 return Err(SourceError::transient(format!(
                     "{}{path}: blob shorter than {offset} bytes",
