@@ -30,8 +30,32 @@ impl Server {
     /// [`Server::start`] with more arguments (`--plain-http`); its log is
     /// appended to, so a restarted server's follows the first's.
     pub fn start_with(root: &Path, sock: &Path, args: &[&str]) -> Server {
-        let log = sock.with_extension("log");
-        let child = Command::new(bin())
+        Server::spawn(root, sock, args, None)
+    }
+
+    /// [`Server::start_with`] in a process whose umask is `umask`.
+    pub fn start_in_umask(root: &Path, sock: &Path, args: &[&str], umask: u32) -> Server {
+        Server::spawn(root, sock, args, Some(umask))
+    }
+
+    fn spawn(root: &Path, sock: &Path, args: &[&str], umask: Option<u32>) -> Server {
+        // Beside the socket, unless the server is to make its directory.
+        let log = if sock.parent().is_some_and(Path::is_dir) {
+            sock.with_extension("log")
+        } else {
+            root.with_extension("log")
+        };
+        let mut cmd = match umask {
+            None => Command::new(bin()),
+            Some(m) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {m:03o}; exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("--root")
             .arg(root)
             .arg("snapshotter")

@@ -8,6 +8,7 @@
 
 pub mod containerd;
 pub mod registry;
+pub mod snapclient;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -51,10 +52,14 @@ pub fn tmp() -> TempDir {
 }
 
 /// Path of the `unlade` binary, built once per test process with the same
-/// profile as the tests.
+/// profile as the tests; `$UNLADE_TEST_BIN` names another one instead (an
+/// older build, to see a new test fail before its fix).
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("UNLADE_TEST_BIN") {
+            return PathBuf::from(p);
+        }
         // target/<profile>/deps/<test> → target/<profile>
         let exe = std::env::current_exe().expect("current_exe");
         let profile_dir = exe

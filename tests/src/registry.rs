@@ -435,6 +435,17 @@ pub enum Fault {
     /// Forward this many body bytes of the next GET of a path containing
     /// the text, then hold the rest until [`Proxy::release`].
     Stall(String, usize),
+    /// Take every request whose path contains the text and never answer
+    /// (a registry that accepts connections and then says nothing), until
+    /// the client hangs up.
+    Hang(String),
+    /// Forward the response head of every GET of a path containing the
+    /// text at once, then its body one byte per this interval.
+    Trickle(String, Duration),
+    /// Answer every GET of a path containing the text with a 200 whose
+    /// `Content-Length` is a terabyte and whose body is zeros for as long
+    /// as the client reads.
+    Endless(String),
 }
 
 /// One request the proxy saw.
@@ -529,11 +540,33 @@ impl Proxy {
         let mut cut = None;
         let mut stall = None;
         let mut corrupt = false;
+        let mut trickle = None;
         {
             let mut faults = self.faults.lock().expect("lock");
             let mut i = 0;
             while i < faults.len() {
                 match &mut faults[i] {
+                    Fault::Hang(text) if path.contains(text.as_str()) => {
+                        drop(faults);
+                        let mut buf = [0u8; 4096];
+                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        return;
+                    }
+                    Fault::Endless(text) if method == "GET" && path.contains(text.as_str()) => {
+                        drop(faults);
+                        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1099511627776\r\nConnection: close\r\n\r\n";
+                        if client.write_all(head.as_bytes()).is_err() {
+                            return;
+                        }
+                        let zeros = vec![0u8; 64 << 10];
+                        while client.write_all(&zeros).is_ok() {}
+                        return;
+                    }
+                    Fault::Trickle(text, every)
+                        if method == "GET" && path.contains(text.as_str()) =>
+                    {
+                        trickle = Some(*every);
+                    }
                     Fault::Status(text, code, n) if path.contains(text.as_str()) => {
                         let code = *code;
                         *n -= 1;
@@ -591,6 +624,16 @@ impl Proxy {
             }
         }
         if client.write_all(&head).is_err() {
+            return;
+        }
+        if let Some(every) = trickle {
+            let mut one = [0u8; 1];
+            while matches!(ur.read(&mut one), Ok(1)) {
+                if client.write_all(&one).is_err() || client.flush().is_err() {
+                    return;
+                }
+                std::thread::sleep(every);
+            }
             return;
         }
         let mut sent = 0usize;

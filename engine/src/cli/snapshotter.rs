@@ -29,15 +29,37 @@ pub struct Args {
     /// every layer itself, labels or not.
     #[arg(long)]
     no_fast_path: bool,
+    /// Fast-path pulls running at once (more wait without a thread).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_pulls: u32,
+    /// Fast-path pulls running at once from one registry host, so that a
+    /// registry that stops answering cannot take every slot.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_pulls_per_registry: u32,
+    /// The longest a fast-path pull may take, in seconds.
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    pull_timeout: u64,
+    /// A registry silent for this many seconds, or a download delivering
+    /// less than 64 KiB in as long, fails the pull.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stall_timeout: u64,
 }
 
 pub fn run(a: Args, root: &Path) -> Result {
+    // A second server on a live socket stops here, having made nothing.
+    unlade::containerd::refuse_live(&a.address)?;
+    let stall = std::time::Duration::from_secs(a.stall_timeout);
+    let mut opts = RootOptions::default();
+    opts.retry.stall.window = stall;
+    let retry = opts.retry;
     // Makes the root (and checks it is one) before containerd can call.
-    let root = Arc::new(Root::open(root, RootOptions::default())?);
+    let root = Arc::new(Root::open(root, opts)?);
     let fast = (!a.no_fast_path).then(|| PullOptions {
         remote: RemoteOptions {
             plain_http: a.plain_http,
             hosts_dir: Some(a.hosts_dir.clone()),
+            read_timeout: stall,
+            retry,
             ..Default::default()
         },
         platform: None,
@@ -45,11 +67,21 @@ pub fn run(a: Args, root: &Path) -> Result {
         require_chain: None,
     });
     let interrupts = signals::watch()?;
-    eprintln!(
-        "unlade: serving containerd's snapshots API for {} on {}",
-        root.dir().display(),
-        a.address.display()
-    );
-    unlade::containerd::serve(root, &a.address, fast, interrupts.cancel())?;
+    let mut opts = unlade::containerd::ServeOptions::new(fast);
+    opts.limits = unlade::containerd::PullLimits {
+        max_pulls: a.max_pulls as usize,
+        per_registry: a.max_pulls_per_registry as usize,
+        deadline: std::time::Duration::from_secs(a.pull_timeout),
+        read_timeout: stall,
+    };
+    let (dir, sock) = (root.dir().to_path_buf(), a.address.clone());
+    opts.ready = Some(Box::new(move || {
+        eprintln!(
+            "unlade: serving containerd's snapshots API for {} on {}",
+            dir.display(),
+            sock.display()
+        )
+    }));
+    unlade::containerd::serve(root, &a.address, opts, interrupts.cancel())?;
     Ok(())
 }

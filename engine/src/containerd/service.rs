@@ -1,53 +1,271 @@
 //! The gRPC face: containerd's `Snapshots` service over [`CtrStore`]. Each
-//! call runs the store's blocking file-system work on tokio's blocking
-//! pool and maps [`CtrError`] to the gRPC code containerd turns back into
-//! its own error kind (`NotFound`, `AlreadyExists`, `FailedPrecondition`,
+//! call runs the store's blocking file-system work on the server's
+//! `FairPool` (a queue per client, served in turn), and maps
+//! [`CtrError`] to the gRPC code containerd turns back into its own error
+//! kind (`NotFound`, `AlreadyExists`, `FailedPrecondition`,
 //! `InvalidArgument`; the rest `Internal`), with the whole error chain as
-//! the message.
+//! the message. A Prepare that takes the fast path runs its pull on
+//! `Pulls` (see [`crate::containerd::pulls`]), not on the store's threads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
+use crate::containerd::conn::ConnInfo;
+use crate::containerd::fair::{FairPool, Refused};
 use crate::containerd::filter::Filter;
 use crate::containerd::proto::services::snapshots::v1 as pb;
 use crate::containerd::proto::types;
-use crate::containerd::store::{CtrError, CtrStore, Kind, LabelUpdate, Record};
+use crate::containerd::pulls::{PullFailure, Pulls};
+use crate::containerd::store::{Adoption, CtrError, CtrStore, Kind, LabelUpdate, Record};
 use crate::report::error_chain;
 use crate::store::snapshot::Mount;
 
-/// How many records one List response message carries.
+/// How many records one List response message carries at most.
 const LIST_BATCH: usize = 100;
+/// The bytes of records one List response message carries at most (one
+/// larger record goes alone): records may hold up to 2 MiB of labels, and
+/// clients refuse large messages (Go's gRPC: 4 MiB by default).
+const LIST_BATCH_BYTES: usize = 1 << 20;
+/// The largest response message encoded.
+const MAX_RESPONSE: usize = 8 << 20;
+/// Requests admitted at once (decoded, or running), in all and from one
+/// client process: each may hold up to [`MAX_REQUEST`] while it is
+/// decoded. Past either, a request is refused (`ResourceExhausted`) before
+/// its body is read. containerd makes a handful at once.
+const MAX_IN_FLIGHT: usize = 512;
+/// See [`MAX_IN_FLIGHT`].
+const MAX_IN_FLIGHT_PER_CLIENT: usize = 128;
+/// The largest request message decoded: the largest legitimate one is a
+/// Prepare or Commit with 256 labels of 4,096 bytes and two names of
+/// 4,096 bytes, about 1.05 MiB. A larger one is refused from its length
+/// prefix, before it is read.
+pub const MAX_REQUEST: usize = 2 << 20;
+/// The most field paths in an Update's mask (one per label, and `labels`).
+const MAX_MASK_PATHS: usize = 257;
+
+/// The store's threads: as many as tokio's blocking pool had.
+const STORE_THREADS: usize = 16;
+/// Calls one client may have waiting for a thread: containerd's garbage
+/// collection removes snapshots a few at a time; a client with more is
+/// refused (`ResourceExhausted`) rather than queued.
+const QUEUED_PER_CLIENT: usize = 256;
 
 /// containerd's snapshots service, backed by a [`CtrStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Service {
     store: Arc<CtrStore>,
+    pool: FairPool,
+    pulls: Option<Arc<Pulls>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The requests admitted, in all and by client.
+#[derive(Default)]
+struct InFlight {
+    total: usize,
+    by_client: HashMap<u64, usize>,
+}
+
+/// One admitted request, counted until it is dropped (its handler holds
+/// it to the end).
+struct Admitted {
+    counts: Arc<Mutex<InFlight>>,
+    client: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        c.total -= 1;
+        if let Some(n) = c.by_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// The interceptor that admits requests before their bodies are decoded
+/// (see [`MAX_IN_FLIGHT`]).
+#[derive(Clone, Default)]
+pub struct Admission(Arc<Mutex<InFlight>>);
+
+impl tonic::service::Interceptor for Admission {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let client = client_of(&req);
+        {
+            let mut c = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mine = c.by_client.get(&client).copied().unwrap_or(0);
+            if c.total >= MAX_IN_FLIGHT || mine >= MAX_IN_FLIGHT_PER_CLIENT {
+                return Err(Status::resource_exhausted(format!(
+                    "too many calls in flight ({mine} from this client, {} in all)",
+                    c.total
+                )));
+            }
+            c.total += 1;
+            *c.by_client.entry(client).or_default() += 1;
+        }
+        req.extensions_mut().insert(Arc::new(Admitted {
+            counts: self.0.clone(),
+            client,
+        }));
+        Ok(req)
+    }
+}
+
+/// A handler's client and its admission, taken out of the request so that
+/// it lasts as long as the handler.
+fn admitted<T>(req: &mut Request<T>) -> (u64, Option<Arc<Admitted>>) {
+    (
+        client_of(req),
+        req.extensions_mut().remove::<Arc<Admitted>>(),
+    )
+}
+
+/// Who made a call, for [`FairPool`]: the peer process (all of one
+/// process's connections are one client), or the connection when the
+/// peer's credentials are unknown.
+fn client_of<T>(req: &Request<T>) -> u64 {
+    match req.extensions().get::<ConnInfo>() {
+        Some(ConnInfo { pid: Some(pid), .. }) => *pid as u32 as u64,
+        Some(c) => (1 << 63) | c.id,
+        None => 0,
+    }
 }
 
 impl Service {
-    /// The service over `store`.
-    pub fn new(store: Arc<CtrStore>) -> Service {
-        Service { store }
+    /// The service over `store`, with the fast path's pulls on `pulls`
+    /// (none: no fast path).
+    pub(crate) fn new(store: Arc<CtrStore>, pulls: Option<Arc<Pulls>>) -> Service {
+        Service {
+            store,
+            pool: FairPool::new(STORE_THREADS, QUEUED_PER_CLIENT),
+            pulls,
+        }
     }
 
-    /// The tonic service to add to a server.
-    pub fn into_server(self) -> pb::snapshots_server::SnapshotsServer<Service> {
-        pb::snapshots_server::SnapshotsServer::new(self).max_decoding_message_size(16 << 20)
+    /// The tonic service to add to a server: requests admitted before
+    /// they are decoded ([`Admission`]), bounded in size both ways.
+    pub fn into_server(
+        self,
+    ) -> tonic::service::interceptor::InterceptedService<
+        pb::snapshots_server::SnapshotsServer<Service>,
+        Admission,
+    > {
+        let server = pb::snapshots_server::SnapshotsServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST)
+            .max_encoding_message_size(MAX_RESPONSE);
+        tonic::service::interceptor::InterceptedService::new(server, Admission::default())
     }
 
-    async fn run<T, F>(&self, f: F) -> Result<T, Status>
+    async fn run<T, F>(&self, client: u64, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
         F: FnOnce(&CtrStore) -> Result<T, CtrError> + Send + 'static,
     {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("snapshotter task: {e}")))?
-            .map_err(|e| status(&e))
+        match self.pool.run(client, move || f(&store)).await {
+            Ok(r) => r.map_err(|e| status(&e)),
+            Err(Refused::Busy(n)) => Err(Status::resource_exhausted(format!(
+                "this client has {n} calls waiting already"
+            ))),
+            Err(Refused::Lost) => Err(Status::internal("the snapshotter's call failed")),
+        }
+    }
+
+    /// A Prepare with the fast path's labels (see
+    /// [`crate::containerd::fast`]): `Err` with the status to answer
+    /// (`AlreadyExists` when the layer is made), `Ok` to go on as a plain
+    /// Prepare.
+    async fn fast_prepare(
+        &self,
+        client: u64,
+        pulls: &Arc<Pulls>,
+        ask: crate::containerd::fast::Ask,
+        key: &str,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), Status> {
+        let (k, p, l, a) = (
+            key.to_string(),
+            parent.to_string(),
+            labels.clone(),
+            ask.clone(),
+        );
+        let begun = self
+            .run(client, move |s| {
+                s.check_request(&k, &l)?;
+                s.adopt_begin(&p, &a)
+            })
+            .await?;
+        // The adoption's hold goes with `pending`, wherever this stops: a
+        // failed pull, containerd gone (this future dropped), a finish
+        // that never ran.
+        let pending = match begun {
+            Adoption::Made(e) => return Err(status(&e)),
+            Adoption::NotOurs => return Ok(()),
+            Adoption::Pending(p) => p,
+        };
+        if pending.needs_pull {
+            match pulls.pull(&ask).await {
+                Ok(()) => {}
+                Err(PullFailure::Failed(e)) if e.not_in_image() => {
+                    eprintln!(
+                        "unlade: {}; the Prepare of {key:?} is left to containerd",
+                        crate::report::error_chain(&*e)
+                    );
+                    return Ok(());
+                }
+                Err(f) => return Err(pull_status(&f)),
+            }
+        }
+        let (p, l) = (parent.to_string(), labels.clone());
+        let finished = self
+            .run(client, move |s| s.adopt_finish(&p, &l, &ask, pending))
+            .await;
+        match finished? {
+            Some(made) => Err(status(&made)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The status a Prepare answers when its fast-path pull failed.
+fn pull_status(f: &PullFailure) -> Status {
+    let msg = format!("unlade's pull: {f}");
+    match f {
+        PullFailure::Failed(e) => {
+            let mut st = status(e);
+            if stalled(e) {
+                st = Status::unavailable(st.message().to_string());
+            }
+            st
+        }
+        PullFailure::Deadline(_) => Status::deadline_exceeded(msg),
+        PullFailure::Shutdown => Status::unavailable(msg),
+        PullFailure::Abandoned => Status::cancelled(msg),
+    }
+}
+
+/// Whether `e` is a registry that stopped delivering (see
+/// [`crate::source::SourceErrorKind::Stalled`]).
+fn stalled(e: &CtrError) -> bool {
+    match e {
+        CtrError::Root { source, .. } => source
+            .source_error()
+            .is_some_and(|s| s.kind == crate::source::SourceErrorKind::Stalled),
+        _ => false,
     }
 }
 
@@ -103,6 +321,12 @@ fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, Stri
 /// What an Update's field mask asks for: only labels may change.
 fn label_update(mask: Option<prost_types::FieldMask>) -> Result<LabelUpdate, Status> {
     let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.len() > MAX_MASK_PATHS {
+        return Err(Status::invalid_argument(format!(
+            "an update mask of {} paths, more than {MAX_MASK_PATHS}",
+            paths.len()
+        )));
+    }
     if paths.is_empty() {
         return Ok(LabelUpdate::All);
     }
@@ -130,11 +354,19 @@ type ListStream =
 impl pb::snapshots_server::Snapshots for Service {
     async fn prepare(
         &self,
-        req: Request<pb::PrepareSnapshotRequest>,
+        mut req: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
+        let labels = labels(r.labels);
+        if let (Some(pulls), Some(ask)) = (&self.pulls, self.store.fast_ask(&labels)) {
+            self.fast_prepare(client, pulls, ask, &r.key, &r.parent, &labels)
+                .await?;
+        }
         let m = self
-            .run(move |s| s.create(&r.key, &r.parent, labels(r.labels), false))
+            .run(client, move |s| {
+                s.create_plain(&r.key, &r.parent, labels, false)
+            })
             .await?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: to_pb_mounts(m),
@@ -143,11 +375,14 @@ impl pb::snapshots_server::Snapshots for Service {
 
     async fn view(
         &self,
-        req: Request<pb::ViewSnapshotRequest>,
+        mut req: Request<pb::ViewSnapshotRequest>,
     ) -> Result<Response<pb::ViewSnapshotResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
         let m = self
-            .run(move |s| s.create(&r.key, &r.parent, labels(r.labels), true))
+            .run(client, move |s| {
+                s.create_plain(&r.key, &r.parent, labels(r.labels), true)
+            })
             .await?;
         Ok(Response::new(pb::ViewSnapshotResponse {
             mounts: to_pb_mounts(m),
@@ -156,10 +391,11 @@ impl pb::snapshots_server::Snapshots for Service {
 
     async fn mounts(
         &self,
-        req: Request<pb::MountsRequest>,
+        mut req: Request<pb::MountsRequest>,
     ) -> Result<Response<pb::MountsResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
-        let m = self.run(move |s| s.mounts(&r.key)).await?;
+        let m = self.run(client, move |s| s.mounts(&r.key)).await?;
         Ok(Response::new(pb::MountsResponse {
             mounts: to_pb_mounts(m),
         }))
@@ -167,29 +403,32 @@ impl pb::snapshots_server::Snapshots for Service {
 
     async fn commit(
         &self,
-        req: Request<pb::CommitSnapshotRequest>,
+        mut req: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
-        self.run(move |s| s.commit(&r.name, &r.key, labels(r.labels)))
+        self.run(client, move |s| s.commit(&r.name, &r.key, labels(r.labels)))
             .await?;
         Ok(Response::new(()))
     }
 
     async fn remove(
         &self,
-        req: Request<pb::RemoveSnapshotRequest>,
+        mut req: Request<pb::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
-        self.run(move |s| s.remove(&r.key)).await?;
+        self.run(client, move |s| s.remove(&r.key)).await?;
         Ok(Response::new(()))
     }
 
     async fn stat(
         &self,
-        req: Request<pb::StatSnapshotRequest>,
+        mut req: Request<pb::StatSnapshotRequest>,
     ) -> Result<Response<pb::StatSnapshotResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
-        let rec = self.run(move |s| s.stat(&r.key)).await?;
+        let rec = self.run(client, move |s| s.stat(&r.key)).await?;
         Ok(Response::new(pb::StatSnapshotResponse {
             info: Some(to_pb_info(rec)),
         }))
@@ -197,15 +436,18 @@ impl pb::snapshots_server::Snapshots for Service {
 
     async fn update(
         &self,
-        req: Request<pb::UpdateSnapshotRequest>,
+        mut req: Request<pb::UpdateSnapshotRequest>,
     ) -> Result<Response<pb::UpdateSnapshotResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
         let how = label_update(r.update_mask)?;
         let info = r
             .info
             .ok_or_else(|| Status::invalid_argument("Update without info"))?;
         let rec = self
-            .run(move |s| s.update(&info.name, labels(info.labels), how))
+            .run(client, move |s| {
+                s.update(&info.name, labels(info.labels), how)
+            })
             .await?;
         Ok(Response::new(pb::UpdateSnapshotResponse {
             info: Some(to_pb_info(rec)),
@@ -216,37 +458,55 @@ impl pb::snapshots_server::Snapshots for Service {
 
     async fn list(
         &self,
-        req: Request<pb::ListSnapshotsRequest>,
+        mut req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<ListStream>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
         let filter = Filter::parse(&r.filters).map_err(|e| status(&e))?;
-        let recs = self.run(|s| s.list()).await?;
-        let infos: Vec<pb::Info> = recs
-            .into_iter()
-            .filter(|r| filter.matches(r))
-            .map(to_pb_info)
-            .collect();
-        let batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = infos
-            .chunks(LIST_BATCH)
-            .map(|c| Ok(pb::ListSnapshotsResponse { info: c.to_vec() }))
-            .collect();
+        let infos: Vec<pb::Info> = self
+            .run(client, move |s| {
+                Ok(s.list()?
+                    .into_iter()
+                    .filter(|r| filter.matches(r))
+                    .map(to_pb_info)
+                    .collect())
+            })
+            .await?;
+        let mut batches: Vec<Result<pb::ListSnapshotsResponse, Status>> = Vec::new();
+        let (mut batch, mut bytes) = (Vec::new(), 0);
+        for info in infos {
+            let n = prost::Message::encoded_len(&info);
+            if !batch.is_empty() && (batch.len() >= LIST_BATCH || bytes + n > LIST_BATCH_BYTES) {
+                batches.push(Ok(pb::ListSnapshotsResponse {
+                    info: std::mem::take(&mut batch),
+                }));
+                bytes = 0;
+            }
+            bytes += n;
+            batch.push(info);
+        }
+        if !batch.is_empty() {
+            batches.push(Ok(pb::ListSnapshotsResponse { info: batch }));
+        }
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
 
     async fn usage(
         &self,
-        req: Request<pb::UsageRequest>,
+        mut req: Request<pb::UsageRequest>,
     ) -> Result<Response<pb::UsageResponse>, Status> {
+        let (client, _admitted) = admitted(&mut req);
         let r = req.into_inner();
-        let u = self.run(move |s| s.usage(&r.key)).await?;
+        let u = self.run(client, move |s| s.usage(&r.key)).await?;
         Ok(Response::new(pb::UsageResponse {
             size: u.size,
             inodes: u.inodes,
         }))
     }
 
-    async fn cleanup(&self, _req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
-        self.run(|s| s.cleanup()).await?;
+    async fn cleanup(&self, mut req: Request<pb::CleanupRequest>) -> Result<Response<()>, Status> {
+        let (client, _admitted) = admitted(&mut req);
+        self.run(client, |s| s.cleanup()).await?;
         Ok(Response::new(()))
     }
 }

@@ -45,6 +45,7 @@ use crate::oci::digest::Digest;
 use crate::pipeline::error::RootError;
 use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
+use crate::store::images::process_alive;
 use crate::store::lock::FileLock;
 use crate::store::snapshot::Mount;
 use crate::store::statedir::private_name;
@@ -62,6 +63,16 @@ const MAX_LABELS: usize = 256;
 const STALE_HOLD: std::time::Duration = std::time::Duration::from_secs(3600);
 /// The most bytes of `info.json` read back.
 const MAX_RECORD: u64 = 4 << 20;
+/// The most bytes of a record written: under what is read back, so that
+/// every record written parses again (256 labels of 4,096 control
+/// characters, each escaped as six bytes of JSON, would be 6 MB), and
+/// over what the largest labels of plain text make (256 of 4,096 bytes:
+/// 1.05 MB).
+const MAX_RECORD_WRITTEN: usize = 2 << 20;
+/// The prefix of the image records of the fast path's pulls, each
+/// `<prefix><pid>-<n>`: removed once the pull's layers are held; one
+/// whose process is gone (a crash mid-pull) is swept.
+const PULL_RECORD: &str = "containerd-pull:";
 /// The deepest parent chain followed (containerd images have at most a
 /// few hundred layers).
 const MAX_DEPTH: usize = 1000;
@@ -120,6 +131,15 @@ pub enum CtrError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl CtrError {
+    /// Whether this says the image has no layer of the chain a fast-path
+    /// Prepare named: the labels were wrong, and the Prepare is left to
+    /// containerd.
+    pub fn not_in_image(&self) -> bool {
+        matches!(self, CtrError::Root { source, .. } if matches!(**source, RootError::NotInImage { .. }))
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CtrError + 'a {
@@ -199,6 +219,44 @@ pub enum LabelUpdate {
     Keys(Vec<String>),
 }
 
+/// What [`CtrStore::adopt_begin`] found.
+#[derive(Debug)]
+pub enum Adoption {
+    /// The fast path made this snapshot already: answer with this
+    /// `AlreadyExists`.
+    Made(CtrError),
+    /// The name is another snapshot's: a plain Prepare.
+    NotOurs,
+    /// To be made: pull if needed, then finish (or abort).
+    Pending(Pending),
+}
+
+/// An adoption under way: it owns its hold on the chain, released when it
+/// is dropped — by [`CtrStore::adopt_finish`] once the snapshot holds the
+/// chain under its own name, or wherever the adoption is given up (a
+/// failed pull, a client gone while a thread was about to run a step).
+pub struct Pending {
+    hold: String,
+    root: Arc<Root>,
+    /// Whether unlade lacks the chain (the image is to be pulled).
+    pub needs_pull: bool,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("hold", &self.hold)
+            .field("needs_pull", &self.needs_pull)
+            .finish()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let _ = self.root.release_snapshot(&self.hold);
+    }
+}
+
 /// containerd's snapshots in an unlade root.
 pub struct CtrStore {
     dir: PathBuf,
@@ -208,6 +266,8 @@ pub struct CtrStore {
     trash: OwnedFd,
     root: Arc<Root>,
     fast: Option<PullOptions>,
+    /// Directories whose record did not read, already reported once.
+    unreadable: std::sync::Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for CtrStore {
@@ -297,9 +357,19 @@ fn read_record(path: &Path) -> Result<Option<Record>, CtrError> {
         })
 }
 
-fn to_json(r: &Record) -> Vec<u8> {
-    // A record of strings and numbers always serializes.
-    serde_json::to_vec_pretty(r).unwrap_or_default()
+/// `r` as the bytes of its `info.json`: compact JSON, refused when larger
+/// than [`MAX_RECORD_WRITTEN`] (only labels can make it so).
+fn record_json(r: &Record) -> Result<Vec<u8>, CtrError> {
+    let bytes = serde_json::to_vec(r)
+        .map_err(|e| CtrError::InvalidArgument(format!("snapshot {:?}: record: {e}", r.name)))?;
+    if bytes.len() > MAX_RECORD_WRITTEN {
+        return Err(CtrError::InvalidArgument(format!(
+            "snapshot {:?}: its labels make a record of {} bytes, more than {MAX_RECORD_WRITTEN}",
+            r.name,
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
 }
 
 /// The usage of the tree at `dir`, without following symlinks or
@@ -352,12 +422,17 @@ impl CtrStore {
             trash,
             root,
             fast,
+            unreadable: Default::default(),
         };
-        let _lock = s.lock()?;
-        for ent in s.entries()? {
-            s.settle(&ent)?;
-        }
-        s.sweep()?;
+        let trash = {
+            let _lock = s.lock()?;
+            for ent in s.entries()? {
+                s.settle(&ent)?;
+            }
+            s.mark_all_children()?;
+            s.sweep()?
+        };
+        s.empty_trash(trash);
         Ok(s)
     }
 
@@ -409,8 +484,15 @@ impl CtrStore {
     fn settle(&self, h: &str) -> Result<(), CtrError> {
         let d = self.snap_dir(h);
         let pending = d.join("commit.json");
-        let Some(rec) = read_record(&pending)? else {
-            return Ok(());
+        let rec = match read_record(&pending) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Ok(()),
+            // Cut short while being written, before the rename that
+            // would have made it count: undone.
+            Err(CtrError::Record { .. }) => {
+                return fs::remove_file(&pending).map_err(io_err("undo commit", &pending))
+            }
+            Err(e) => return Err(e),
         };
         if hash_name(&rec.name) == h {
             fs::rename(&pending, d.join("info.json")).map_err(io_err("finish commit", &pending))
@@ -456,13 +538,102 @@ impl CtrStore {
     fn list_inner(&self, held: bool) -> Result<Vec<Record>, CtrError> {
         let mut out = Vec::new();
         for h in self.entries()? {
-            if let Some(r) = self.load_dir(&h, held)? {
-                if hash_name(&r.name) == h {
-                    out.push(r);
-                }
+            match self.load_dir(&h, held) {
+                Ok(Some(r)) if hash_name(&r.name) == h => out.push(r),
+                Ok(_) => {}
+                // One bad record (written by an older unlade, or damaged)
+                // must not hide every other snapshot from containerd; it
+                // stays removable by its name.
+                Err(e) => self.report_unreadable(&h, &e),
             }
         }
         Ok(out)
+    }
+
+    fn report_unreadable(&self, h: &str, e: &CtrError) {
+        let mut seen = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < 10_000 && seen.insert(h.to_string()) {
+            eprintln!(
+                "unlade: snapshot directory {h} left out of listings: {}",
+                crate::report::error_chain(e)
+            );
+        }
+    }
+
+    fn children_dir(&self, h: &str) -> PathBuf {
+        self.snap_dir(h).join("children")
+    }
+
+    /// Marks `snapshots/<hash of parent>/children/<child_h>`: that a
+    /// snapshot in directory `child_h` names `parent` as its parent, so
+    /// that Remove finds a parent's children without reading every
+    /// record. Made before the child appears (a crash leaves a marker
+    /// without a child, which Remove drops); returns whether it made one.
+    /// Holders of the lock only.
+    fn mark_child(&self, parent: &str, child_h: &str) -> Result<bool, CtrError> {
+        let d = self.children_dir(&hash_name(parent));
+        match crate::store::statedir::make_dir(&d, crate::store::statedir::PRIVATE) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create", &d)(e)),
+        }
+        let m = d.join(child_h);
+        match fs::OpenOptions::new().write(true).create_new(true).open(&m) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(io_err("create", &m)(e)),
+        }
+    }
+
+    fn unmark_child(&self, parent: &str, child_h: &str) {
+        let _ = fs::remove_file(self.children_dir(&hash_name(parent)).join(child_h));
+    }
+
+    /// The name of a snapshot whose parent is `name`, if one exists: from
+    /// `name`'s markers, each checked against the child's record (markers
+    /// of children that are gone are dropped). A child whose record does
+    /// not read counts: its parent stays until it is removed. Holders of
+    /// the lock only.
+    fn a_child_of(&self, name: &str) -> Result<Option<String>, CtrError> {
+        let d = self.children_dir(&hash_name(name));
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("list", &d)(e)),
+        };
+        for ent in rd {
+            let ent = ent.map_err(io_err("list", &d))?;
+            let Some(ch) = ent.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            match self.load_dir(&ch, true) {
+                Ok(Some(r)) if r.parent == name && hash_name(&r.name) == ch => {
+                    return Ok(Some(r.name))
+                }
+                Ok(_) => {
+                    let _ = fs::remove_file(ent.path());
+                }
+                Err(_) => return Ok(Some(format!("the unreadable snapshot in {ch}"))),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes the marker of every snapshot with a parent (a store made
+    /// before markers, or a marker lost in a crash). Holders of the lock
+    /// only, at open.
+    fn mark_all_children(&self) -> Result<(), CtrError> {
+        for h in self.entries()? {
+            if let Ok(Some(r)) = self.load_dir(&h, true) {
+                if !r.parent.is_empty()
+                    && hash_name(&r.name) == h
+                    && self.snap_dir(&hash_name(&r.parent)).is_dir()
+                {
+                    self.mark_child(&r.parent, &h)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The `fs/` directories of `parent` and its ancestors, nearest first:
@@ -497,24 +668,48 @@ impl CtrStore {
         check_name("key", key)?;
         check_labels(&labels)?;
         if !view {
-            if let Some(opts) = &self.fast {
-                if let Some(ask) = fast::Ask::of(&labels) {
-                    if let Some(made) = self.adopt(parent, &labels, &ask, opts)? {
-                        return Err(made);
+            if let Some(ask) = self.fast_ask(&labels) {
+                match self.adopt_begin(parent, &ask)? {
+                    Adoption::Made(e) => return Err(e),
+                    Adoption::NotOurs => {}
+                    Adoption::Pending(p) => {
+                        let pulled = if p.needs_pull {
+                            self.adopt_pull(&ask, None, &Cancel::new())
+                        } else {
+                            Ok(())
+                        };
+                        match pulled.and_then(|()| self.adopt_finish(parent, &labels, &ask, p)) {
+                            Ok(Some(made)) => return Err(made),
+                            Ok(None) => {}
+                            Err(e) if e.not_in_image() => {
+                                eprintln!(
+                                    "unlade: {}; left to containerd",
+                                    crate::report::error_chain(&e)
+                                );
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
         }
+        self.create_plain(key, parent, labels, view)
+    }
+
+    /// Prepare or View as [`CtrStore::create`] does, without the fast
+    /// path (the server runs the fast path's pull itself, off the store's
+    /// threads).
+    pub fn create_plain(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        view: bool,
+    ) -> Result<Vec<Mount>, CtrError> {
+        check_name("key", key)?;
+        check_labels(&labels)?;
         let _lock = self.lock()?;
-        if !parent.is_empty() {
-            let p = self.get(parent, true)?;
-            if p.kind != Kind::Committed {
-                return Err(CtrError::InvalidArgument(format!(
-                    "parent {parent:?} is {}, not committed",
-                    p.kind.as_str()
-                )));
-            }
-        }
+        self.check_parent(parent)?;
         let h = hash_name(key);
         if let Some(r) = self.load_dir(&h, true)? {
             // Same hash, another name: 128 bits make this a broken store,
@@ -547,100 +742,111 @@ impl CtrStore {
         }
     }
 
-    /// The fast path (see [`fast`]): makes committed snapshot `ask.target`
-    /// on `parent` from unlade's own committed snapshot of that chain,
-    /// pulling the image first when unlade has not got it, and returns the
-    /// `AlreadyExists` to answer containerd with — or `None` when the name
-    /// is taken by a snapshot of another parent or kind, which leaves the
-    /// Prepare to containerd's own unpack.
-    fn adopt(
+    /// Checks a Prepare's key and labels as [`CtrStore::create`] does,
+    /// before the fast path does anything for it.
+    pub fn check_request(
         &self,
-        parent: &str,
+        key: &str,
         labels: &BTreeMap<String, String>,
-        ask: &fast::Ask,
-        opts: &PullOptions,
-    ) -> Result<Option<CtrError>, CtrError> {
-        let target = ask.target.as_str();
-        let made = || Some(CtrError::AlreadyExists(target.to_string()));
-        // Made before, by this server or another, for this namespace or
-        // another: `None` if the name is taken otherwise.
-        let existing = |s: &CtrStore| -> Result<Option<Option<CtrError>>, CtrError> {
-            match s.get(target, true) {
-                Ok(r) if r.kind == Kind::Committed && r.parent == parent => Ok(Some(made())),
-                Ok(_) => Ok(Some(None)),
-                Err(CtrError::NotFound(_)) => Ok(None),
-                Err(e) => Err(e),
-            }
-        };
-        {
-            let _lock = self.lock()?;
-            if let Some(answer) = existing(self)? {
-                return Ok(answer);
-            }
-            if !parent.is_empty() && self.get(parent, true)?.kind != Kind::Committed {
-                return Err(CtrError::InvalidArgument(format!(
-                    "parent {parent:?} is not committed"
-                )));
-            }
-        }
-        let root_err = |op: &'static str, name: String| {
-            move |e: RootError| CtrError::Root {
-                op,
-                name,
-                source: Box::new(e),
-            }
-        };
-        // Held before it exists, so that the pull's commit is never
-        // between unlade's record and this one.
-        self.root
-            .hold_snapshot(&holder(target), &ask.chain)
-            .map_err(root_err("hold", target.to_string()))?;
-        let result = self.pull_for(ask, opts).and_then(|()| {
-            let now = now_ns();
-            let mut rec = Record {
-                name: target.to_string(),
-                parent: parent.to_string(),
-                kind: Kind::Committed,
-                created_ns: now,
-                updated_ns: now,
-                labels: labels.clone(),
-                usage: None,
-                chain: Some(ask.chain.to_string()),
-            };
-            rec.usage = Some(tree_usage(&self.fs_of(&rec))?);
-            let _lock = self.lock()?;
-            if let Some(answer) = existing(self)? {
-                return Ok(answer);
-            }
-            self.publish(&rec, &[])?;
-            Ok(made())
-        });
-        // Not made here: the hold goes, unless it is another snapshot's of
-        // the same name (one made by the fast path holds under it).
-        let held_by_other = |s: &CtrStore| s.stat(target).is_ok_and(|r| r.chain.is_some());
-        if !matches!(result, Ok(Some(_))) && !held_by_other(self) {
-            let _ = self.root.release_snapshot(&holder(target));
-        }
-        result
+    ) -> Result<(), CtrError> {
+        check_name("key", key)?;
+        check_labels(labels)
     }
 
-    /// Makes sure unlade has committed snapshot `ask.chain`: pulls
-    /// `ask.reference` if not (shared with every other pull of it in
-    /// flight), recorded under a private name that is dropped once every
-    /// layer's chain is held for the Prepares containerd sends next.
-    fn pull_for(&self, ask: &fast::Ask, opts: &PullOptions) -> Result<(), CtrError> {
+    /// The fast path's request in `labels`, if this store has a fast path
+    /// and the labels make one (see [`fast::Ask::of`]).
+    pub fn fast_ask(&self, labels: &BTreeMap<String, String>) -> Option<fast::Ask> {
+        self.fast.as_ref()?;
+        fast::Ask::of(labels)
+    }
+
+    /// The fast path, step 1 (see [`fast`]): whether committed snapshot
+    /// `ask.target` on `parent` exists already as the fast path's own
+    /// (`Made`: answer containerd with it), is taken by another snapshot
+    /// (`NotOurs`: the Prepare goes on as a plain one, and containerd
+    /// unpacks the layer itself), or is to be made: then unlade's chain is
+    /// held under a hold of this adoption's own, so that gc keeps it
+    /// from the moment it is seen (or committed by the pull) until the
+    /// snapshot holds it; [`Pending::needs_pull`] says whether unlade
+    /// lacks it.
+    pub fn adopt_begin(&self, parent: &str, ask: &fast::Ask) -> Result<Adoption, CtrError> {
+        {
+            let _lock = self.lock()?;
+            if let Some(answer) = self.existing(parent, ask)? {
+                return Ok(answer);
+            }
+            self.check_parent(parent)?;
+        }
+        let hold = format!("containerd-adopt-{}", private_name());
+        self.root
+            .hold_snapshot(&hold, &ask.chain)
+            .map_err(|e| CtrError::Root {
+                op: "hold",
+                name: ask.target.clone(),
+                source: Box::new(e),
+            })?;
+        let needs_pull = self.root.snapshots().stat(&ask.chain).is_err();
+        Ok(Adoption::Pending(Pending {
+            hold,
+            root: self.root.clone(),
+            needs_pull,
+        }))
+    }
+
+    /// What is under the name `ask.target`, under the lock: `Made` for
+    /// the fast path's own snapshot of that chain on `parent`; `NotOurs`
+    /// for anything else (a client may commit its own files under any
+    /// name: those are never answered as the layer); `None` if free.
+    fn existing(&self, parent: &str, ask: &fast::Ask) -> Result<Option<Adoption>, CtrError> {
+        let chain = ask.chain.to_string();
+        match self.get(&ask.target, true) {
+            Ok(r)
+                if r.kind == Kind::Committed
+                    && r.parent == parent
+                    && r.chain.as_deref() == Some(chain.as_str()) =>
+            {
+                Ok(Some(Adoption::Made(CtrError::AlreadyExists(
+                    ask.target.clone(),
+                ))))
+            }
+            Ok(_) | Err(CtrError::Record { .. }) => Ok(Some(Adoption::NotOurs)),
+            Err(CtrError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The fast path, step 2: unlade's pull of `ask.reference` (shared
+    /// with every other pull of it in flight), only if the image has
+    /// `ask.chain` ([`RootError::NotInImage`] otherwise, before anything
+    /// is fetched), recorded under a private name that is dropped once
+    /// every layer's chain is held for the Prepares containerd sends
+    /// next. Blocks; stops soon after `cancel` trips; no registry request
+    /// outlives `deadline`.
+    pub fn adopt_pull(
+        &self,
+        ask: &fast::Ask,
+        deadline: Option<std::time::Instant>,
+        cancel: &Cancel,
+    ) -> Result<(), CtrError> {
+        let Some(opts) = &self.fast else {
+            return Err(CtrError::InvalidArgument(
+                "this snapshotter has no fast path".into(),
+            ));
+        };
         if self.root.snapshots().stat(&ask.chain).is_ok() {
             return Ok(());
         }
-        let record = format!("containerd-pull:{}", private_name());
-        let opts = PullOptions {
+        let record = format!("{PULL_RECORD}{}", private_name());
+        let mut opts = PullOptions {
             record_as: Some(record.clone()),
+            require_chain: Some(ask.chain),
             ..opts.clone()
         };
+        opts.remote.deadline = deadline;
         let t = std::time::Instant::now();
         let pulled = self
             .root
-            .pull(&ask.reference, &opts, None, &Cancel::new())
+            .pull(&ask.reference, &opts, None, cancel)
             .map_err(|e| CtrError::Root {
                 op: "pull",
                 name: ask.reference.to_string(),
@@ -665,33 +871,108 @@ impl CtrStore {
             pulled.bytes_fetched,
             t.elapsed().as_secs_f64()
         );
-        if pulled.unpacked.chain_ids.contains(&ask.chain) {
-            Ok(())
-        } else {
-            Err(CtrError::InvalidArgument(format!(
-                "image {} has no layer of chain {}",
-                ask.reference, ask.target
-            )))
+        Ok(())
+    }
+
+    /// The fast path, step 3: commits snapshot `ask.target` on `parent`
+    /// with `labels`, its tree unlade's committed snapshot of the chain,
+    /// and returns the `AlreadyExists` that tells containerd to adopt it
+    /// (`None`: the name was taken meanwhile by a snapshot the fast path
+    /// did not make; the Prepare goes on as a plain one). The parent is
+    /// checked again under the lock: one removed while the pull ran is
+    /// `NotFound`, never a child without its parent.
+    pub fn adopt_finish(
+        &self,
+        parent: &str,
+        labels: &BTreeMap<String, String>,
+        ask: &fast::Ask,
+        pending: Pending,
+    ) -> Result<Option<CtrError>, CtrError> {
+        let now = now_ns();
+        let mut rec = Record {
+            name: ask.target.clone(),
+            parent: parent.to_string(),
+            kind: Kind::Committed,
+            created_ns: now,
+            updated_ns: now,
+            labels: labels.clone(),
+            usage: None,
+            chain: Some(ask.chain.to_string()),
+        };
+        rec.usage = Some(tree_usage(&self.fs_of(&rec))?);
+        let made = {
+            let _lock = self.lock()?;
+            match self.existing(parent, ask) {
+                Err(e) => Err(e),
+                Ok(Some(Adoption::Made(e))) => Ok(Some(e)),
+                Ok(Some(_)) => Ok(None),
+                Ok(None) => {
+                    // The snapshot's own hold, taken where it appears.
+                    self.root
+                        .hold_snapshot(&holder(&ask.target), &ask.chain)
+                        .map_err(|e| CtrError::Root {
+                            op: "hold",
+                            name: ask.target.clone(),
+                            source: Box::new(e),
+                        })
+                        .and_then(|()| {
+                            self.publish(&rec, &[]).inspect_err(|_| {
+                                let _ = self.root.release_snapshot(&holder(&ask.target));
+                            })
+                        })
+                        .map(|()| Some(CtrError::AlreadyExists(ask.target.clone())))
+                }
+            }
+        };
+        // The snapshot, if made, holds the chain under its own name now.
+        drop(pending);
+        made
+    }
+
+    /// Fails unless `parent` is empty or names a committed snapshot.
+    /// Under the lock, this is what a new child is made on: a parent
+    /// removed meanwhile (while the fast path pulled) is `NotFound` here,
+    /// never a child without its parent.
+    fn check_parent(&self, parent: &str) -> Result<(), CtrError> {
+        if parent.is_empty() {
+            return Ok(());
         }
+        let p = self.get(parent, true)?;
+        if p.kind != Kind::Committed {
+            return Err(CtrError::InvalidArgument(format!(
+                "parent {parent:?} is {}, not committed",
+                p.kind.as_str()
+            )));
+        }
+        Ok(())
     }
 
     /// Makes snapshot `rec` whole in `tmp/` — its record and the empty
     /// directories `dirs` (`fs`, `work`; none for a snapshot whose tree is
     /// unlade's) — and renames it into place, `AlreadyExists` if the name
-    /// is taken. Holders of the lock only.
+    /// is taken, after checking its parent and marking it as that
+    /// parent's child. Holders of the lock only.
     fn publish(&self, rec: &Record, dirs: &[&str]) -> Result<(), CtrError> {
+        use crate::store::statedir::{make_dir, PRIVATE};
+        self.check_parent(&rec.parent)?;
         let h = hash_name(&rec.name);
         let name = private_name();
         let tmp = self.dir.join("tmp").join(&name);
+        let mut marked = false;
         let made = (|| {
-            fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+            let json = record_json(rec)?;
+            make_dir(&tmp, PRIVATE).map_err(io_err("create", &tmp))?;
             for d in dirs {
                 let p = tmp.join(d);
-                fs::create_dir(&p).map_err(io_err("create", &p))?;
-                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                    .map_err(io_err("chmod", &p))?;
+                // `fs` is the root directory a container sees (0755 unless
+                // a layer says otherwise); `work` is overlay's own.
+                let mode = if *d == "fs" { 0o755 } else { PRIVATE };
+                make_dir(&p, mode).map_err(io_err("create", &p))?;
             }
-            write_synced(&tmp.join("info.json"), &to_json(rec))?;
+            write_synced(&tmp.join("info.json"), &json)?;
+            if !rec.parent.is_empty() {
+                marked = self.mark_child(&rec.parent, &h)?;
+            }
             match rfs::renameat_with(
                 &self.tmp,
                 name.as_str(),
@@ -706,6 +987,9 @@ impl CtrStore {
         })();
         if made.is_err() {
             let _ = fs::remove_dir_all(&tmp);
+            if marked {
+                self.unmark_child(&rec.parent, &h);
+            }
         }
         made
     }
@@ -747,7 +1031,8 @@ impl CtrStore {
             Kind::Active => {
                 let lowers = self.lowers(&rec.parent)?;
                 let target = self.mnt_dir(&h);
-                fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+                crate::store::statedir::make_dirs(&target, crate::store::statedir::PRIVATE)
+                    .map_err(io_err("create", &target))?;
                 if !mount::is_mount_point(&target).map_err(io_err("stat", &target))? {
                     mount::overlay(&target, &lowers, &d.join("fs"), &d.join("work"))
                         .map_err(io_err("mount overlay", &target))?;
@@ -797,6 +1082,22 @@ impl CtrStore {
         if self.load_dir(&hn, true)?.is_some() {
             return Err(CtrError::AlreadyExists(name.to_string()));
         }
+        let mut committed = Record {
+            name: name.to_string(),
+            parent: rec.parent.clone(),
+            kind: Kind::Committed,
+            created_ns: now_ns(),
+            updated_ns: now_ns(),
+            labels,
+            // As long as a usage gets: the size is checked before the
+            // overlay is unmounted and its work directory removed.
+            usage: Some(Usage {
+                size: i64::MIN,
+                inodes: i64::MIN,
+            }),
+            chain: None,
+        };
+        record_json(&committed)?;
         let target = self.mnt_dir(&hk);
         if mount::is_mount_point(&target).map_err(io_err("stat", &target))? {
             // Mounted elsewhere too (the mounts containerd was given are
@@ -825,18 +1126,21 @@ impl CtrStore {
         if work.exists() {
             fs::remove_dir_all(&work).map_err(io_err("remove", &work))?;
         }
-        let usage = tree_usage(&d.join("fs"))?;
-        let committed = Record {
-            name: name.to_string(),
-            parent: rec.parent.clone(),
-            kind: Kind::Committed,
-            created_ns: now_ns(),
-            updated_ns: now_ns(),
-            labels,
-            usage: Some(usage),
-            chain: None,
+        committed.usage = Some(tree_usage(&d.join("fs"))?);
+        let json = record_json(&committed)?;
+        let marked = if rec.parent.is_empty() {
+            false
+        } else {
+            self.mark_child(&rec.parent, &hn)?
         };
-        write_synced(&d.join("commit.json"), &to_json(&committed))?;
+        let undo = |e| {
+            let _ = fs::remove_file(d.join("commit.json"));
+            if marked {
+                self.unmark_child(&rec.parent, &hn);
+            }
+            e
+        };
+        write_synced(&d.join("commit.json"), &json).map_err(undo)?;
         match rfs::renameat_with(
             &self.snaps,
             hk.as_str(),
@@ -846,32 +1150,64 @@ impl CtrStore {
         ) {
             Ok(()) => {}
             Err(e) => {
-                let _ = fs::remove_file(d.join("commit.json"));
-                return Err(if e == Errno::EXIST {
+                return Err(undo(if e == Errno::EXIST {
                     CtrError::AlreadyExists(name.to_string())
                 } else {
                     io_err("rename", &d)(e.into())
-                });
+                }));
             }
+        }
+        if !rec.parent.is_empty() {
+            self.unmark_child(&rec.parent, &hk);
         }
         self.settle(&hn)
     }
 
     /// Removes snapshot `key`; a snapshot that is another's parent stays.
+    /// Its children are found by their markers, not by reading every
+    /// record; a snapshot whose record does not read is removed by its
+    /// name all the same.
     pub fn remove(&self, key: &str) -> Result<(), CtrError> {
         let trash = {
             let _lock = self.lock()?;
-            let rec = self.get(key, true)?;
-            if let Some(child) = self.list_inner(true)?.into_iter().find(|r| r.parent == key) {
+            let h = hash_name(key);
+            let rec = match self.get(key, true) {
+                Ok(r) => Some(r),
+                // A directory under the name's hash whose record does not
+                // read (damaged, cut short, missing): removable by the
+                // name all the same.
+                Err(e)
+                    if self.snap_dir(&h).is_dir() && !matches!(e, CtrError::InvalidArgument(_)) =>
+                {
+                    if let Some(r) = self.load_dir(&h, true).ok().flatten() {
+                        // Another name's directory (a hash collision):
+                        // never this name's to remove.
+                        if r.name != key {
+                            return Err(CtrError::NotFound(key.to_string()));
+                        }
+                    }
+                    eprintln!(
+                        "unlade: removing snapshot {key:?}, whose record does not read: {}",
+                        crate::report::error_chain(&e)
+                    );
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(child) = self.a_child_of(key)? {
                 return Err(CtrError::FailedPrecondition {
                     name: key.to_string(),
-                    why: format!("it is the parent of {:?}", child.name),
+                    why: format!("it is the parent of {child:?}"),
                 });
             }
-            let trash = self.remove_locked(&rec)?;
-            if rec.chain.is_some() {
-                // unlade's snapshot is free for its gc once nothing else
-                // holds it.
+            let trash = self.remove_dir_locked(&h)?;
+            if let Some(parent) = rec.as_ref().map(|r| &r.parent).filter(|p| !p.is_empty()) {
+                self.unmark_child(parent, &h);
+            }
+            // unlade's snapshot (the fast path's) is free for its gc once
+            // nothing else holds it; a record that does not read may have
+            // been one.
+            if rec.as_ref().is_none_or(|r| r.chain.is_some()) {
                 self.root
                     .release_snapshot(&holder(key))
                     .map_err(|e| CtrError::Root {
@@ -889,7 +1225,11 @@ impl CtrStore {
     /// Unmounts `rec` and moves its directory into the trash; returns
     /// where it went, for the caller to delete outside the lock.
     fn remove_locked(&self, rec: &Record) -> Result<PathBuf, CtrError> {
-        let h = hash_name(&rec.name);
+        self.remove_dir_locked(&hash_name(&rec.name))
+    }
+
+    fn remove_dir_locked(&self, h: &str) -> Result<PathBuf, CtrError> {
+        let h = h.to_string();
         let target = self.mnt_dir(&h);
         if mount::is_mount_point(&target).unwrap_or(false) {
             // A container still on it keeps its files open either way;
@@ -931,9 +1271,10 @@ impl CtrStore {
         }
         check_labels(&rec.labels)?;
         rec.updated_ns = now_ns();
+        let json = record_json(&rec)?;
         let d = self.snap_dir(&hash_name(name));
         let tmp = d.join(format!("info.json.{}", private_name()));
-        write_synced(&tmp, &to_json(&rec))?;
+        write_synced(&tmp, &json)?;
         fs::rename(&tmp, d.join("info.json")).map_err(io_err("rename", &tmp))?;
         Ok(rec)
     }
@@ -952,18 +1293,33 @@ impl CtrStore {
     /// of snapshots that are gone, and releases the fast path's holds that
     /// no snapshot uses (after an hour).
     pub fn cleanup(&self) -> Result<(), CtrError> {
-        let _lock = self.lock()?;
-        self.sweep()
+        let trash = {
+            let _lock = self.lock()?;
+            self.sweep()?
+        };
+        self.empty_trash(trash);
+        Ok(())
     }
 
-    fn sweep(&self) -> Result<(), CtrError> {
-        for sub in ["tmp", "trash"] {
-            let p = self.dir.join(sub);
-            for ent in fs::read_dir(&p).map_err(io_err("list", &p))?.flatten() {
-                // Another process may be deleting the same trash entry.
-                let _ = fs::remove_dir_all(ent.path());
-            }
+    /// Under the lock: moves staging leftovers into the trash, unmounts
+    /// and removes mount points of snapshots that are gone, releases
+    /// stale holds; returns the trash's entries, which the caller deletes
+    /// after releasing the lock (a large tree takes seconds, and every
+    /// change waits for the lock).
+    fn sweep(&self) -> Result<Vec<PathBuf>, CtrError> {
+        // Nobody stages without the lock: what is in tmp/ now is left by a
+        // process that died.
+        let p = self.dir.join("tmp");
+        for ent in fs::read_dir(&p).map_err(io_err("list", &p))?.flatten() {
+            let name = format!("tmp-{}", private_name());
+            let _ = fs::rename(ent.path(), self.dir.join("trash").join(name));
         }
+        let p = self.dir.join("trash");
+        let trash: Vec<PathBuf> = fs::read_dir(&p)
+            .map_err(io_err("list", &p))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         let p = self.dir.join("mnt");
         for ent in fs::read_dir(&p).map_err(io_err("list", &p))?.flatten() {
             let Some(h) = ent.file_name().to_str().map(str::to_string) else {
@@ -990,7 +1346,26 @@ impl CtrStore {
                 let _ = self.root.release_snapshot(&holder);
             }
         }
-        Ok(())
+        // The records of fast-path pulls whose process died before it
+        // dropped them (each would keep an image's layers from gc).
+        for img in self.root.list_images().unwrap_or_default() {
+            let Some(rest) = img.name.strip_prefix(PULL_RECORD) else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(|p| p != std::process::id() as i32 && !process_alive(p)) {
+                let _ = self.root.remove_image(&img.name);
+            }
+        }
+        Ok(trash)
+    }
+
+    /// Deletes entries of the trash (another process may be deleting the
+    /// same ones).
+    fn empty_trash(&self, entries: Vec<PathBuf>) {
+        for p in entries {
+            let _ = fs::remove_dir_all(p);
+        }
     }
 }
 
@@ -1127,12 +1502,12 @@ mod tests {
             ..s.stat("act").unwrap()
         };
         let d = s.snap_dir(&hash_name("act"));
-        write_synced(&d.join("commit.json"), &to_json(&target)).unwrap();
+        write_synced(&d.join("commit.json"), &record_json(&target).unwrap()).unwrap();
         // Before the rename: still the active snapshot.
         assert_eq!(s.stat("act").unwrap().kind, Kind::Active);
         assert!(!d.join("commit.json").exists());
         // After the rename.
-        write_synced(&d.join("commit.json"), &to_json(&target)).unwrap();
+        write_synced(&d.join("commit.json"), &record_json(&target).unwrap()).unwrap();
         fs::rename(&d, s.snap_dir(&hash_name("done"))).unwrap();
         drop(s);
         let s = open(t.path());
@@ -1264,5 +1639,266 @@ mod tests {
         let m = s.create("top2", "top-c", BTreeMap::new(), false).unwrap();
         s.remove("top2").unwrap();
         assert!(!m[0].source.exists());
+    }
+
+    /// Labels that pass the per-label checks but would make a record
+    /// larger than is read back are refused on Prepare, Update and
+    /// Commit; the store lists and removes as before.
+    #[test]
+    fn oversized_records_are_refused_when_written() {
+        let (_t, s) = store();
+        committed(&s, "base", "a");
+        // 256 labels of 4,096 control characters: 1 MiB of labels, 6 MB
+        // of JSON.
+        let big: BTreeMap<String, String> = (0..MAX_LABELS)
+            .map(|i| {
+                let k = format!("k{i:03}");
+                let v = "\u{1}".repeat(MAX_LABEL - k.len());
+                (k, v)
+            })
+            .collect();
+        fn too_big<T>(r: Result<T, CtrError>) -> bool {
+            matches!(r, Err(CtrError::InvalidArgument(m)) if m.contains("record of"))
+        }
+        assert!(too_big(s.create("p", "base", big.clone(), false)));
+        assert!(too_big(s.create("v", "base", big.clone(), true)));
+        s.create("act", "base", BTreeMap::new(), false).unwrap();
+        assert!(too_big(s.update("act", big.clone(), LabelUpdate::All)));
+        assert!(too_big(s.commit("c", "act", big.clone())));
+        // Nothing half-made: the refused commit left the active snapshot.
+        assert_eq!(s.stat("act").unwrap().kind, Kind::Active);
+        let mut names: Vec<String> = s.list().unwrap().into_iter().map(|r| r.name).collect();
+        names.sort();
+        assert_eq!(names, ["act", "base"]);
+        assert_eq!(fs::read_dir(s.dir.join("tmp")).unwrap().count(), 0);
+        s.remove("act").unwrap();
+        s.remove("base").unwrap();
+        // Records are compact JSON: what a label's bytes cost is their
+        // escaping only.
+        s.create("n", "", labels(&[("a", "b")]), false).unwrap();
+        let raw = fs::read(s.snap_dir(&hash_name("n")).join("info.json")).unwrap();
+        assert!(!raw.contains(&b'\n'));
+    }
+
+    /// A record that does not parse (written by hand, cut short, or by an
+    /// older unlade) is left out of List instead of failing it, does not
+    /// stop Remove of the others, and is removed itself by its name.
+    #[test]
+    fn an_unreadable_record_blocks_nothing_and_is_removable() {
+        let (t, s) = store();
+        committed(&s, "base", "a");
+        s.create("bad", "base", BTreeMap::new(), true).unwrap();
+        s.create("good", "base", BTreeMap::new(), true).unwrap();
+        let d = s.snap_dir(&hash_name("bad"));
+        fs::write(d.join("info.json"), b"{\"name\": \"bad\", trunc").unwrap();
+        // A huge one too (over the read bound).
+        s.create("huge", "", BTreeMap::new(), false).unwrap();
+        let h = s.snap_dir(&hash_name("huge"));
+        fs::write(h.join("info.json"), vec![b' '; (MAX_RECORD + 10) as usize]).unwrap();
+        let mut names: Vec<String> = s.list().unwrap().into_iter().map(|r| r.name).collect();
+        names.sort();
+        assert_eq!(names, ["base", "good"]);
+        assert!(matches!(s.stat("bad"), Err(CtrError::Record { .. })));
+        s.remove("good").unwrap();
+        // Its parent stays while the unreadable child is there.
+        assert!(matches!(
+            s.remove("base"),
+            Err(CtrError::FailedPrecondition { .. })
+        ));
+        s.remove("bad").unwrap();
+        s.remove("huge").unwrap();
+        s.remove("base").unwrap();
+        assert!(s.list().unwrap().is_empty());
+        // One whose record is gone altogether: the name stays removable
+        // (its directory would block a new snapshot of that name).
+        s.create("lost", "", BTreeMap::new(), false).unwrap();
+        fs::remove_file(s.snap_dir(&hash_name("lost")).join("info.json")).unwrap();
+        assert!(s.list().unwrap().is_empty());
+        s.remove("lost").unwrap();
+        s.create("lost", "", BTreeMap::new(), false).unwrap();
+        s.remove("lost").unwrap();
+        assert!(matches!(s.remove("lost"), Err(CtrError::NotFound(_))));
+        // A commit intent cut short is undone, not an error forever.
+        s.create("act", "", BTreeMap::new(), false).unwrap();
+        let a = s.snap_dir(&hash_name("act"));
+        fs::write(a.join("commit.json"), b"{\"na").unwrap();
+        drop(s);
+        let s = open(t.path());
+        assert_eq!(s.stat("act").unwrap().kind, Kind::Active);
+        assert!(!a.join("commit.json").exists());
+    }
+
+    /// Remove finds children by their markers, without reading every
+    /// record: a parent with a child (active, view, committed) stays;
+    /// markers lost (a store from before them, a crash) are made again by
+    /// the next open; a marker whose child is gone is dropped.
+    #[test]
+    fn remove_finds_children_by_their_markers() {
+        let (t, s) = store();
+        committed(&s, "base", "a");
+        let hb = hash_name("base");
+        s.create("act", "base", BTreeMap::new(), false).unwrap();
+        assert!(
+            matches!(s.remove("base"), Err(CtrError::FailedPrecondition { why, .. }) if why.contains("\"act\""))
+        );
+        s.commit("mid", "act", BTreeMap::new()).unwrap();
+        // The marker moved with the commit.
+        let markers = || -> Vec<String> {
+            let mut v: Vec<String> = fs::read_dir(s.children_dir(&hb))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        assert_eq!(markers(), vec![hash_name("mid")]);
+        assert!(
+            matches!(s.remove("base"), Err(CtrError::FailedPrecondition { why, .. }) if why.contains("\"mid\""))
+        );
+        s.create("view", "mid", BTreeMap::new(), true).unwrap();
+        assert!(matches!(
+            s.remove("mid"),
+            Err(CtrError::FailedPrecondition { .. })
+        ));
+        // Markers lost: the next open makes them again.
+        fs::remove_dir_all(s.children_dir(&hb)).unwrap();
+        fs::remove_dir_all(s.children_dir(&hash_name("mid"))).unwrap();
+        drop(s);
+        let s = open(t.path());
+        assert!(matches!(
+            s.remove("base"),
+            Err(CtrError::FailedPrecondition { .. })
+        ));
+        assert!(matches!(
+            s.remove("mid"),
+            Err(CtrError::FailedPrecondition { .. })
+        ));
+        // A marker without its child (a crash between marker and rename).
+        fs::write(s.children_dir(&hb).join("0".repeat(32)), b"").unwrap();
+        s.remove("view").unwrap();
+        s.remove("mid").unwrap();
+        s.remove("base").unwrap();
+        assert!(s.list().unwrap().is_empty());
+        // A child is never made on a parent removed meanwhile: the parent
+        // is checked under the lock where the child is published.
+        committed(&s, "p2", "x");
+        s.remove("p2").unwrap();
+        assert!(matches!(
+            s.create("orphan", "p2", BTreeMap::new(), false),
+            Err(CtrError::NotFound(_))
+        ));
+    }
+
+    /// Every directory of the store is private, and a snapshot's tree
+    /// root is 0755 (set explicitly: the integration test
+    /// `an_unprivileged_user_reaches_nothing` runs a server under umask
+    /// 000; the umask is process-wide, not for a unit test to change).
+    #[test]
+    fn store_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = t.path().join("new/root");
+        let s = open(&root);
+        committed(&s, "base", "a");
+        let m = s.create("top", "base", BTreeMap::new(), false).unwrap();
+        for p in [
+            t.path().join("new"),
+            root.clone(),
+            root.join("snapshots"),
+            root.join("snapshots/committed"),
+            root.join("content"),
+            root.join("content/blobs"),
+            root.join("images"),
+            root.join("locks"),
+            s.dir.clone(),
+            s.dir.join("snapshots"),
+            s.dir.join("tmp"),
+            s.dir.join("trash"),
+            s.dir.join("mnt"),
+            s.snap_dir(&hash_name("base")),
+            s.snap_dir(&hash_name("top")),
+            s.snap_dir(&hash_name("top")).join("work"),
+            s.children_dir(&hash_name("base")),
+        ] {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+        }
+        assert_eq!(mode(&s.snap_dir(&hash_name("base")).join("fs")), 0o755);
+        assert!(m[0].source.starts_with(s.dir.join("mnt")));
+        // An older root is made private on open; a directory holding
+        // other things (`--root ~`) keeps its mode, its stores do not.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(root.join("content"), fs::Permissions::from_mode(0o755)).unwrap();
+        drop(s);
+        let s = open(&root);
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&root.join("content")), 0o700);
+        let shared = t.path().join("home");
+        fs::create_dir(&shared).unwrap();
+        fs::write(shared.join("notes.txt"), b"mine").unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        drop(s);
+        let s = open(&shared);
+        assert_eq!(mode(&shared), 0o755);
+        assert_eq!(mode(&shared.join("snapshots")), 0o700);
+        drop(s);
+    }
+
+    /// An adoption's hold is released wherever the adoption is dropped
+    /// (a client gone between steps), and a finished one leaves only the
+    /// snapshot's own.
+    #[test]
+    fn an_adoption_dropped_anywhere_releases_its_hold() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Arc::new(Root::open(t.path(), crate::root::RootOptions::default()).unwrap());
+        let s = CtrStore::open(root, Some(PullOptions::default())).unwrap();
+        let chain = "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a";
+        let ask = fast::Ask::of(&labels(&[
+            (fast::SNAPSHOT_REF, chain),
+            (fast::CRI_IMAGE_REF, "127.0.0.1:1/demo:latest"),
+        ]))
+        .unwrap();
+        let holds = || s.root.snapshots().list_holds().unwrap();
+        let Adoption::Pending(p) = s.adopt_begin("", &ask).unwrap() else {
+            panic!("pending");
+        };
+        assert!(p.needs_pull);
+        assert_eq!(holds().len(), 1);
+        drop(p);
+        assert!(holds().is_empty());
+    }
+
+    /// The library's own fast path (`create` with CRI's labels) adopts
+    /// only what it made: a snapshot a client committed under the chain's
+    /// name is never the answer; the Prepare goes on as a plain one,
+    /// without a pull (the registry here is unreachable, so a pull would
+    /// fail), and leaves no hold behind.
+    #[test]
+    fn the_fast_path_never_adopts_a_planted_snapshot() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Arc::new(Root::open(t.path(), crate::root::RootOptions::default()).unwrap());
+        let s = CtrStore::open(root, Some(PullOptions::default())).unwrap();
+        let chain = "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a";
+        committed(&s, chain, "planted");
+        let ask = labels(&[
+            (fast::SNAPSHOT_REF, chain),
+            (fast::CRI_IMAGE_REF, "127.0.0.1:1/demo:latest"),
+        ]);
+        let m = s.create("extract", "", ask.clone(), false).unwrap();
+        assert!(!m[0].source.join("planted").exists());
+        assert_eq!(s.stat("extract").unwrap().kind, Kind::Active);
+        assert!(s.root.snapshots().list_holds().unwrap().is_empty());
+        // Free of the planted one, the fast path pulls (and here fails:
+        // nothing listens on port 1), and its hold goes with the failure.
+        s.remove("extract").unwrap();
+        s.remove(chain).unwrap();
+        assert!(matches!(
+            s.create("extract", "", ask, false),
+            Err(CtrError::Root { op: "pull", .. })
+        ));
+        assert!(s.root.snapshots().list_holds().unwrap().is_empty());
     }
 }
