@@ -113,6 +113,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        // The overlays it mounted for active snapshots stay mounted when
+        // it dies (as containers need); a test's are detached here, or
+        // they would pile up in the host's mount table.
+        if let Ok(rd) = std::fs::read_dir(self.root.join("containerd/mnt")) {
+            for e in rd.flatten() {
+                let _ = rustix::mount::unmount(e.path(), rustix::mount::UnmountFlags::DETACH);
+            }
+        }
     }
 }
 
