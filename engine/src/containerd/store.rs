@@ -1828,6 +1828,8 @@ mod tests {
         }
         assert_eq!(mode(&s.snap_dir(&hash_name("base")).join("fs")), 0o755);
         assert!(m[0].source.starts_with(s.dir.join("mnt")));
+        // Unmounted, not left in the host's mount table.
+        s.remove("top").unwrap();
         // An older root is made private on open; a directory holding
         // other things (`--root ~`) keeps its mode, its stores do not.
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
