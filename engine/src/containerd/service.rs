@@ -48,10 +48,10 @@ const MAX_MASK_PATHS: usize = 257;
 
 /// The store's threads: as many as tokio's blocking pool had.
 const STORE_THREADS: usize = 16;
-/// Calls one client may have waiting for a thread: containerd's garbage
-/// collection removes snapshots a few at a time; a client with more is
-/// refused (`ResourceExhausted`) rather than queued.
-const QUEUED_PER_CLIENT: usize = 256;
+/// Calls one client may have waiting for a thread: what admission lets
+/// in ([`MAX_IN_FLIGHT_PER_CLIENT`]), so that the pool bounds itself the
+/// same way.
+const QUEUED_PER_CLIENT: usize = MAX_IN_FLIGHT_PER_CLIENT;
 
 /// containerd's snapshots service, backed by a [`CtrStore`].
 #[derive(Clone)]

@@ -665,8 +665,7 @@ impl CtrStore {
         labels: BTreeMap<String, String>,
         view: bool,
     ) -> Result<Vec<Mount>, CtrError> {
-        check_name("key", key)?;
-        check_labels(&labels)?;
+        self.check_request(key, &labels)?;
         if !view {
             if let Some(ask) = self.fast_ask(&labels) {
                 match self.adopt_begin(parent, &ask)? {
@@ -706,8 +705,7 @@ impl CtrStore {
         labels: BTreeMap<String, String>,
         view: bool,
     ) -> Result<Vec<Mount>, CtrError> {
-        check_name("key", key)?;
-        check_labels(&labels)?;
+        self.check_request(key, &labels)?;
         let _lock = self.lock()?;
         self.check_parent(parent)?;
         let h = hash_name(key);
@@ -906,7 +904,9 @@ impl CtrStore {
                 Err(e) => Err(e),
                 Ok(Some(Adoption::Made(e))) => Ok(Some(e)),
                 Ok(Some(_)) => Ok(None),
-                Ok(None) => {
+                // The parent again, under the lock where the child is
+                // published: it may have gone while the pull ran.
+                Ok(None) => self.check_parent(parent).and_then(|()| {
                     // The snapshot's own hold, taken where it appears.
                     self.root
                         .hold_snapshot(&holder(&ask.target), &ask.chain)
@@ -921,7 +921,7 @@ impl CtrStore {
                             })
                         })
                         .map(|()| Some(CtrError::AlreadyExists(ask.target.clone())))
-                }
+                }),
             }
         };
         // The snapshot, if made, holds the chain under its own name now.
@@ -950,11 +950,10 @@ impl CtrStore {
     /// Makes snapshot `rec` whole in `tmp/` — its record and the empty
     /// directories `dirs` (`fs`, `work`; none for a snapshot whose tree is
     /// unlade's) — and renames it into place, `AlreadyExists` if the name
-    /// is taken, after checking its parent and marking it as that
-    /// parent's child. Holders of the lock only.
+    /// is taken, after marking it as its parent's child. Holders of the
+    /// lock only, who checked the parent under it ([`Self::check_parent`]).
     fn publish(&self, rec: &Record, dirs: &[&str]) -> Result<(), CtrError> {
         use crate::store::statedir::{make_dir, PRIVATE};
-        self.check_parent(&rec.parent)?;
         let h = hash_name(&rec.name);
         let name = private_name();
         let tmp = self.dir.join("tmp").join(&name);

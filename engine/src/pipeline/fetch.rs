@@ -142,12 +142,7 @@ impl Fetcher<'_> {
                         if cancel.is_cancelled() {
                             return Err(FetchError::Cancelled);
                         }
-                        let read = r.read(&mut buf);
-                        let now = w.written() + *read.as_ref().unwrap_or(&0) as u64;
-                        if let Err(why) = progress.check(now) {
-                            break SourceError::stalled(format!("{}: {why}", source.describe()));
-                        }
-                        match read {
+                        match progress.read(&mut *r, &mut buf, w.written()) {
                             Ok(0) => break 'attempts,
                             Ok(n) => {
                                 w.write(&buf[..n])?;
@@ -157,20 +152,9 @@ impl Fetcher<'_> {
                                 }
                                 (self.progress)(w.written());
                             }
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) if crate::source::is_timeout(&e) => {
-                                break SourceError::stalled(format!(
-                                    "{}: {}",
-                                    source.describe(),
-                                    progress.silent(w.written())
-                                ))
-                            }
-                            Err(e) => {
-                                break SourceError::transient(format!(
-                                    "{}: stream broke at byte {}: {e}",
-                                    source.describe(),
-                                    w.written()
-                                ))
+                            Err(mut e) => {
+                                e.message = format!("{}: {}", source.describe(), e.message);
+                                break e;
                             }
                         }
                     }

@@ -161,8 +161,9 @@ impl Default for Stall {
     }
 }
 
-/// [`Stall`] applied to one attempt: told the bytes transferred so far
-/// after each read, it says when the rule is broken.
+/// [`Stall`] applied to one attempt of a transfer: every read of the
+/// attempt goes through [`Progress::read`], which says when the rule is
+/// broken.
 #[derive(Debug)]
 pub struct Progress {
     rule: Stall,
@@ -180,9 +181,43 @@ impl Progress {
         }
     }
 
+    /// One read from `r` into `buf`, `done` bytes having been transferred
+    /// before it (interrupted reads are tried again): the bytes read, 0 at
+    /// the end; `Stalled` once a whole window passed with fewer than the
+    /// rule's bytes in it, or when the read timed out (the source said
+    /// nothing for a window); `Transient` when the stream broke. The
+    /// message says where, the caller what.
+    pub fn read(
+        &mut self,
+        r: &mut dyn Read,
+        buf: &mut [u8],
+        done: u64,
+    ) -> Result<usize, SourceError> {
+        loop {
+            let read = r.read(buf);
+            let now = done + *read.as_ref().unwrap_or(&0) as u64;
+            self.check(now).map_err(SourceError::stalled)?;
+            match read {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(SourceError::stalled(format!(
+                        "no data for {} s at byte {done}",
+                        self.rule.window.as_secs()
+                    )))
+                }
+                Err(e) => {
+                    return Err(SourceError::transient(format!(
+                        "stream broke at byte {done}: {e}"
+                    )))
+                }
+            }
+        }
+    }
+
     /// With `done` bytes transferred in all: `Err(why)` once a whole
     /// window passed with fewer than the rule's bytes in it.
-    pub fn check(&mut self, done: u64) -> Result<(), String> {
+    fn check(&mut self, done: u64) -> Result<(), String> {
         if self.start.elapsed() < self.rule.window {
             return Ok(());
         }
@@ -196,14 +231,6 @@ impl Progress {
         }
         *self = Progress::new(self.rule, done);
         Ok(())
-    }
-
-    /// A read that timed out: the source said nothing for a whole window.
-    pub fn silent(&self, done: u64) -> String {
-        format!(
-            "no data for {} s at byte {done}",
-            self.rule.window.as_secs()
-        )
     }
 }
 

@@ -550,25 +550,18 @@ impl Remote {
         host: &str,
         path: &str,
     ) -> Result<Vec<u8>, SourceError> {
-        let what = |why: String| format!("{host}{path}: reading the answer: {why}");
         let mut r = resp.into_reader().take(MAX_JSON + 1);
         let mut body = Vec::new();
         let mut progress = crate::source::Progress::new(self.retry.stall, 0);
         let mut buf = [0u8; 16 << 10];
         loop {
-            let read = r.read(&mut buf);
-            let now = body.len() as u64 + *read.as_ref().unwrap_or(&0) as u64;
-            progress
-                .check(now)
-                .map_err(|why| SourceError::stalled(what(why)))?;
-            match read {
+            match progress.read(&mut r, &mut buf, body.len() as u64) {
                 Ok(0) => break,
                 Ok(n) => body.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if crate::source::is_timeout(&e) => {
-                    return Err(SourceError::stalled(what(progress.silent(now))))
+                Err(mut e) => {
+                    e.message = format!("{host}{path}: reading the answer: {}", e.message);
+                    return Err(e);
                 }
-                Err(e) => return Err(SourceError::transient(what(e.to_string()))),
             }
         }
         if body.len() as u64 > MAX_JSON {
@@ -743,21 +736,17 @@ impl BlobSource for RemoteBlobs {
             let mut buf = vec![0u8; 64 << 10];
             while skipped < offset {
                 let want = buf.len().min((offset - skipped) as usize);
-                let what = |why: String| {
-                    format!("{}{path}: skipping to byte {offset}: {why}", ep.authority)
-                };
-                match r.read(&mut buf[..want]) {
+                match progress.read(&mut r, &mut buf[..want], skipped) {
                     Ok(0) => break,
                     Ok(n) => skipped += n as u64,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) if crate::source::is_timeout(&e) => {
-                        return Err(SourceError::stalled(what(progress.silent(skipped))))
+                    Err(mut e) => {
+                        e.message = format!(
+                            "{}{path}: skipping to byte {offset}: {}",
+                            ep.authority, e.message
+                        );
+                        return Err(e);
                     }
-                    Err(e) => return Err(SourceError::transient(what(e.to_string()))),
                 }
-                progress
-                    .check(skipped)
-                    .map_err(|why| SourceError::stalled(what(why)))?;
             }
             if skipped < offset {
                 return Err(SourceError::transient(format!(
