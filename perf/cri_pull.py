@@ -11,20 +11,7 @@ import threading
 import time
 
 import grpc
-
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):  # length-delimited field
-    return bytes([num << 3 | 2]) + varint(len(payload)) + payload
+from pbwire import field
 
 
 def main():

@@ -43,6 +43,31 @@ pub fn root_options() -> unlade::RootOptions {
     }
 }
 
+/// `%XX` escapes decoded (and `+` as a space where `plus_is_space`: an
+/// HTML form's encoding, as token requests use; gRPC's `grpc-message`
+/// keeps `+`).
+pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus_is_space && b[i] == b'+' {
+            b' '
+        } else {
+            b[i]
+        });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A fresh temporary directory.
 pub fn tmp() -> TempDir {
     tempfile::Builder::new()

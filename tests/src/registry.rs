@@ -317,7 +317,7 @@ impl TokenServer {
         let mut access = Vec::new();
         for kv in query.split('&') {
             if let Some(v) = kv.strip_prefix("scope=") {
-                let v = percent_decode(v);
+                let v = crate::percent_decode(v, true);
                 let parts: Vec<&str> = v.splitn(3, ':').collect();
                 if parts.len() == 3 {
                     access.push(serde_json::json!({
@@ -375,24 +375,6 @@ impl TokenServer {
         assert!(out.status.success(), "openssl dgst failed");
         format!("{signing_input}.{}", b64(&out.stdout))
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads an HTTP request or response head: the first line and the
@@ -686,4 +668,59 @@ impl Proxy {
         }
         let _ = client.shutdown(Shutdown::Write);
     }
+}
+
+// The bundled demo image (assets/demo-image), as the snapshotter and pull
+// tests use it through a registry.
+
+/// The demo image's OCI layout.
+pub fn demo_layout() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-image")
+}
+
+/// A registry holding the demo image as `demo:latest`, behind a proxy
+/// that counts requests and injects faults.
+pub fn demo_registry() -> (Registry, Arc<Proxy>) {
+    let reg = Registry::start(RegAuth::None);
+    reg.push(&demo_layout(), "latest", "demo:latest");
+    let proxy = Proxy::start(&reg.addr);
+    (reg, proxy)
+}
+
+/// The layer digests, bottom first, of the demo image as the registry
+/// holds it (skopeo's push writes its own manifest).
+pub fn demo_layers(reg: &Registry) -> Vec<String> {
+    let out = sh(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/demo:latest", reg.addr)));
+    let man: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest");
+    man["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .collect()
+}
+
+/// The demo image's layer chain IDs, bottom first, from its config
+/// (computed here, not by the engine).
+pub fn demo_chains() -> Vec<String> {
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&p).expect("read")).expect("JSON")
+    };
+    let blob = |d: &serde_json::Value| {
+        demo_layout()
+            .join("blobs/sha256")
+            .join(&d.as_str().expect("digest")[7..])
+    };
+    let index = read(demo_layout().join("index.json"));
+    let manifest = read(blob(&index["manifests"][0]["digest"]));
+    let config = read(blob(&manifest["config"]["digest"]));
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .expect("diff_ids")
+        .iter()
+        .map(|d| d.as_str().expect("diff_id").to_string())
+        .collect();
+    crate::chain_ids_of(&diff_ids)
 }

@@ -144,26 +144,8 @@ fn status_of(h: &http::HeaderMap) -> Option<Status> {
         .unwrap_or("");
     Some(Status {
         code,
-        message: percent_decode(raw),
+        message: crate::percent_decode(raw, false),
     })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Labels from pairs.

@@ -275,35 +275,7 @@ fn snapshots_survive_a_killed_server_and_commit_what_was_written() {
 // The fast path: CRI pulls through unlade's own pipeline.
 
 use unlade_tests::containerd::cri_config;
-use unlade_tests::registry::{Fault, Proxy, RegAuth, Registry};
-
-fn demo_layout() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-image")
-}
-
-/// The layer digests, bottom first, of the demo image as the registry
-/// holds it (skopeo's push writes its own manifest).
-fn demo_layers(reg: &Registry) -> Vec<String> {
-    let out = sh(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo:latest", reg.addr)));
-    let man: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest");
-    man["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| l["digest"].as_str().expect("digest").to_string())
-        .collect()
-}
-
-/// A registry holding the demo image as `demo:latest`, behind a proxy
-/// that counts requests.
-fn demo_registry() -> (Registry, std::sync::Arc<Proxy>) {
-    let reg = Registry::start(RegAuth::None);
-    reg.push(&demo_layout(), "latest", "demo:latest");
-    let proxy = Proxy::start(&reg.addr);
-    (reg, proxy)
-}
+use unlade_tests::registry::{demo_layers, demo_registry, Fault, Proxy};
 
 /// The pulls the server's log reports: (layers applied here, by another).
 fn pulls_logged(c: &Containerd) -> Vec<(usize, usize)> {

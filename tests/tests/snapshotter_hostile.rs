@@ -5,12 +5,12 @@
 //! removed while the fast path pulls. Each test talks to the real server
 //! binary over its socket, as containerd or any gRPC client would.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use unlade_tests::containerd::Server;
-use unlade_tests::registry::{Fault, Proxy, RegAuth, Registry};
+use unlade_tests::registry::{demo_chains, demo_layers, demo_registry, Fault};
 use unlade_tests::snapclient::{code, labels, Client};
 use unlade_tests::*;
 
@@ -23,32 +23,6 @@ const IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn demo_layout() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-image")
-}
-
-/// The demo image's layer chain IDs, bottom first, from its config.
-fn demo_chains() -> Vec<String> {
-    let blob = |d: &str| demo_layout().join("blobs/sha256").join(&d[7..]);
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(demo_layout().join("index.json")).unwrap()).unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
-    )
-    .unwrap();
-    let config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
-    )
-    .unwrap();
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_str().unwrap().to_string())
-        .collect();
-    chain_ids_of(&diff_ids)
 }
 
 /// A committed snapshot `name` (no parent) holding file `f` with `text`,
@@ -243,14 +217,6 @@ fn oversized_requests_are_refused_and_the_server_goes_on() {
     assert_eq!(c.stat("base").expect("stat").name, "base");
 }
 
-/// A registry holding the demo image, behind a proxy.
-fn demo_registry() -> (Registry, std::sync::Arc<Proxy>) {
-    let reg = Registry::start(RegAuth::None);
-    reg.push(&demo_layout(), "latest", "demo:latest");
-    let proxy = Proxy::start(&reg.addr);
-    (reg, proxy)
-}
-
 fn fast_server(dir: &Path) -> Server {
     let none = dir.join("no-hosts");
     Server::start_with(
@@ -307,12 +273,7 @@ fn a_parent_removed_during_a_fast_path_pull_is_not_adopted_onto() {
     let image = format!("{}/demo:latest", proxy.addr);
     commit_with_file(&c, "parent", "f", "x");
     // Held after the first 100 kB of the base layer.
-    let out = sh(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo:latest", reg.addr)));
-    let man: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let base_blob = man["layers"][0]["digest"].as_str().unwrap().to_string();
-    proxy.fault(Fault::Stall(base_blob, 100_000));
+    proxy.fault(Fault::Stall(demo_layers(&reg)[0].clone(), 100_000));
     let sock = s.sock.clone();
     let target = chains[0].clone();
     let pending = std::thread::spawn(move || {
@@ -522,15 +483,6 @@ fn sigterm_stops_the_server_whatever_is_in_flight() {
     assert!(holds.is_empty(), "{holds:?}");
 }
 
-/// The demo image's base layer blob digest as the registry serves it.
-fn base_blob(reg: &Registry) -> String {
-    let out = sh(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo:latest", reg.addr)));
-    let man: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    man["layers"][0]["digest"].as_str().unwrap().to_string()
-}
-
 /// A registry that trickles a blob (a byte every 200 ms: it never goes
 /// silent long enough for a read to time out) fails the pull by the
 /// minimum-progress rule within the stall timeout, instead of holding it
@@ -543,7 +495,7 @@ fn a_trickling_or_lying_registry_fails_the_pull() {
     let _serial = serial();
     for fault in ["trickle", "endless"] {
         let (reg, proxy) = demo_registry();
-        let blob = base_blob(&reg);
+        let blob = demo_layers(&reg)[0].clone();
         proxy.fault(match fault {
             "trickle" => Fault::Trickle(blob.clone(), Duration::from_millis(200)),
             _ => Fault::Endless(blob.clone()),
@@ -845,7 +797,7 @@ fn labels_naming_an_image_without_the_chain_pull_nothing() {
         .expect("a plain Prepare");
     assert_eq!(m[0].r#type, "bind");
     assert!(
-        proxy.blob_gets(&base_blob(&reg)).is_empty(),
+        proxy.blob_gets(&demo_layers(&reg)[0]).is_empty(),
         "{:?}",
         proxy.seen()
     );

@@ -7,24 +7,15 @@ is needed (Debian's python3-grpcio).
 
 Usage: flood.py SOCKET PARENT SECONDS N
 """
+import os
 import sys
 import time
 
 import grpc
 
-
-def varint(n):
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(num, payload):
-    return bytes([num << 3 | 2]) + varint(len(payload)) + payload
+# The wire helpers live with the perf scripts (the tests run perf/cri_pull.py too).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "perf"))
+from pbwire import field  # noqa: E402
 
 
 def main():
