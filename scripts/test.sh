@@ -3,7 +3,8 @@
 # toolchain: installs what the build links (libisal-dev, found with
 # pkg-config) and the real tools the tests drive (GNU tar, bsdtar, Go,
 # Python, pigz, zstd, docker-registry, skopeo, containerd, runc,
-# python3-grpcio; as root), then format, lint,
+# python3-grpcio, containerd's Go sources for its conformance suite, and
+# containerd 1.7 and 2.x from newer Debian suites; as root), then format, lint,
 # README.md's opening commands (scripts/readme-commands.sh), every test, and
 # a short fuzz run (installing cargo-fuzz first if missing: a few quiet
 # minutes). CI (.ci/run) calls exactly this.
@@ -33,6 +34,10 @@ command -v containerd >/dev/null || need_pkgs+=(containerd)
 command -v runc    >/dev/null || need_pkgs+=(runc)
 # The CRI pulls (perf/cri_pull.py): Debian's python3 with its grpcio.
 /usr/bin/python3 -c 'import grpc' 2>/dev/null || need_pkgs+=(python3 python3-grpcio)
+# containerd's own snapshotter conformance suite (tests/conformance): the
+# sources of bookworm's containerd 1.6.20 and of what they import.
+[[ -d /usr/share/gocode/src/github.com/containerd/containerd/snapshots/testsuite ]] ||
+  need_pkgs+=(golang-github-containerd-containerd-dev)
 if ((${#need_pkgs[@]})); then
   if [[ $(id -u) != 0 ]]; then
     echo "missing ${need_pkgs[*]}: run as root (the tests need root anyway)" >&2
@@ -49,6 +54,11 @@ if [[ $(id -u) != 0 ]]; then
   echo "the tests chown, mknod and set trusted.* xattrs: run as root" >&2
   exit 1
 fi
+# containerd 1.7 (trixie's) and 2.x (sid's) beside the system's 1.6, from
+# Debian's packages, in /opt/unlade-peers without touching apt's state: the
+# snapshotter tests run against all three.
+echo "== containerd 1.7 and 2.x (scripts/containerd-peers.sh)"
+scripts/containerd-peers.sh
 
 echo "== cargo fmt"
 cargo fmt --all -- --check

@@ -454,9 +454,11 @@ fn twenty_concurrent_cri_pulls_apply_each_layer_once() {
     }
 }
 
-/// A corrupt layer fails the CRI pull with an error naming it, and
-/// commits nothing of it; unlade killed in the middle of a pull fails that
-/// pull, and after a restart the next pull succeeds.
+/// A corrupt layer: unlade's pull fails on it and falls back (its log
+/// names the layer), containerd fetches it itself and fails the CRI pull
+/// with its own error naming it; nothing of it is committed. unlade killed
+/// in the middle of a pull fails that pull, and after a restart the next
+/// pull succeeds.
 #[test]
 fn cri_pull_faults_bad_layer_and_killed_server() {
     {
@@ -473,6 +475,12 @@ fn cri_pull_faults_bad_layer_and_killed_server() {
         assert!(
             err.contains(&top_layer[7..19]) || err.contains(&top_layer),
             "{err}"
+        );
+        let log = c.unlade.log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("falls back to containerd") && l.contains(&top_layer)),
+            "{log}"
         );
         // Nothing of the bad layer was committed: only the layers below.
         let committed = std::fs::read_dir(root.join("snapshots/committed"))

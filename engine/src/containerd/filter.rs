@@ -222,6 +222,7 @@ mod tests {
             .collect(),
             usage: None,
             chain: None,
+            fallback: None,
         }
     }
 

@@ -14,7 +14,7 @@
 //! - [`filter`]: containerd's filter syntax, for List.
 //! - [`service`]: the gRPC methods over the store, their blocking work
 //!   on a pool shared fairly between clients (`fair`), the fast path's
-//!   pulls apart from it ([`pulls`]).
+//!   pulls apart from it ([`fast::pulls`]).
 //! - `conn`: each accepted connection, its HTTP/2 header blocks made
 //!   acceptable to h2 (gRPC C-core clients send the socket path as
 //!   `:authority`).
@@ -26,7 +26,6 @@ pub mod fast;
 pub mod filter;
 mod mount;
 pub mod proto;
-pub mod pulls;
 pub mod service;
 pub mod store;
 
@@ -38,7 +37,7 @@ use crate::cancel::Cancel;
 use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
 
-pub use pulls::PullLimits;
+pub use fast::PullLimits;
 pub use service::Service;
 pub use store::{CtrError, CtrStore};
 
@@ -276,9 +275,8 @@ pub fn serve(
     cancel: &Cancel,
 ) -> Result<(), ServeError> {
     refuse_live(socket)?;
-    let fast = opts.fast.is_some();
-    let store = Arc::new(CtrStore::open(root, opts.fast)?);
-    let pulls = fast.then(|| pulls::Pulls::new(store.clone(), opts.limits));
+    let store = Arc::new(CtrStore::open(root)?);
+    let service = Service::new(store, opts.fast, opts.limits);
     let ioe = |op, source| ServeError::Io {
         op,
         path: socket.to_path_buf(),
@@ -320,7 +318,7 @@ pub fn serve(
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(60)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
             .http2_max_header_list_size(1 << 20)
-            .add_service(Service::new(store, pulls.clone()).into_server())
+            .add_service(service.clone().into_server())
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = graceful.wait_for(|s| *s).await;
             });
@@ -336,9 +334,7 @@ pub fn serve(
             _ = async {
                 let _ = forced.wait_for(|s| *s).await;
                 // Prepares waiting for pulls answer now.
-                if let Some(p) = &pulls {
-                    p.shutdown();
-                }
+                service.shutdown();
                 tokio::time::sleep(STOP_GRACE).await;
             } => {
                 eprintln!(

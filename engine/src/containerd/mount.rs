@@ -1,5 +1,6 @@
 //! The mounts unlade makes itself for containerd's active snapshots with
-//! parents (see `CtrStore::mounts`): overlay by the new mount API, one
+//! parents and its views of many layers (see `CtrStore::mounts`): overlay
+//! by the new mount API, one
 //! `lowerdir+` per layer (Linux 6.8 and later), so that no count of layers
 //! meets mount(2)'s one page of options; older kernels get mount(2) with
 //! the joined list.
@@ -54,7 +55,7 @@ pub fn other_mounts(dir: &Path) -> io::Result<Vec<String>> {
 /// Mounts an overlay of `upper` (with `work`) over `lowers` (top first) at
 /// `target`.
 pub fn overlay(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> io::Result<()> {
-    match overlay_fsconfig(target, lowers, upper, work) {
+    match overlay_fsconfig(target, lowers, Some((upper, work))) {
         Ok(()) => Ok(()),
         // No new mount API, or no `lowerdir+` (before 6.8).
         Err(Errno::NOSYS | Errno::INVAL) => {
@@ -79,11 +80,32 @@ pub fn overlay(target: &Path, lowers: &[PathBuf], upper: &Path, work: &Path) -> 
     }
 }
 
+/// Mounts a read-only overlay of `lowers` (top first, at least two) at
+/// `target`: a view of many layers, which as mount options for
+/// containerd's mount helper would meet its one page (about 113 layers).
+pub fn overlay_ro(target: &Path, lowers: &[PathBuf]) -> io::Result<()> {
+    match overlay_fsconfig(target, lowers, None) {
+        Ok(()) => Ok(()),
+        Err(Errno::NOSYS | Errno::INVAL) => {
+            let data = std::ffi::CString::new(format!("lowerdir={}", join_lowers(lowers)))
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+            rmount::mount(
+                "overlay",
+                target,
+                "overlay",
+                MountFlags::RDONLY,
+                data.as_c_str(),
+            )
+            .map_err(io::Error::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn overlay_fsconfig(
     target: &Path,
     lowers: &[PathBuf],
-    upper: &Path,
-    work: &Path,
+    upper_work: Option<(&Path, &Path)>,
 ) -> Result<(), Errno> {
     let fs = rmount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
     rmount::fsconfig_set_string(&fs, "source", "overlay")?;
@@ -91,8 +113,10 @@ fn overlay_fsconfig(
     for l in lowers {
         rmount::fsconfig_set_string(&fs, "lowerdir+", l.as_path())?;
     }
-    rmount::fsconfig_set_string(&fs, "upperdir", upper)?;
-    rmount::fsconfig_set_string(&fs, "workdir", work)?;
+    if let Some((upper, work)) = upper_work {
+        rmount::fsconfig_set_string(&fs, "upperdir", upper)?;
+        rmount::fsconfig_set_string(&fs, "workdir", work)?;
+    }
     rmount::fsconfig_create(&fs)?;
     let mnt = rmount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
     rmount::move_mount(

@@ -4,8 +4,9 @@
 //! [`CtrError`] to the gRPC code containerd turns back into its own error
 //! kind (`NotFound`, `AlreadyExists`, `FailedPrecondition`,
 //! `InvalidArgument`; the rest `Internal`), with the whole error chain as
-//! the message. A Prepare that takes the fast path runs its pull on
-//! `Pulls` (see [`crate::containerd::pulls`]), not on the store's threads.
+//! the message. A Prepare that takes the fast path goes through
+//! `FastPath` first (see [`crate::containerd::fast`]); its [`Outcome`]
+//! becomes the answer here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -14,12 +15,13 @@ use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status};
 
 use crate::containerd::conn::ConnInfo;
-use crate::containerd::fair::{FairPool, Refused};
+use crate::containerd::fair::FairPool;
+use crate::containerd::fast::{refused, Ask, FastPath, Outcome, PullLimits};
 use crate::containerd::filter::Filter;
 use crate::containerd::proto::services::snapshots::v1 as pb;
 use crate::containerd::proto::types;
-use crate::containerd::pulls::{PullFailure, Pulls};
-use crate::containerd::store::{Adoption, CtrError, CtrStore, Kind, LabelUpdate, Record};
+use crate::containerd::store::{CtrError, CtrStore, Kind, LabelUpdate, Record};
+use crate::pipeline::pull::PullOptions;
 use crate::report::error_chain;
 use crate::store::snapshot::Mount;
 
@@ -58,7 +60,7 @@ const QUEUED_PER_CLIENT: usize = MAX_IN_FLIGHT_PER_CLIENT;
 pub struct Service {
     store: Arc<CtrStore>,
     pool: FairPool,
-    pulls: Option<Arc<Pulls>>,
+    fast: Option<Arc<FastPath>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -145,13 +147,27 @@ fn client_of<T>(req: &Request<T>) -> u64 {
 }
 
 impl Service {
-    /// The service over `store`, with the fast path's pulls on `pulls`
-    /// (none: no fast path).
-    pub(crate) fn new(store: Arc<CtrStore>, pulls: Option<Arc<Pulls>>) -> Service {
+    /// The service over `store`; with `fast` (how to reach registries),
+    /// CRI's labelled Prepares take the fast path, its pulls within
+    /// `limits`.
+    pub(crate) fn new(
+        store: Arc<CtrStore>,
+        fast: Option<PullOptions>,
+        limits: PullLimits,
+    ) -> Service {
+        let pool = FairPool::new(STORE_THREADS, QUEUED_PER_CLIENT);
         Service {
+            fast: fast.map(|o| Arc::new(FastPath::new(store.clone(), pool.clone(), o, limits))),
             store,
-            pool: FairPool::new(STORE_THREADS, QUEUED_PER_CLIENT),
-            pulls,
+            pool,
+        }
+    }
+
+    /// Ends the fast path's pulls (the server is stopping): the Prepares
+    /// waiting for them fall back at once.
+    pub(crate) fn shutdown(&self) {
+        if let Some(f) = &self.fast {
+            f.shutdown();
         }
     }
 
@@ -177,95 +193,52 @@ impl Service {
         let store = self.store.clone();
         match self.pool.run(client, move || f(&store)).await {
             Ok(r) => r.map_err(|e| status(&e)),
-            Err(Refused::Busy(n)) => Err(Status::resource_exhausted(format!(
-                "this client has {n} calls waiting already"
-            ))),
-            Err(Refused::Lost) => Err(Status::internal("the snapshotter's call failed")),
+            Err(r) => Err(status(&refused(r))),
         }
     }
 
-    /// A Prepare with the fast path's labels (see
-    /// [`crate::containerd::fast`]): `Err` with the status to answer
-    /// (`AlreadyExists` when the layer is made), `Ok` to go on as a plain
-    /// Prepare.
-    async fn fast_prepare(
+    /// A Prepare: the fast path's first when its labels ask for it, then
+    /// (unless it made the layer) a plain one.
+    async fn prepare_snapshot(
         &self,
         client: u64,
-        pulls: &Arc<Pulls>,
-        ask: crate::containerd::fast::Ask,
-        key: &str,
-        parent: &str,
-        labels: &BTreeMap<String, String>,
-    ) -> Result<(), Status> {
-        let (k, p, l, a) = (
-            key.to_string(),
-            parent.to_string(),
-            labels.clone(),
-            ask.clone(),
-        );
-        let begun = self
-            .run(client, move |s| {
-                s.check_request(&k, &l)?;
-                s.adopt_begin(&p, &a)
-            })
-            .await?;
-        // The adoption's hold goes with `pending`, wherever this stops: a
-        // failed pull, containerd gone (this future dropped), a finish
-        // that never ran.
-        let pending = match begun {
-            Adoption::Made(e) => return Err(status(&e)),
-            Adoption::NotOurs => return Ok(()),
-            Adoption::Pending(p) => p,
-        };
-        if pending.needs_pull {
-            match pulls.pull(&ask).await {
-                Ok(()) => {}
-                Err(PullFailure::Failed(e)) if e.not_in_image() => {
-                    eprintln!(
-                        "unlade: {}; the Prepare of {key:?} is left to containerd",
-                        crate::report::error_chain(&*e)
-                    );
-                    return Ok(());
+        r: pb::PrepareSnapshotRequest,
+    ) -> Result<Vec<Mount>, Status> {
+        let labels = labels(r.labels);
+        let ask = self.fast.as_ref().zip(Ask::of(&labels));
+        let mut fell_back = None;
+        if let Some((fast, ask)) = ask {
+            match fast
+                .prepare(client, &ask, &r.key, &r.parent, &labels)
+                .await
+                .map_err(|e| status(&e))?
+            {
+                Outcome::Adopted(stats) => {
+                    if let Some(s) = stats {
+                        eprintln!("unlade: {s}");
+                    }
+                    return Err(Status::already_exists(format!(
+                        "snapshot {:?} already exists",
+                        ask.target
+                    )));
                 }
-                Err(f) => return Err(pull_status(&f)),
+                Outcome::NameTaken => {}
+                Outcome::FallBack(why) => {
+                    eprintln!(
+                        "unlade: {} layer {} (chain {}): falls back to containerd: {why}",
+                        ask.image(),
+                        ask.layer.map_or_else(|| "?".into(), |d| d.to_string()),
+                        ask.chain
+                    );
+                    fell_back = Some(ask.image());
+                }
             }
         }
-        let (p, l) = (parent.to_string(), labels.clone());
-        let finished = self
-            .run(client, move |s| s.adopt_finish(&p, &l, &ask, pending))
-            .await;
-        match finished? {
-            Some(made) => Err(status(&made)),
-            None => Ok(()),
-        }
-    }
-}
-
-/// The status a Prepare answers when its fast-path pull failed.
-fn pull_status(f: &PullFailure) -> Status {
-    let msg = format!("unlade's pull: {f}");
-    match f {
-        PullFailure::Failed(e) => {
-            let mut st = status(e);
-            if stalled(e) {
-                st = Status::unavailable(st.message().to_string());
-            }
-            st
-        }
-        PullFailure::Deadline(_) => Status::deadline_exceeded(msg),
-        PullFailure::Shutdown => Status::unavailable(msg),
-        PullFailure::Abandoned => Status::cancelled(msg),
-    }
-}
-
-/// Whether `e` is a registry that stopped delivering (see
-/// [`crate::source::SourceErrorKind::Stalled`]).
-fn stalled(e: &CtrError) -> bool {
-    match e {
-        CtrError::Root { source, .. } => source
-            .source_error()
-            .is_some_and(|s| s.kind == crate::source::SourceErrorKind::Stalled),
-        _ => false,
+        self.run(client, move |s| match fell_back {
+            Some(image) => s.create_fallen_back(&r.key, &r.parent, labels, &image),
+            None => s.create(&r.key, &r.parent, labels, false),
+        })
+        .await
     }
 }
 
@@ -277,6 +250,7 @@ pub fn status(e: &CtrError) -> Status {
         CtrError::AlreadyExists(_) => Status::already_exists(msg),
         CtrError::FailedPrecondition { .. } => Status::failed_precondition(msg),
         CtrError::InvalidArgument(_) => Status::invalid_argument(msg),
+        CtrError::Busy(_) => Status::resource_exhausted(msg),
         _ => Status::internal(msg),
     }
 }
@@ -357,17 +331,7 @@ impl pb::snapshots_server::Snapshots for Service {
         mut req: Request<pb::PrepareSnapshotRequest>,
     ) -> Result<Response<pb::PrepareSnapshotResponse>, Status> {
         let (client, _admitted) = admitted(&mut req);
-        let r = req.into_inner();
-        let labels = labels(r.labels);
-        if let (Some(pulls), Some(ask)) = (&self.pulls, self.store.fast_ask(&labels)) {
-            self.fast_prepare(client, pulls, ask, &r.key, &r.parent, &labels)
-                .await?;
-        }
-        let m = self
-            .run(client, move |s| {
-                s.create_plain(&r.key, &r.parent, labels, false)
-            })
-            .await?;
+        let m = self.prepare_snapshot(client, req.into_inner()).await?;
         Ok(Response::new(pb::PrepareSnapshotResponse {
             mounts: to_pb_mounts(m),
         }))
@@ -381,7 +345,7 @@ impl pb::snapshots_server::Snapshots for Service {
         let r = req.into_inner();
         let m = self
             .run(client, move |s| {
-                s.create_plain(&r.key, &r.parent, labels(r.labels), true)
+                s.create(&r.key, &r.parent, labels(r.labels), true)
             })
             .await?;
         Ok(Response::new(pb::ViewSnapshotResponse {

@@ -40,10 +40,9 @@ use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::cancel::Cancel;
-use crate::containerd::{fast, mount};
+use crate::containerd::mount;
 use crate::oci::digest::Digest;
 use crate::pipeline::error::RootError;
-use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
 use crate::store::images::process_alive;
 use crate::store::lock::FileLock;
@@ -72,7 +71,7 @@ const MAX_RECORD_WRITTEN: usize = 2 << 20;
 /// The prefix of the image records of the fast path's pulls, each
 /// `<prefix><pid>-<n>`: removed once the pull's layers are held; one
 /// whose process is gone (a crash mid-pull) is swept.
-const PULL_RECORD: &str = "containerd-pull:";
+pub(crate) const PULL_RECORD: &str = "containerd-pull:";
 /// The deepest parent chain followed (containerd images have at most a
 /// few hundred layers).
 const MAX_DEPTH: usize = 1000;
@@ -122,6 +121,13 @@ pub enum CtrError {
         #[source]
         source: Box<RootError>,
     },
+    /// The client has too many calls waiting (gRPC `ResourceExhausted`).
+    #[error("{0}")]
+    Busy(String),
+    /// The store's thread for the call was lost (it could not start, or
+    /// the call panicked).
+    #[error("the snapshotter's call failed")]
+    Lost,
     /// A record on disk does not parse.
     #[error("snapshot record {}", path.display())]
     Record {
@@ -197,7 +203,15 @@ pub struct Record {
     /// committed snapshot that is its tree (and that it holds from gc).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain: Option<String>,
+    /// For a layer the fast path handed back to containerd (and the
+    /// snapshot containerd committed from it): the image whose pull fell
+    /// back, so that the layers above it fall back at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
+
+/// The store's lock, held (see [`CtrStore::lock`]).
+pub(crate) struct Locked(#[allow(dead_code)] FileLock);
 
 /// Disk usage of a snapshot's own tree, as containerd's `Usage` reports
 /// it: allocated bytes and distinct inodes.
@@ -219,44 +233,6 @@ pub enum LabelUpdate {
     Keys(Vec<String>),
 }
 
-/// What [`CtrStore::adopt_begin`] found.
-#[derive(Debug)]
-pub enum Adoption {
-    /// The fast path made this snapshot already: answer with this
-    /// `AlreadyExists`.
-    Made(CtrError),
-    /// The name is another snapshot's: a plain Prepare.
-    NotOurs,
-    /// To be made: pull if needed, then finish (or abort).
-    Pending(Pending),
-}
-
-/// An adoption under way: it owns its hold on the chain, released when it
-/// is dropped — by [`CtrStore::adopt_finish`] once the snapshot holds the
-/// chain under its own name, or wherever the adoption is given up (a
-/// failed pull, a client gone while a thread was about to run a step).
-pub struct Pending {
-    hold: String,
-    root: Arc<Root>,
-    /// Whether unlade lacks the chain (the image is to be pulled).
-    pub needs_pull: bool,
-}
-
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending")
-            .field("hold", &self.hold)
-            .field("needs_pull", &self.needs_pull)
-            .finish()
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let _ = self.root.release_snapshot(&self.hold);
-    }
-}
-
 /// containerd's snapshots in an unlade root.
 pub struct CtrStore {
     dir: PathBuf,
@@ -265,7 +241,6 @@ pub struct CtrStore {
     tmp: OwnedFd,
     trash: OwnedFd,
     root: Arc<Root>,
-    fast: Option<PullOptions>,
     /// Directories whose record did not read, already reported once.
     unreadable: std::sync::Mutex<HashSet<String>>,
 }
@@ -278,7 +253,7 @@ impl std::fmt::Debug for CtrStore {
     }
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -404,10 +379,8 @@ pub fn tree_usage(dir: &Path) -> Result<Usage, CtrError> {
 impl CtrStore {
     /// Opens (creating) `ROOT/containerd` of unlade root `root` and settles
     /// what a crashed process left: commits half-done, staging
-    /// directories, trash. With `fast` (how to reach registries), a
-    /// Prepare that carries CRI's labels makes unlade pull the image
-    /// itself (see [`CtrStore::create`]).
-    pub fn open(root: Arc<Root>, fast: Option<PullOptions>) -> Result<CtrStore, CtrError> {
+    /// directories, trash.
+    pub fn open(root: Arc<Root>) -> Result<CtrStore, CtrError> {
         let dir = root.dir().join("containerd");
         let dirfd = open_dir(&dir)?;
         let snaps = open_dir(&dir.join("snapshots"))?;
@@ -421,16 +394,15 @@ impl CtrStore {
             tmp,
             trash,
             root,
-            fast,
             unreadable: Default::default(),
         };
         let trash = {
-            let _lock = s.lock()?;
+            let l = s.lock()?;
             for ent in s.entries()? {
-                s.settle(&ent)?;
+                s.settle(&ent, &l)?;
             }
-            s.mark_all_children()?;
-            s.sweep()?
+            s.mark_all_children(&l)?;
+            s.sweep(&l)?
         };
         s.empty_trash(trash);
         Ok(s)
@@ -441,12 +413,17 @@ impl CtrStore {
         &self.dir
     }
 
-    fn lock(&self) -> Result<FileLock, CtrError> {
-        FileLock::acquire(&self.dirfd, "lock", &Cancel::new()).map_err(|e| CtrError::Io {
-            op: "lock",
-            path: self.dir.join("lock"),
-            source: io::Error::other(e.to_string()),
-        })
+    /// Takes the store's lock: every change holds it, and every helper
+    /// that changes the store (or settles what a change left) takes the
+    /// guard, so that holding it is checked by the compiler.
+    pub(crate) fn lock(&self) -> Result<Locked, CtrError> {
+        FileLock::acquire(&self.dirfd, "lock", &Cancel::new())
+            .map(Locked)
+            .map_err(|e| CtrError::Io {
+                op: "lock",
+                path: self.dir.join("lock"),
+                source: io::Error::other(e.to_string()),
+            })
     }
 
     fn snap_dir(&self, h: &str) -> PathBuf {
@@ -459,7 +436,7 @@ impl CtrStore {
 
     /// The tree of `rec`: its own `fs/`, or for a snapshot made from one of
     /// unlade's (the fast path) that committed snapshot's.
-    fn fs_of(&self, rec: &Record) -> PathBuf {
+    pub(crate) fn fs_of(&self, rec: &Record) -> PathBuf {
         match rec.chain.as_deref().and_then(|c| c.parse::<Digest>().ok()) {
             Some(chain) => self.root.snapshots().committed_dir(&chain).join("fs"),
             None => self.snap_dir(&hash_name(&rec.name)).join("fs"),
@@ -480,8 +457,8 @@ impl CtrStore {
     }
 
     /// Finishes or undoes a commit that stopped between its renames, in
-    /// directory `h`. Holders of the lock only.
-    fn settle(&self, h: &str) -> Result<(), CtrError> {
+    /// directory `h`.
+    fn settle(&self, h: &str, _: &Locked) -> Result<(), CtrError> {
         let d = self.snap_dir(h);
         let pending = d.join("commit.json");
         let rec = match read_record(&pending) {
@@ -501,17 +478,15 @@ impl CtrStore {
         }
     }
 
-    /// The record in directory `h`, if it holds a whole snapshot; `held`
-    /// says whether the caller holds the lock (a pending commit is settled
-    /// under it).
-    fn load_dir(&self, h: &str, held: bool) -> Result<Option<Record>, CtrError> {
+    /// The record in directory `h`, if it holds a whole snapshot. A
+    /// pending commit is settled first, under `lock` if the caller holds
+    /// it, else under the lock taken here.
+    fn load_dir(&self, h: &str, lock: Option<&Locked>) -> Result<Option<Record>, CtrError> {
         let d = self.snap_dir(h);
         if d.join("commit.json").exists() {
-            if held {
-                self.settle(h)?;
-            } else {
-                let _lock = self.lock()?;
-                self.settle(h)?;
+            match lock {
+                Some(l) => self.settle(h, l)?,
+                None => self.settle(h, &self.lock()?)?,
             }
         }
         read_record(&d.join("info.json"))
@@ -519,12 +494,13 @@ impl CtrStore {
 
     /// The record of snapshot `name`.
     pub fn stat(&self, name: &str) -> Result<Record, CtrError> {
-        self.get(name, false)
+        self.get(name, None)
     }
 
-    fn get(&self, name: &str, held: bool) -> Result<Record, CtrError> {
+    /// The record of snapshot `name` (see [`Self::load_dir`] for `lock`).
+    pub(crate) fn get(&self, name: &str, lock: Option<&Locked>) -> Result<Record, CtrError> {
         check_name("key", name)?;
-        match self.load_dir(&hash_name(name), held)? {
+        match self.load_dir(&hash_name(name), lock)? {
             Some(r) if r.name == name => Ok(r),
             _ => Err(CtrError::NotFound(name.to_string())),
         }
@@ -532,13 +508,9 @@ impl CtrStore {
 
     /// Every snapshot, in no particular order.
     pub fn list(&self) -> Result<Vec<Record>, CtrError> {
-        self.list_inner(false)
-    }
-
-    fn list_inner(&self, held: bool) -> Result<Vec<Record>, CtrError> {
         let mut out = Vec::new();
         for h in self.entries()? {
-            match self.load_dir(&h, held) {
+            match self.load_dir(&h, None) {
                 Ok(Some(r)) if hash_name(&r.name) == h => out.push(r),
                 Ok(_) => {}
                 // One bad record (written by an older unlade, or damaged)
@@ -569,8 +541,7 @@ impl CtrStore {
     /// that Remove finds a parent's children without reading every
     /// record. Made before the child appears (a crash leaves a marker
     /// without a child, which Remove drops); returns whether it made one.
-    /// Holders of the lock only.
-    fn mark_child(&self, parent: &str, child_h: &str) -> Result<bool, CtrError> {
+    fn mark_child(&self, parent: &str, child_h: &str, _: &Locked) -> Result<bool, CtrError> {
         let d = self.children_dir(&hash_name(parent));
         match crate::store::statedir::make_dir(&d, crate::store::statedir::PRIVATE) {
             Ok(()) => {}
@@ -592,9 +563,8 @@ impl CtrStore {
     /// The name of a snapshot whose parent is `name`, if one exists: from
     /// `name`'s markers, each checked against the child's record (markers
     /// of children that are gone are dropped). A child whose record does
-    /// not read counts: its parent stays until it is removed. Holders of
-    /// the lock only.
-    fn a_child_of(&self, name: &str) -> Result<Option<String>, CtrError> {
+    /// not read counts: its parent stays until it is removed.
+    fn a_child_of(&self, name: &str, l: &Locked) -> Result<Option<String>, CtrError> {
         let d = self.children_dir(&hash_name(name));
         let rd = match fs::read_dir(&d) {
             Ok(rd) => rd,
@@ -606,7 +576,7 @@ impl CtrStore {
             let Some(ch) = ent.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            match self.load_dir(&ch, true) {
+            match self.load_dir(&ch, Some(l)) {
                 Ok(Some(r)) if r.parent == name && hash_name(&r.name) == ch => {
                     return Ok(Some(r.name))
                 }
@@ -620,16 +590,15 @@ impl CtrStore {
     }
 
     /// Makes the marker of every snapshot with a parent (a store made
-    /// before markers, or a marker lost in a crash). Holders of the lock
-    /// only, at open.
-    fn mark_all_children(&self) -> Result<(), CtrError> {
+    /// before markers, or a marker lost in a crash). At open.
+    fn mark_all_children(&self, l: &Locked) -> Result<(), CtrError> {
         for h in self.entries()? {
-            if let Ok(Some(r)) = self.load_dir(&h, true) {
+            if let Ok(Some(r)) = self.load_dir(&h, Some(l)) {
                 if !r.parent.is_empty()
                     && hash_name(&r.name) == h
                     && self.snap_dir(&hash_name(&r.parent)).is_dir()
                 {
-                    self.mark_child(&r.parent, &h)?;
+                    self.mark_child(&r.parent, &h, l)?;
                 }
             }
         }
@@ -638,7 +607,7 @@ impl CtrStore {
 
     /// The `fs/` directories of `parent` and its ancestors, nearest first:
     /// an overlay's `lowerdir` list.
-    fn lowers(&self, parent: &str) -> Result<Vec<PathBuf>, CtrError> {
+    fn lowers(&self, parent: &str, l: &Locked) -> Result<Vec<PathBuf>, CtrError> {
         let mut out = Vec::new();
         let mut next = parent.to_string();
         while !next.is_empty() {
@@ -648,7 +617,7 @@ impl CtrStore {
                     why: format!("more than {MAX_DEPTH} ancestors"),
                 });
             }
-            let r = self.get(&next, true)?;
+            let r = self.get(&next, Some(l))?;
             out.push(self.fs_of(&r));
             next = r.parent;
         }
@@ -657,7 +626,8 @@ impl CtrStore {
 
     /// Prepare (`view` false) or View (`view` true): a new snapshot
     /// `key` on top of committed snapshot `parent` (empty for none), and
-    /// the mounts that show it.
+    /// the mounts that show it. (The fast path, CRI's labelled Prepares,
+    /// is [`crate::containerd::fast`]'s, before this.)
     pub fn create(
         &self,
         key: &str,
@@ -665,51 +635,36 @@ impl CtrStore {
         labels: BTreeMap<String, String>,
         view: bool,
     ) -> Result<Vec<Mount>, CtrError> {
-        self.check_request(key, &labels)?;
-        if !view {
-            if let Some(ask) = self.fast_ask(&labels) {
-                match self.adopt_begin(parent, &ask)? {
-                    Adoption::Made(e) => return Err(e),
-                    Adoption::NotOurs => {}
-                    Adoption::Pending(p) => {
-                        let pulled = if p.needs_pull {
-                            self.adopt_pull(&ask, None, &Cancel::new())
-                        } else {
-                            Ok(())
-                        };
-                        match pulled.and_then(|()| self.adopt_finish(parent, &labels, &ask, p)) {
-                            Ok(Some(made)) => return Err(made),
-                            Ok(None) => {}
-                            Err(e) if e.not_in_image() => {
-                                eprintln!(
-                                    "unlade: {}; left to containerd",
-                                    crate::report::error_chain(&e)
-                                );
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
-            }
-        }
-        self.create_plain(key, parent, labels, view)
+        self.create_with(key, parent, labels, view, None)
     }
 
-    /// Prepare or View as [`CtrStore::create`] does, without the fast
-    /// path (the server runs the fast path's pull itself, off the store's
-    /// threads).
-    pub fn create_plain(
+    /// Prepare as [`Self::create`], for a layer whose fast-path pull of
+    /// image `image` fell back to containerd: the record says so, and so
+    /// does the snapshot containerd commits from it, so that the layers
+    /// above fall back at once instead of trying the same pull again.
+    pub fn create_fallen_back(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+        image: &str,
+    ) -> Result<Vec<Mount>, CtrError> {
+        self.create_with(key, parent, labels, false, Some(image.to_string()))
+    }
+
+    fn create_with(
         &self,
         key: &str,
         parent: &str,
         labels: BTreeMap<String, String>,
         view: bool,
+        fallback: Option<String>,
     ) -> Result<Vec<Mount>, CtrError> {
         self.check_request(key, &labels)?;
-        let _lock = self.lock()?;
-        self.check_parent(parent)?;
+        let l = self.lock()?;
+        self.check_parent(parent, &l)?;
         let h = hash_name(key);
-        if let Some(r) = self.load_dir(&h, true)? {
+        if let Some(r) = self.load_dir(&h, Some(&l))? {
             // Same hash, another name: 128 bits make this a broken store,
             // not a collision, but never overwrite it.
             return Err(CtrError::AlreadyExists(if r.name == key {
@@ -728,13 +683,14 @@ impl CtrStore {
             labels,
             usage: None,
             chain: None,
+            fallback,
         };
-        self.publish(&rec, if view { &["fs"] } else { &["fs", "work"] })?;
-        match self.mounts_locked(&rec) {
+        self.publish(&rec, if view { &["fs"] } else { &["fs", "work"] }, &l)?;
+        match self.mounts_of(&rec, &l) {
             Ok(m) => Ok(m),
             Err(e) => {
                 // Not usable, so not made.
-                let _ = self.remove_locked(&rec);
+                let _ = self.trash(&h, &l);
                 Err(e)
             }
         }
@@ -751,193 +707,20 @@ impl CtrStore {
         check_labels(labels)
     }
 
-    /// The fast path's request in `labels`, if this store has a fast path
-    /// and the labels make one (see [`fast::Ask::of`]).
-    pub fn fast_ask(&self, labels: &BTreeMap<String, String>) -> Option<fast::Ask> {
-        self.fast.as_ref()?;
-        fast::Ask::of(labels)
-    }
-
-    /// The fast path, step 1 (see [`fast`]): whether committed snapshot
-    /// `ask.target` on `parent` exists already as the fast path's own
-    /// (`Made`: answer containerd with it), is taken by another snapshot
-    /// (`NotOurs`: the Prepare goes on as a plain one, and containerd
-    /// unpacks the layer itself), or is to be made: then unlade's chain is
-    /// held under a hold of this adoption's own, so that gc keeps it
-    /// from the moment it is seen (or committed by the pull) until the
-    /// snapshot holds it; [`Pending::needs_pull`] says whether unlade
-    /// lacks it.
-    pub fn adopt_begin(&self, parent: &str, ask: &fast::Ask) -> Result<Adoption, CtrError> {
-        {
-            let _lock = self.lock()?;
-            if let Some(answer) = self.existing(parent, ask)? {
-                return Ok(answer);
-            }
-            self.check_parent(parent)?;
-        }
-        let hold = format!("containerd-adopt-{}", private_name());
-        self.root
-            .hold_snapshot(&hold, &ask.chain)
-            .map_err(|e| CtrError::Root {
-                op: "hold",
-                name: ask.target.clone(),
-                source: Box::new(e),
-            })?;
-        let needs_pull = self.root.snapshots().stat(&ask.chain).is_err();
-        Ok(Adoption::Pending(Pending {
-            hold,
-            root: self.root.clone(),
-            needs_pull,
-        }))
-    }
-
-    /// What is under the name `ask.target`, under the lock: `Made` for
-    /// the fast path's own snapshot of that chain on `parent`; `NotOurs`
-    /// for anything else (a client may commit its own files under any
-    /// name: those are never answered as the layer); `None` if free.
-    fn existing(&self, parent: &str, ask: &fast::Ask) -> Result<Option<Adoption>, CtrError> {
-        let chain = ask.chain.to_string();
-        match self.get(&ask.target, true) {
-            Ok(r)
-                if r.kind == Kind::Committed
-                    && r.parent == parent
-                    && r.chain.as_deref() == Some(chain.as_str()) =>
-            {
-                Ok(Some(Adoption::Made(CtrError::AlreadyExists(
-                    ask.target.clone(),
-                ))))
-            }
-            Ok(_) | Err(CtrError::Record { .. }) => Ok(Some(Adoption::NotOurs)),
-            Err(CtrError::NotFound(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The fast path, step 2: unlade's pull of `ask.reference` (shared
-    /// with every other pull of it in flight), only if the image has
-    /// `ask.chain` ([`RootError::NotInImage`] otherwise, before anything
-    /// is fetched), recorded under a private name that is dropped once
-    /// every layer's chain is held for the Prepares containerd sends
-    /// next. Blocks; stops soon after `cancel` trips; no registry request
-    /// outlives `deadline`.
-    pub fn adopt_pull(
-        &self,
-        ask: &fast::Ask,
-        deadline: Option<std::time::Instant>,
-        cancel: &Cancel,
-    ) -> Result<(), CtrError> {
-        let Some(opts) = &self.fast else {
-            return Err(CtrError::InvalidArgument(
-                "this snapshotter has no fast path".into(),
-            ));
-        };
-        if self.root.snapshots().stat(&ask.chain).is_ok() {
-            return Ok(());
-        }
-        let record = format!("{PULL_RECORD}{}", private_name());
-        let mut opts = PullOptions {
-            record_as: Some(record.clone()),
-            require_chain: Some(ask.chain),
-            ..opts.clone()
-        };
-        opts.remote.deadline = deadline;
-        let t = std::time::Instant::now();
-        let pulled = self
-            .root
-            .pull(&ask.reference, &opts, None, cancel)
-            .map_err(|e| CtrError::Root {
-                op: "pull",
-                name: ask.reference.to_string(),
-                source: Box::new(e),
-            })?;
-        for c in &pulled.unpacked.chain_ids {
-            let _ = self.root.hold_snapshot(&holder(&c.to_string()), c);
-        }
-        let _ = self.root.remove_image(&record);
-        let count = |r: crate::pipeline::flight::Role| {
-            pulled.unpacked.roles.iter().filter(|x| x.1 == r).count()
-        };
-        eprintln!(
-            "unlade: pulled {} for containerd: {} layers, {} present, {} applied here, \
-             {} by another; {} bytes fetched; {:.2} s",
-            ask.reference,
-            pulled.unpacked.chain_ids.len(),
-            pulled.unpacked.already,
-            count(crate::pipeline::flight::Role::Led)
-                + count(crate::pipeline::flight::Role::TookOver),
-            count(crate::pipeline::flight::Role::Waited),
-            pulled.bytes_fetched,
-            t.elapsed().as_secs_f64()
-        );
-        Ok(())
-    }
-
-    /// The fast path, step 3: commits snapshot `ask.target` on `parent`
-    /// with `labels`, its tree unlade's committed snapshot of the chain,
-    /// and returns the `AlreadyExists` that tells containerd to adopt it
-    /// (`None`: the name was taken meanwhile by a snapshot the fast path
-    /// did not make; the Prepare goes on as a plain one). The parent is
-    /// checked again under the lock: one removed while the pull ran is
-    /// `NotFound`, never a child without its parent.
-    pub fn adopt_finish(
-        &self,
-        parent: &str,
-        labels: &BTreeMap<String, String>,
-        ask: &fast::Ask,
-        pending: Pending,
-    ) -> Result<Option<CtrError>, CtrError> {
-        let now = now_ns();
-        let mut rec = Record {
-            name: ask.target.clone(),
-            parent: parent.to_string(),
-            kind: Kind::Committed,
-            created_ns: now,
-            updated_ns: now,
-            labels: labels.clone(),
-            usage: None,
-            chain: Some(ask.chain.to_string()),
-        };
-        rec.usage = Some(tree_usage(&self.fs_of(&rec))?);
-        let made = {
-            let _lock = self.lock()?;
-            match self.existing(parent, ask) {
-                Err(e) => Err(e),
-                Ok(Some(Adoption::Made(e))) => Ok(Some(e)),
-                Ok(Some(_)) => Ok(None),
-                // The parent again, under the lock where the child is
-                // published: it may have gone while the pull ran.
-                Ok(None) => self.check_parent(parent).and_then(|()| {
-                    // The snapshot's own hold, taken where it appears.
-                    self.root
-                        .hold_snapshot(&holder(&ask.target), &ask.chain)
-                        .map_err(|e| CtrError::Root {
-                            op: "hold",
-                            name: ask.target.clone(),
-                            source: Box::new(e),
-                        })
-                        .and_then(|()| {
-                            self.publish(&rec, &[]).inspect_err(|_| {
-                                let _ = self.root.release_snapshot(&holder(&ask.target));
-                            })
-                        })
-                        .map(|()| Some(CtrError::AlreadyExists(ask.target.clone())))
-                }),
-            }
-        };
-        // The snapshot, if made, holds the chain under its own name now.
-        drop(pending);
-        made
+    /// The unlade root this store is part of.
+    pub fn root(&self) -> &Arc<Root> {
+        &self.root
     }
 
     /// Fails unless `parent` is empty or names a committed snapshot.
     /// Under the lock, this is what a new child is made on: a parent
     /// removed meanwhile (while the fast path pulled) is `NotFound` here,
     /// never a child without its parent.
-    fn check_parent(&self, parent: &str) -> Result<(), CtrError> {
+    pub(crate) fn check_parent(&self, parent: &str, l: &Locked) -> Result<(), CtrError> {
         if parent.is_empty() {
             return Ok(());
         }
-        let p = self.get(parent, true)?;
+        let p = self.get(parent, Some(l))?;
         if p.kind != Kind::Committed {
             return Err(CtrError::InvalidArgument(format!(
                 "parent {parent:?} is {}, not committed",
@@ -950,9 +733,9 @@ impl CtrStore {
     /// Makes snapshot `rec` whole in `tmp/` — its record and the empty
     /// directories `dirs` (`fs`, `work`; none for a snapshot whose tree is
     /// unlade's) — and renames it into place, `AlreadyExists` if the name
-    /// is taken, after marking it as its parent's child. Holders of the
-    /// lock only, who checked the parent under it ([`Self::check_parent`]).
-    fn publish(&self, rec: &Record, dirs: &[&str]) -> Result<(), CtrError> {
+    /// is taken, after marking it as its parent's child. The caller
+    /// checked the parent under the same lock ([`Self::check_parent`]).
+    pub(crate) fn publish(&self, rec: &Record, dirs: &[&str], l: &Locked) -> Result<(), CtrError> {
         use crate::store::statedir::{make_dir, PRIVATE};
         let h = hash_name(&rec.name);
         let name = private_name();
@@ -970,7 +753,7 @@ impl CtrStore {
             }
             write_synced(&tmp.join("info.json"), &json)?;
             if !rec.parent.is_empty() {
-                marked = self.mark_child(&rec.parent, &h)?;
+                marked = self.mark_child(&rec.parent, &h, l)?;
             }
             match rfs::renameat_with(
                 &self.tmp,
@@ -995,9 +778,9 @@ impl CtrStore {
 
     /// The mounts that show snapshot `key` (Mounts).
     pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, CtrError> {
-        let _lock = self.lock()?;
-        let rec = self.get(key, true)?;
-        self.mounts_locked(&rec)
+        let l = self.lock()?;
+        let rec = self.get(key, Some(&l))?;
+        self.mounts_of(&rec, &l)
     }
 
     /// The mounts of `rec`, which containerd mounts in order on one
@@ -1010,9 +793,12 @@ impl CtrStore {
     ///   link to a file of a lower layer, nor see lower files at all;
     ///   through a mounted overlay the kernel copies up as for any writer;
     /// - a view of one snapshot: that snapshot's tree, bound read-only;
-    /// - a view of more: a read-only overlay of their trees;
+    /// - a view of more: the read-only overlay of their trees, which
+    ///   unlade mounts itself at `mnt/<h>` (one `lowerdir+` per layer, so
+    ///   that no count of layers meets the page that mount options get),
+    ///   bound read-only;
     /// - a committed snapshot: none (FailedPrecondition), as in containerd.
-    fn mounts_locked(&self, rec: &Record) -> Result<Vec<Mount>, CtrError> {
+    fn mounts_of(&self, rec: &Record, l: &Locked) -> Result<Vec<Mount>, CtrError> {
         let h = hash_name(&rec.name);
         let d = self.snap_dir(&h);
         let bind = |src: PathBuf, rw: bool| Mount {
@@ -1028,7 +814,7 @@ impl CtrStore {
             }),
             Kind::Active if rec.parent.is_empty() => Ok(vec![bind(d.join("fs"), true)]),
             Kind::Active => {
-                let lowers = self.lowers(&rec.parent)?;
+                let lowers = self.lowers(&rec.parent, l)?;
                 let target = self.mnt_dir(&h);
                 crate::store::statedir::make_dirs(&target, crate::store::statedir::PRIVATE)
                     .map_err(io_err("create", &target))?;
@@ -1039,19 +825,20 @@ impl CtrStore {
                 Ok(vec![bind(target, true)])
             }
             Kind::View => {
-                let lowers = self.lowers(&rec.parent)?;
+                let lowers = self.lowers(&rec.parent, l)?;
                 match lowers.len() {
                     0 => Ok(vec![bind(d.join("fs"), false)]),
                     1 => Ok(vec![bind(lowers[0].clone(), false)]),
-                    _ => Ok(vec![Mount {
-                        kind: "overlay",
-                        source: "overlay".into(),
-                        options: vec![
-                            "ro".into(),
-                            format!("lowerdir={}", mount::join_lowers(&lowers)),
-                        ],
-                        cwd: None,
-                    }]),
+                    _ => {
+                        let target = self.mnt_dir(&h);
+                        crate::store::statedir::make_dirs(&target, crate::store::statedir::PRIVATE)
+                            .map_err(io_err("create", &target))?;
+                        if !mount::is_mount_point(&target).map_err(io_err("stat", &target))? {
+                            mount::overlay_ro(&target, &lowers)
+                                .map_err(io_err("mount overlay", &target))?;
+                        }
+                        Ok(vec![bind(target, false)])
+                    }
                 }
             }
         }
@@ -1066,8 +853,8 @@ impl CtrStore {
     ) -> Result<(), CtrError> {
         check_name("name", name)?;
         check_labels(&labels)?;
-        let _lock = self.lock()?;
-        let rec = self.get(key, true)?;
+        let l = self.lock()?;
+        let rec = self.get(key, Some(&l))?;
         if rec.kind != Kind::Active {
             return Err(CtrError::FailedPrecondition {
                 name: key.to_string(),
@@ -1078,15 +865,16 @@ impl CtrStore {
             });
         }
         let (hk, hn) = (hash_name(key), hash_name(name));
-        if self.load_dir(&hn, true)?.is_some() {
+        if self.load_dir(&hn, Some(&l))?.is_some() {
             return Err(CtrError::AlreadyExists(name.to_string()));
         }
+        let now = now_ns();
         let mut committed = Record {
             name: name.to_string(),
             parent: rec.parent.clone(),
             kind: Kind::Committed,
-            created_ns: now_ns(),
-            updated_ns: now_ns(),
+            created_ns: now,
+            updated_ns: now,
             labels,
             // As long as a usage gets: the size is checked before the
             // overlay is unmounted and its work directory removed.
@@ -1095,34 +883,33 @@ impl CtrStore {
                 inodes: i64::MIN,
             }),
             chain: None,
+            fallback: rec.fallback.clone(),
         };
         record_json(&committed)?;
+        // Still mounted elsewhere (the binds containerd was given), or in
+        // use: containerd's contract lets a client commit without
+        // unmounting first. unlade's own mount goes; the overlay lives on
+        // in the others' mounts, so its work directory stays (removed with
+        // the snapshot).
         let target = self.mnt_dir(&hk);
+        let mut live = false;
         if mount::is_mount_point(&target).map_err(io_err("stat", &target))? {
-            // Mounted elsewhere too (the mounts containerd was given are
-            // binds of this one): it could change after the commit.
-            let others = mount::other_mounts(&target).map_err(io_err("list mounts of", &target))?;
-            if let Some(o) = others.first() {
-                return Err(CtrError::FailedPrecondition {
-                    name: key.to_string(),
-                    why: format!("still mounted at {o}"),
-                });
-            }
-            mount::unmount(&target, false).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EBUSY) {
-                    CtrError::FailedPrecondition {
-                        name: key.to_string(),
-                        why: format!("still in use where it is mounted ({})", target.display()),
-                    }
-                } else {
-                    io_err("unmount", &target)(e)
+            live = !mount::other_mounts(&target)
+                .map_err(io_err("list mounts of", &target))?
+                .is_empty();
+            match mount::unmount(&target, false) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    live = true;
+                    mount::unmount(&target, true).map_err(io_err("unmount", &target))?;
                 }
-            })?;
+                Err(e) => return Err(io_err("unmount", &target)(e)),
+            }
         }
         let _ = fs::remove_dir(&target);
         let d = self.snap_dir(&hk);
         let work = d.join("work");
-        if work.exists() {
+        if !live && work.exists() {
             fs::remove_dir_all(&work).map_err(io_err("remove", &work))?;
         }
         committed.usage = Some(tree_usage(&d.join("fs"))?);
@@ -1130,7 +917,7 @@ impl CtrStore {
         let marked = if rec.parent.is_empty() {
             false
         } else {
-            self.mark_child(&rec.parent, &hn)?
+            self.mark_child(&rec.parent, &hn, &l)?
         };
         let undo = |e| {
             let _ = fs::remove_file(d.join("commit.json"));
@@ -1159,7 +946,7 @@ impl CtrStore {
         if !rec.parent.is_empty() {
             self.unmark_child(&rec.parent, &hk);
         }
-        self.settle(&hn)
+        self.settle(&hn, &l)
     }
 
     /// Removes snapshot `key`; a snapshot that is another's parent stays.
@@ -1168,9 +955,9 @@ impl CtrStore {
     /// name all the same.
     pub fn remove(&self, key: &str) -> Result<(), CtrError> {
         let trash = {
-            let _lock = self.lock()?;
+            let l = self.lock()?;
             let h = hash_name(key);
-            let rec = match self.get(key, true) {
+            let rec = match self.get(key, Some(&l)) {
                 Ok(r) => Some(r),
                 // A directory under the name's hash whose record does not
                 // read (damaged, cut short, missing): removable by the
@@ -1178,7 +965,7 @@ impl CtrStore {
                 Err(e)
                     if self.snap_dir(&h).is_dir() && !matches!(e, CtrError::InvalidArgument(_)) =>
                 {
-                    if let Some(r) = self.load_dir(&h, true).ok().flatten() {
+                    if let Some(r) = self.load_dir(&h, Some(&l)).ok().flatten() {
                         // Another name's directory (a hash collision):
                         // never this name's to remove.
                         if r.name != key {
@@ -1193,13 +980,13 @@ impl CtrStore {
                 }
                 Err(e) => return Err(e),
             };
-            if let Some(child) = self.a_child_of(key)? {
+            if let Some(child) = self.a_child_of(key, &l)? {
                 return Err(CtrError::FailedPrecondition {
                     name: key.to_string(),
-                    why: format!("it is the parent of {child:?}"),
+                    why: format!("cannot remove snapshot with child {child:?}"),
                 });
             }
-            let trash = self.remove_dir_locked(&h)?;
+            let trash = self.trash(&h, &l)?;
             if let Some(parent) = rec.as_ref().map(|r| &r.parent).filter(|p| !p.is_empty()) {
                 self.unmark_child(parent, &h);
             }
@@ -1221,13 +1008,10 @@ impl CtrStore {
         Ok(())
     }
 
-    /// Unmounts `rec` and moves its directory into the trash; returns
-    /// where it went, for the caller to delete outside the lock.
-    fn remove_locked(&self, rec: &Record) -> Result<PathBuf, CtrError> {
-        self.remove_dir_locked(&hash_name(&rec.name))
-    }
-
-    fn remove_dir_locked(&self, h: &str) -> Result<PathBuf, CtrError> {
+    /// Unmounts the snapshot in directory `h` and moves that directory
+    /// into the trash; returns where it went, for the caller to delete
+    /// outside the lock.
+    fn trash(&self, h: &str, _: &Locked) -> Result<PathBuf, CtrError> {
         let h = h.to_string();
         let target = self.mnt_dir(&h);
         if mount::is_mount_point(&target).unwrap_or(false) {
@@ -1255,8 +1039,8 @@ impl CtrStore {
         labels: BTreeMap<String, String>,
         how: LabelUpdate,
     ) -> Result<Record, CtrError> {
-        let _lock = self.lock()?;
-        let mut rec = self.get(name, true)?;
+        let l = self.lock()?;
+        let mut rec = self.get(name, Some(&l))?;
         match how {
             LabelUpdate::All => rec.labels = labels,
             LabelUpdate::Keys(keys) => {
@@ -1293,19 +1077,19 @@ impl CtrStore {
     /// no snapshot uses (after an hour).
     pub fn cleanup(&self) -> Result<(), CtrError> {
         let trash = {
-            let _lock = self.lock()?;
-            self.sweep()?
+            let l = self.lock()?;
+            self.sweep(&l)?
         };
         self.empty_trash(trash);
         Ok(())
     }
 
-    /// Under the lock: moves staging leftovers into the trash, unmounts
+    /// Moves staging leftovers into the trash, unmounts
     /// and removes mount points of snapshots that are gone, releases
     /// stale holds; returns the trash's entries, which the caller deletes
     /// after releasing the lock (a large tree takes seconds, and every
     /// change waits for the lock).
-    fn sweep(&self) -> Result<Vec<PathBuf>, CtrError> {
+    fn sweep(&self, _: &Locked) -> Result<Vec<PathBuf>, CtrError> {
         // Nobody stages without the lock: what is in tmp/ now is left by a
         // process that died.
         let p = self.dir.join("tmp");
@@ -1380,7 +1164,7 @@ mod tests {
 
     fn open(dir: &Path) -> CtrStore {
         let root = Root::open(dir, crate::root::RootOptions::default()).unwrap();
-        CtrStore::open(Arc::new(root), None).unwrap()
+        CtrStore::open(Arc::new(root)).unwrap()
     }
 
     fn store() -> (tempfile::TempDir, CtrStore) {
@@ -1592,9 +1376,11 @@ mod tests {
     }
 
     /// An active snapshot with a parent is an overlay unlade mounts
-    /// itself; containerd gets a bind of it, and Commit refuses while
-    /// that bind is still mounted, then unmounts and commits what was
-    /// written through it.
+    /// itself; containerd gets a bind of it, and Commit (which containerd
+    /// lets a client call before it unmounts) commits what was written
+    /// through it, unmounting unlade's own mount and leaving the overlay's
+    /// work directory to the bind still mounted. A view of more than one
+    /// layer is a read-only overlay unlade mounts too.
     #[test]
     fn active_snapshots_with_parents_are_mounted_overlays() {
         let (t, s) = store();
@@ -1613,13 +1399,11 @@ mod tests {
         let bind = t.path().join("bind");
         fs::create_dir(&bind).unwrap();
         rustix::mount::mount_bind(&ovl, &bind).unwrap();
-        assert!(matches!(
-            s.commit("top-c", "top", BTreeMap::new()),
-            Err(CtrError::FailedPrecondition { .. })
-        ));
-        mount::unmount(&bind, false).unwrap();
         s.commit("top-c", "top", BTreeMap::new()).unwrap();
         assert!(!mount::is_mount_point(&ovl).unwrap());
+        assert!(s.snap_dir(&hash_name("top-c")).join("work").exists());
+        assert_eq!(fs::read(bind.join("new")).unwrap(), b"new");
+        mount::unmount(&bind, false).unwrap();
         let fsd = s.snap_dir(&hash_name("top-c")).join("fs");
         assert_eq!(fs::read(fsd.join("new")).unwrap(), b"new");
         assert_eq!(fs::read(fsd.join("linked")).unwrap(), b"lower");
@@ -1629,11 +1413,16 @@ mod tests {
             wh.file_type().is_char_device() && wh.rdev() == 0,
             "a whiteout"
         );
-        assert!(!s.snap_dir(&hash_name("top-c")).join("work").exists());
-        // A view of both: a read-only overlay.
+        // A view of both: a read-only overlay, mounted by unlade.
         let v = s.create("v", "top-c", BTreeMap::new(), true).unwrap();
-        assert_eq!(v[0].kind, "overlay");
-        assert!(v[0].options[1].starts_with(&format!("lowerdir={}:", fsd.display())));
+        assert_eq!(v[0].kind, "bind");
+        assert_eq!(v[0].options[0], "ro");
+        assert!(mount::is_mount_point(&v[0].source).unwrap());
+        assert_eq!(fs::read(v[0].source.join("linked")).unwrap(), b"lower");
+        assert!(!v[0].source.join("lower").exists());
+        assert!(fs::write(v[0].source.join("x"), b"x").is_err());
+        s.remove("v").unwrap();
+        assert!(!mount::is_mount_point(&v[0].source).unwrap());
         // Removing a mounted active snapshot unmounts it.
         let m = s.create("top2", "top-c", BTreeMap::new(), false).unwrap();
         s.remove("top2").unwrap();
@@ -1846,60 +1635,5 @@ mod tests {
         assert_eq!(mode(&shared), 0o755);
         assert_eq!(mode(&shared.join("snapshots")), 0o700);
         drop(s);
-    }
-
-    /// An adoption's hold is released wherever the adoption is dropped
-    /// (a client gone between steps), and a finished one leaves only the
-    /// snapshot's own.
-    #[test]
-    fn an_adoption_dropped_anywhere_releases_its_hold() {
-        let t = tempfile::tempdir().unwrap();
-        let root = Arc::new(Root::open(t.path(), crate::root::RootOptions::default()).unwrap());
-        let s = CtrStore::open(root, Some(PullOptions::default())).unwrap();
-        let chain = "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a";
-        let ask = fast::Ask::of(&labels(&[
-            (fast::SNAPSHOT_REF, chain),
-            (fast::CRI_IMAGE_REF, "127.0.0.1:1/demo:latest"),
-        ]))
-        .unwrap();
-        let holds = || s.root.snapshots().list_holds().unwrap();
-        let Adoption::Pending(p) = s.adopt_begin("", &ask).unwrap() else {
-            panic!("pending");
-        };
-        assert!(p.needs_pull);
-        assert_eq!(holds().len(), 1);
-        drop(p);
-        assert!(holds().is_empty());
-    }
-
-    /// The library's own fast path (`create` with CRI's labels) adopts
-    /// only what it made: a snapshot a client committed under the chain's
-    /// name is never the answer; the Prepare goes on as a plain one,
-    /// without a pull (the registry here is unreachable, so a pull would
-    /// fail), and leaves no hold behind.
-    #[test]
-    fn the_fast_path_never_adopts_a_planted_snapshot() {
-        let t = tempfile::tempdir().unwrap();
-        let root = Arc::new(Root::open(t.path(), crate::root::RootOptions::default()).unwrap());
-        let s = CtrStore::open(root, Some(PullOptions::default())).unwrap();
-        let chain = "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a";
-        committed(&s, chain, "planted");
-        let ask = labels(&[
-            (fast::SNAPSHOT_REF, chain),
-            (fast::CRI_IMAGE_REF, "127.0.0.1:1/demo:latest"),
-        ]);
-        let m = s.create("extract", "", ask.clone(), false).unwrap();
-        assert!(!m[0].source.join("planted").exists());
-        assert_eq!(s.stat("extract").unwrap().kind, Kind::Active);
-        assert!(s.root.snapshots().list_holds().unwrap().is_empty());
-        // Free of the planted one, the fast path pulls (and here fails:
-        // nothing listens on port 1), and its hold goes with the failure.
-        s.remove("extract").unwrap();
-        s.remove(chain).unwrap();
-        assert!(matches!(
-            s.create("extract", "", ask, false),
-            Err(CtrError::Root { op: "pull", .. })
-        ));
-        assert!(s.root.snapshots().list_holds().unwrap().is_empty());
     }
 }

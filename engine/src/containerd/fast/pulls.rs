@@ -40,8 +40,10 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify, Semaphore};
 
+use crate::containerd::fast::adopt::{self, PullStats};
 use crate::containerd::fast::Ask;
 use crate::containerd::store::{CtrError, CtrStore};
+use crate::pipeline::pull::PullOptions;
 
 /// How many fast-path pulls run, and for how long.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +94,7 @@ impl std::fmt::Display for PullFailure {
     }
 }
 
-type Outcome = Option<Result<(), PullFailure>>;
+type Outcome = Option<Result<PullStats, PullFailure>>;
 
 /// One pull in flight and who waits for it.
 struct Job {
@@ -105,6 +107,7 @@ struct Job {
 /// The fast path's pulls of one server.
 pub(crate) struct Pulls {
     store: Arc<CtrStore>,
+    opts: PullOptions,
     limits: PullLimits,
     total: Arc<Semaphore>,
     /// Threads of ended pulls still running past their wait.
@@ -143,9 +146,10 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pulls {
-    pub(crate) fn new(store: Arc<CtrStore>, limits: PullLimits) -> Arc<Pulls> {
+    pub(crate) fn new(store: Arc<CtrStore>, opts: PullOptions, limits: PullLimits) -> Arc<Pulls> {
         Arc::new(Pulls {
             store,
+            opts,
             limits,
             total: Arc::new(Semaphore::new(limits.max_pulls.max(1))),
             lingering: Arc::new(Semaphore::new(limits.max_pulls.max(1))),
@@ -177,15 +181,21 @@ impl Pulls {
             .clone()
     }
 
-    /// Pulls what `ask` needs (see [`CtrStore::adopt_pull`]), sharing the
-    /// pull with other Prepares asking the same, within the limits.
-    pub(crate) async fn pull(self: &Arc<Self>, ask: &Ask) -> Result<(), PullFailure> {
+    /// Pulls what `ask` needs (see [`adopt::pull`]), sharing the pull
+    /// with other Prepares asking the same, within the limits. What the
+    /// pull did goes to the Prepare that started it.
+    pub(crate) async fn pull(
+        self: &Arc<Self>,
+        ask: &Ask,
+    ) -> Result<Option<PullStats>, PullFailure> {
         let key = format!("{}\n{}", ask.reference, ask.chain);
+        let mut started = false;
         let job = {
             let mut jobs = self.lock_jobs();
             let job = match jobs.get(&key) {
                 Some(j) => j.clone(),
                 None => {
+                    started = true;
                     let (tx, rx) = watch::channel(None);
                     let j = Arc::new(Job {
                         done: rx,
@@ -211,7 +221,7 @@ impl Pulls {
             Err(_) => Err(PullFailure::Abandoned),
         };
         drop(waiting);
-        outcome
+        outcome.map(|s| started.then_some(s))
     }
 
     /// Runs one job: its slots, its thread, its deadline.
@@ -246,20 +256,14 @@ impl Pulls {
             tx.send_replace(Some(Err(PullFailure::Shutdown)));
             return;
         };
-        let store = self.store.clone();
+        let (store, opts) = (self.store.clone(), self.opts.clone());
         let a = ask.clone();
         let until = deadline.into_std();
-        let mut task =
-            crate::pipeline::task::spawn(move |cancel| store.adopt_pull(&a, Some(until), cancel));
+        let mut task = crate::pipeline::task::spawn(move |cancel| {
+            adopt::pull(&store, &opts, &a, Some(until), cancel)
+        });
         let ended = tokio::select! {
             r = &mut task => {
-                if let Err(e) = &r {
-                    eprintln!(
-                        "unlade: pull of {} for containerd failed: {}",
-                        ask.reference,
-                        crate::report::error_chain(e)
-                    );
-                }
                 tx.send_replace(Some(r.map_err(|e| PullFailure::Failed(Arc::new(e)))));
                 drop(slots);
                 return;
