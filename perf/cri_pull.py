@@ -5,7 +5,11 @@ through it). The two protobuf messages needed are encoded by hand, so only grpci
 required (pip install grpcio).
 
 Usage: cri_pull.py SOCKET REF N      prints "N pulls in S s" and the image ID
+
+With CRI_PULL_AUTH=USER:PASSWORD in the environment, each request carries it as
+PullImageRequest.auth (username, password), as kubelet sends a pod's imagePullSecrets.
 """
+import os
 import sys
 import threading
 import time
@@ -16,8 +20,12 @@ from pbwire import field
 
 def main():
     sock, ref, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    # PullImageRequest { image: ImageSpec { image: ref } }
+    # PullImageRequest { image: ImageSpec { image: ref }, auth: AuthConfig { username, password } }
     req = field(1, field(1, ref.encode()))
+    auth = os.environ.get("CRI_PULL_AUTH")
+    if auth:
+        user, _, password = auth.partition(":")
+        req += field(2, field(1, user.encode()) + field(2, password.encode()))
     ch = grpc.insecure_channel(f"unix://{sock}")
     pull = ch.unary_unary("/runtime.v1.ImageService/PullImage")
     results, errors = [None] * n, []

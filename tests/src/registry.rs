@@ -301,13 +301,26 @@ impl TokenServer {
             return;
         };
         let target = line.split(' ').nth(1).unwrap_or("");
-        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let mut query = target.split_once('?').map_or("", |(_, q)| q).to_string();
         let want = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD
                 .encode(format!("{}:{}", self.user, self.password))
         );
-        if headers.get("authorization") != Some(&want) {
+        // OAuth2's refresh grant (an identity token): a form POSTed.
+        let refresh = if line.starts_with("POST ") {
+            query = String::from_utf8_lossy(&BODY.with(|b| b.borrow().clone())).into_owned();
+            let form: BTreeMap<String, String> = query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), crate::percent_decode(v, true)))
+                .collect();
+            form.get("grant_type").map(String::as_str) == Some("refresh_token")
+                && form.get("refresh_token") == Some(&self.identity_token())
+        } else {
+            false
+        };
+        if !refresh && headers.get("authorization") != Some(&want) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             let _ = s.write_all(
                 b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -329,7 +342,9 @@ impl TokenServer {
         }
         let token = self.sign(access);
         self.issued.fetch_add(1, Ordering::SeqCst);
-        let body = serde_json::json!({"token": token, "expires_in": 300}).to_string();
+        // The refresh grant answers OAuth2's way.
+        let key = if refresh { "access_token" } else { "token" };
+        let body = serde_json::json!({key: token, "expires_in": 300}).to_string();
         let _ = s.write_all(
             format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -337,6 +352,12 @@ impl TokenServer {
             )
             .as_bytes(),
         );
+    }
+
+    /// The identity token (an OAuth2 refresh token) it accepts in place
+    /// of user and password.
+    pub fn identity_token(&self) -> String {
+        format!("refresh-{}", self.password)
     }
 
     fn sign(&self, access: Vec<serde_json::Value>) -> String {
@@ -398,8 +419,21 @@ fn read_head(s: &mut TcpStream) -> Option<(String, BTreeMap<String, String>)> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    // Whatever BufReader read ahead is a request body; GET/HEAD have none.
+    // Whatever BufReader read ahead is the request's body: kept for the
+    // callers that read one (the token server's POST).
+    let n: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; n.min(1 << 20)];
+    r.read_exact(&mut body).ok()?;
+    BODY.with(|b| *b.borrow_mut() = body);
     Some((line.trim_end().to_string(), headers))
+}
+
+thread_local! {
+    /// The body of the request [`read_head`] read last on this thread.
+    static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A fault the proxy injects into the next matching response.
@@ -428,6 +462,10 @@ pub enum Fault {
     /// `Content-Length` is a terabyte and whose body is zeros for as long
     /// as the client reads.
     Endless(String),
+    /// Answer every GET of a path containing the text with a 307 to the
+    /// same path at this base (`http://HOST:PORT`), as registries send
+    /// blob downloads to a CDN.
+    Redirect(String, String),
 }
 
 /// One request the proxy saw.
@@ -542,6 +580,17 @@ impl Proxy {
                         }
                         let zeros = vec![0u8; 64 << 10];
                         while client.write_all(&zeros).is_ok() {}
+                        return;
+                    }
+                    Fault::Redirect(text, base)
+                        if method == "GET" && path.contains(text.as_str()) =>
+                    {
+                        let to = format!("{base}{path}");
+                        drop(faults);
+                        let _ = client.write_all(
+                            format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .as_bytes(),
+                        );
                         return;
                     }
                     Fault::Trickle(text, every)

@@ -301,6 +301,225 @@ fn basic_auth_comes_from_the_docker_config() {
     assert_eq!(last_line(&env.pull(&r, &root, &["-q"])), img.chains[2]);
 }
 
+/// A `docker-credential-NAME` helper in `dir`, answering `get` for
+/// `host` alone with user `user` and secret `secret` (by Docker's
+/// protocol: the server on stdin, JSON out), "credentials not found"
+/// for any other; each call is counted in `dir/NAME.calls`.
+fn credential_helper(dir: &Path, name: &str, host: &str, user: &str, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("docker-credential-{name}"));
+    std::fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 3\nread -r server\necho x >> {calls}\n\
+             if [ \"$server\" = '{host}' ]; then\n  \
+             printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}' \"$server\"\n\
+             else\n  echo 'credentials not found in native keychain'; exit 1\nfi\n",
+            calls = dir.join(format!("{name}.calls")).display()
+        ),
+    )
+    .expect("write helper");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// Credentials from the Docker config's credential helpers: its
+/// `credHelpers` entry for the registry comes before `credsStore`, which
+/// comes before `auths`; a helper with nothing for the registry passes
+/// to the next; one that fails is an error naming it. A helper's `<token>`
+/// user is an identity token, exchanged at a Bearer realm by OAuth2's
+/// refresh grant.
+#[test]
+fn credential_helpers_come_before_auths() {
+    use base64::Engine;
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::Basic("alice".into(), "wonder land".into()));
+    let img = image(work.path(), 35);
+    reg.push(&img.layout, "v1", "private/app:v1");
+    let r = format!("{}/private/app:v1", reg.addr);
+    let bin_dir = work.path().join("bin");
+    std::fs::create_dir(&bin_dir).expect("mkdir");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let config = |json: String| {
+        std::fs::write(env.docker_config.join("config.json"), json).expect("write config")
+    };
+    let wrong = base64::engine::general_purpose::STANDARD.encode("alice:wrong");
+    let right = base64::engine::general_purpose::STANDARD.encode("alice:wonder land");
+    credential_helper(&bin_dir, "right", &reg.addr, "alice", "wonder land");
+    credential_helper(&bin_dir, "wrong", &reg.addr, "alice", "nope");
+    credential_helper(&bin_dir, "other", "elsewhere.example", "x", "y");
+    std::fs::write(
+        bin_dir.join("docker-credential-broken"),
+        "#!/bin/sh\necho 'the keychain is locked' >&2\nexit 2\n",
+    )
+    .expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        bin_dir.join("docker-credential-broken"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .expect("chmod");
+    let pull = |root: &str| {
+        env.pull_cmd(&r, &work.path().join(root), &["-q"])
+            .env("PATH", &path)
+            .output()
+            .expect("run unlade pull")
+    };
+    // credHelpers' entry wins over credsStore and auths, both wrong.
+    config(format!(
+        r#"{{"credHelpers": {{"{}": "right"}}, "credsStore": "wrong", "auths": {{"{}": {{"auth": "{wrong}"}}}}}}"#,
+        reg.addr, reg.addr
+    ));
+    assert_eq!(last_line(&pull("r1")), img.chains[2]);
+    // credsStore wins over auths.
+    config(format!(
+        r#"{{"credsStore": "right", "auths": {{"{}": {{"auth": "{wrong}"}}}}}}"#,
+        reg.addr
+    ));
+    assert_eq!(last_line(&pull("r2")), img.chains[2]);
+    // A helper without credentials for the registry passes to auths.
+    config(format!(
+        r#"{{"credHelpers": {{"{}": "other"}}, "credsStore": "other", "auths": {{"{}": {{"auth": "{right}"}}}}}}"#,
+        reg.addr, reg.addr
+    ));
+    assert_eq!(last_line(&pull("r3")), img.chains[2]);
+    assert!(
+        std::fs::read_to_string(bin_dir.join("other.calls"))
+            .expect("the helper was asked")
+            .lines()
+            .count()
+            >= 2
+    );
+    // A helper that fails: one line naming it and what it said.
+    config(format!(
+        r#"{{"credHelpers": {{"{}": "broken"}}}}"#,
+        reg.addr
+    ));
+    let e = one_error_line(&pull("r4"));
+    assert!(
+        e.contains("credential helper \"broken\"") && e.contains("the keychain is locked"),
+        "{e}"
+    );
+    // A helper named by path is refused, not run.
+    config(format!(
+        r#"{{"credHelpers": {{"{}": "../../bin/sh"}}}}"#,
+        reg.addr
+    ));
+    let e = one_error_line(&pull("r5"));
+    assert!(e.contains("not a helper name"), "{e}");
+
+    // An identity token from a helper, at a Bearer realm.
+    let tokens = TokenServer::start("bob", "builder");
+    let treg = Registry::start(RegAuth::Token(tokens.clone()));
+    treg.push(&img.layout, "v1", "tok/app:v1");
+    credential_helper(
+        &bin_dir,
+        "idt",
+        &treg.addr,
+        "<token>",
+        &tokens.identity_token(),
+    );
+    config(format!(r#"{{"credHelpers": {{"{}": "idt"}}}}"#, treg.addr));
+    let out = env
+        .pull_cmd(
+            &format!("{}/tok/app:v1", treg.addr),
+            &work.path().join("r6"),
+            &["-q"],
+        )
+        .env("PATH", &path)
+        .output()
+        .expect("run unlade pull");
+    assert_eq!(last_line(&out), img.chains[2]);
+    assert!(tokens.issued.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+/// A registry that sends blob downloads elsewhere (a CDN, another
+/// host): the pull follows, and the registry's credentials do not.
+#[test]
+fn credentials_never_follow_a_redirect() {
+    use std::io::{BufRead, BufReader, Write};
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::Basic("alice".into(), "wonder land".into()));
+    let img = image(work.path(), 37);
+    reg.push(&img.layout, "v1", "private/app:v1");
+    // The other host: serves blobs from the registry's storage and notes
+    // each request's Authorization header.
+    let cdn = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let cdn_addr = cdn.local_addr().expect("addr").to_string();
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let sent2 = sent.clone();
+    // blobs/sha256/<2 hex>/<hex>/data, as Registry::blob_file has them.
+    let zero = reg.blob_file(&format!("sha256:{}", "0".repeat(64)));
+    let blobs = zero.ancestors().nth(3).expect("blob dir").to_path_buf();
+    std::thread::spawn(move || {
+        for s in cdn.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let mut auth = None;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("authorization") {
+                        auth = Some(v.trim().to_string());
+                    }
+                }
+            }
+            sent2.lock().expect("lock").push(auth);
+            let digest = line
+                .split("/blobs/")
+                .nth(1)
+                .unwrap_or("")
+                .split(' ')
+                .next()
+                .unwrap_or("");
+            let hex = digest.strip_prefix("sha256:").unwrap_or("");
+            let body = if hex.len() == 64 {
+                std::fs::read(blobs.join(&hex[..2]).join(hex).join("data")).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let mut s = s;
+            let _ = s.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    let front = Proxy::start(&reg.addr);
+    front.fault(Fault::Redirect(
+        "/blobs/".into(),
+        format!("http://{cdn_addr}"),
+    ));
+    env.login(&front.addr, "alice", "wonder land");
+    let r = format!("{}/private/app:v1", front.addr);
+    let out = env.pull(&r, &work.path().join("root"), &["-q"]);
+    assert_eq!(
+        last_line(&out),
+        img.chains[2],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = sent.lock().expect("lock").clone();
+    assert!(!sent.is_empty(), "no download went to the other host");
+    assert!(
+        sent.iter().all(Option::is_none),
+        "credentials followed a redirect: {sent:?}"
+    );
+}
+
 #[test]
 fn bearer_tokens_are_fetched_once_and_reused() {
     let work = tmp();

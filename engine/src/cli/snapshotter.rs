@@ -43,11 +43,24 @@ pub struct Args {
     /// less than 64 KiB in as long, fails the pull.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     stall_timeout: u64,
+    /// Also serve CRI's image service on this socket (0600), for
+    /// kubelet's `--image-service-endpoint`: every call goes on to
+    /// `--cri-upstream` unchanged, and a PullImage's credentials (a pod's
+    /// imagePullSecrets) reach the fast path while it runs, so private
+    /// images take it too.
+    #[arg(long, requires = "cri_upstream")]
+    cri_listen: Option<PathBuf>,
+    /// containerd's socket, where the CRI proxy forwards.
+    #[arg(long, requires = "cri_listen")]
+    cri_upstream: Option<PathBuf>,
 }
 
 pub fn run(a: Args, root: &Path) -> Result {
     // A second server on a live socket stops here, having made nothing.
     unlade::containerd::refuse_live(&a.address)?;
+    if let Some(l) = &a.cri_listen {
+        unlade::containerd::refuse_live(l)?;
+    }
     let stall = std::time::Duration::from_secs(a.stall_timeout);
     let mut opts = RootOptions::default();
     opts.retry.stall.window = stall;
@@ -74,6 +87,11 @@ pub fn run(a: Args, root: &Path) -> Result {
         deadline: std::time::Duration::from_secs(a.pull_timeout),
         read_timeout: stall,
     };
+    opts.cri = a
+        .cri_listen
+        .clone()
+        .zip(a.cri_upstream.clone())
+        .map(|(listen, upstream)| unlade::containerd::CriProxy { listen, upstream });
     let (dir, sock) = (root.dir().to_path_buf(), a.address.clone());
     opts.ready = Some(Box::new(move || {
         eprintln!(

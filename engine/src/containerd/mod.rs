@@ -18,9 +18,13 @@
 //! - `conn`: each accepted connection, its HTTP/2 header blocks made
 //!   acceptable to h2 (gRPC C-core clients send the socket path as
 //!   `:authority`).
+//! - `cri`: the CRI image service proxy (kubelet's
+//!   `--image-service-endpoint`), which forwards every call to containerd
+//!   and lends a PullImage's credentials to the fast path while it runs.
 //! - [`serve`]: the server loop the `unlade snapshotter` command runs.
 
 mod conn;
+mod cri;
 mod fair;
 pub mod fast;
 pub mod filter;
@@ -86,6 +90,21 @@ pub struct ServeOptions {
     /// Called once the socket accepts calls (a daemon says it is ready
     /// here, not before).
     pub ready: Option<Box<dyn FnOnce() + Send>>,
+    /// The CRI image service proxy to serve beside, if any.
+    pub cri: Option<CriProxy>,
+}
+
+/// The CRI image service proxy (kubelet's `--image-service-endpoint`):
+/// every ImageService call on `listen` goes on to containerd's CRI on
+/// `upstream` unchanged; a PullImage's `auth` (a pod's
+/// `imagePullSecrets`) is lent to the fast path while the call runs, so
+/// that private images take it too.
+#[derive(Debug, Clone)]
+pub struct CriProxy {
+    /// The socket kubelet calls (made 0600, as the snapshotter's).
+    pub listen: PathBuf,
+    /// containerd's socket.
+    pub upstream: PathBuf,
 }
 
 /// How long calls in flight may finish once the server is told to stop;
@@ -275,8 +294,17 @@ pub fn serve(
     cancel: &Cancel,
 ) -> Result<(), ServeError> {
     refuse_live(socket)?;
+    if let Some(c) = &opts.cri {
+        refuse_live(&c.listen)?;
+    }
     let store = Arc::new(CtrStore::open(root)?);
-    let service = Service::new(store, opts.fast, opts.limits);
+    // The secrets the CRI proxy lends, where the fast path's pulls look.
+    let keys = Arc::new(crate::source::remote::auth::Keyring::default());
+    let fast = opts.fast.map(|mut f| {
+        f.remote.keyring = Some(keys.clone());
+        f
+    });
+    let service = Service::new(store, fast, opts.limits);
     let ioe = |op, source| ServeError::Io {
         op,
         path: socket.to_path_buf(),
@@ -287,6 +315,19 @@ pub fn serve(
     listener
         .set_nonblocking(true)
         .map_err(|e| ioe("set up", e))?;
+    let cri = match &opts.cri {
+        Some(c) => {
+            let l = bind_private(&c.listen)?;
+            l.set_nonblocking(true).map_err(|e| ServeError::Io {
+                op: "set up",
+                path: c.listen.clone(),
+                source: e,
+            })?;
+            Some((c.clone(), l, std::fs::symlink_metadata(&c.listen).ok()))
+        }
+        None => None,
+    };
+    let cri_socket = cri.as_ref().map(|(c, _, ours)| (c.clone(), ours.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -322,6 +363,32 @@ pub fn serve(
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = graceful.wait_for(|s| *s).await;
             });
+        if let Some((c, l, _)) = cri {
+            let l = tokio::net::UnixListener::from_std(l).map_err(|e| ServeError::Io {
+                op: "listen on",
+                path: c.listen.clone(),
+                source: e,
+            })?;
+            let (v1, v1alpha2) = cri::services(c.upstream.clone(), keys.clone());
+            let mut graceful = stopping.clone();
+            let proxy = tonic::transport::Server::builder()
+                .max_concurrent_streams(64)
+                .http2_max_header_list_size(1 << 20)
+                .add_service(v1)
+                .add_service(v1alpha2)
+                .serve_with_incoming_shutdown(accept_loop(l), async move {
+                    let _ = graceful.wait_for(|s| *s).await;
+                });
+            tokio::spawn(async move {
+                if let Err(e) = proxy.await {
+                    eprintln!(
+                        "unlade: the CRI proxy on {} stopped: {}",
+                        c.listen.display(),
+                        crate::report::error_chain(&e)
+                    );
+                }
+            });
+        }
         if let Some(ready) = ready {
             ready();
         }
@@ -345,15 +412,18 @@ pub fn serve(
             }
         }
     });
-    // Removed only if it is still ours (not replaced meanwhile).
-    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+    // Removed only if still ours (not replaced meanwhile).
+    let remove_ours = |path: &Path, ours: &Option<std::fs::Metadata>| {
         use std::os::unix::fs::MetadataExt;
-        a.ino() == b.ino() && a.dev() == b.dev()
-    };
-    if let (Some(a), Ok(b)) = (&ours, std::fs::symlink_metadata(socket)) {
-        if same(a, &b) {
-            let _ = std::fs::remove_file(socket);
+        if let (Some(a), Ok(b)) = (ours, std::fs::symlink_metadata(path)) {
+            if a.ino() == b.ino() && a.dev() == b.dev() {
+                let _ = std::fs::remove_file(path);
+            }
         }
+    };
+    remove_ours(socket, &ours);
+    if let Some((c, ours)) = &cri_socket {
+        remove_ours(&c.listen, ours);
     }
     // What is left: pulls' threads winding down (within a read timeout),
     // calls past the grace. The process may exit under them.

@@ -1,13 +1,32 @@
-//! Registry authentication: credentials from the Docker config file, and
-//! the challenges registries answer a 401 with.
+//! Registry authentication: where credentials come from, and the
+//! challenges registries answer a 401 with.
 //!
-//! - `Basic realm=…`: the credentials are sent with each request.
+//! Credentials for a registry are looked up in this order, the first that
+//! has some winning:
+//! 1. a [`Keyring`]: secrets a caller lends for the time of one pull (the
+//!    snapshotter's CRI proxy lends the `auth` of kubelet's PullImage,
+//!    which is how a pod's `imagePullSecrets` reach a node), kept in
+//!    memory only;
+//! 2. the Docker config's `credHelpers` entry for the registry, then its
+//!    `credsStore`: a `docker-credential-NAME get` helper asked for them;
+//! 3. its `auths` entry.
+//!
+//! A secret is sent only to the registry it was given for (and the mirrors
+//! its `hosts.toml` lists), and to the token realm it names; never along a
+//! redirect (the HTTP client drops `Authorization` on every redirect).
+//! Challenges:
+//! - `Basic realm=…`: user and password are sent with each request.
 //! - `Bearer realm=…,service=…,scope=…`: a token is asked of `realm` (with
-//!   the credentials if there are any, anonymously otherwise) for the
-//!   repository's pull scope, and reused until it expires.
+//!   user and password if there are any, an identity token by OAuth2's
+//!   refresh grant, anonymously otherwise) for the repository's pull
+//!   scope, and reused until it expires. A registry token (CRI's
+//!   `registry_token`) is sent as the bearer token itself.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -38,10 +57,138 @@ impl Credentials {
     }
 }
 
+/// A registry secret, as it is sent.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Secret {
+    /// A user name and password: Basic auth, or Basic to a token realm.
+    Password(Credentials),
+    /// An OAuth2 refresh token (Docker's "identity token"), exchanged at a
+    /// Bearer realm for an access token.
+    IdentityToken(String),
+    /// A bearer token for the registry itself, sent as it is.
+    RegistryToken(String),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Password(c) => write!(f, "{c:?}"),
+            Secret::IdentityToken(_) => f.write_str("IdentityToken(***)"),
+            Secret::RegistryToken(_) => f.write_str("RegistryToken(***)"),
+        }
+    }
+}
+
+/// The most secrets a [`Keyring`] holds at once: one per pull in flight
+/// is what kubelet lends; past this, a lend is refused (the pull then goes
+/// without, and the fast path falls back to containerd).
+pub const MAX_LENT: usize = 4096;
+
+struct Loan {
+    id: u64,
+    registry: String,
+    repository: String,
+    /// The host the secret is for when its giver named one (CRI's
+    /// `server_address`); endpoints of other hosts do not get it.
+    server: Option<String>,
+    secret: Secret,
+}
+
+/// Secrets lent for a while, in memory only: never written, never logged
+/// (their `Debug` says which registry, not what). The snapshotter's CRI
+/// proxy lends each PullImage's credentials for that image's registry and
+/// repository while the pull runs; the fast path's pulls of that
+/// repository find them here.
+#[derive(Default)]
+pub struct Keyring {
+    loans: Mutex<(u64, Vec<Loan>)>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = self.loans.lock().unwrap_or_else(|p| p.into_inner());
+        write!(f, "Keyring({} lent)", g.1.len())
+    }
+}
+
+/// A secret in a [`Keyring`], taken back when this is dropped.
+#[must_use = "the secret is taken back when this is dropped"]
+pub struct Lent {
+    ring: Arc<Keyring>,
+    id: u64,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut g = self.ring.loans.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.retain(|l| l.id != self.id);
+    }
+}
+
+impl Keyring {
+    /// Lends `secret` for `repository` of `registry` (both as a parsed
+    /// reference has them) until the returned [`Lent`] is dropped;
+    /// `server`, if given, is the only host it may be sent to. `None` when
+    /// [`MAX_LENT`] secrets are lent already.
+    pub fn lend(
+        self: &Arc<Self>,
+        registry: &str,
+        repository: &str,
+        server: Option<&str>,
+        secret: Secret,
+    ) -> Option<Lent> {
+        let mut g = self.loans.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1.len() >= MAX_LENT {
+            return None;
+        }
+        g.0 += 1;
+        let id = g.0;
+        g.1.push(Loan {
+            id,
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            server: server.map(str::to_string),
+            secret,
+        });
+        Some(Lent {
+            ring: self.clone(),
+            id,
+        })
+    }
+
+    /// The secret most recently lent for `repository` of `registry`, to be
+    /// sent to `host` (the registry or one of its mirrors).
+    pub fn get(&self, registry: &str, repository: &str, host: &str) -> Option<Secret> {
+        let g = self.loans.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter()
+            .rev()
+            .find(|l| {
+                l.registry == registry
+                    && l.repository == repository
+                    && l.server.as_deref().is_none_or(|s| s == host)
+            })
+            .map(|l| l.secret.clone())
+    }
+
+    /// How many secrets are lent now.
+    pub fn len(&self) -> usize {
+        self.loans.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct DockerConfig {
     #[serde(default)]
     auths: BTreeMap<String, AuthEntry>,
+    #[serde(default, rename = "credHelpers")]
+    cred_helpers: BTreeMap<String, String>,
+    #[serde(default, rename = "credsStore")]
+    creds_store: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -82,7 +229,159 @@ pub fn credentials_for(path: &std::path::Path, host: &str) -> Result<Option<Cred
     credentials_from_str(&text, path, host)
 }
 
-/// Credentials for `host` from the Docker config text `text`:
+/// Whether a Docker config key (`host[:port]`, or a URL) names `host`;
+/// Docker Hub's names are one.
+fn key_names(key: &str, host: &str) -> bool {
+    let hub = crate::oci::reference::DOCKER_HUB_NAMES;
+    let h = auth_key_host(key);
+    h == host || (hub.contains(&host) && hub.contains(&h))
+}
+
+/// A secret for `host` from the Docker config at `path`: its
+/// `credHelpers` entry for the host, then its `credsStore` (each a
+/// `docker-credential-NAME` program on `PATH`, see [`helper_get`]), then
+/// its `auths`. A missing file means none; a file that cannot be read or
+/// parsed, or a helper that fails (other than having nothing for the
+/// host), is an error.
+pub fn docker_secret(path: &std::path::Path, host: &str) -> Result<Option<Secret>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let cfg: DockerConfig =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let helper = cfg
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| key_names(k, host))
+        .map(|(_, v)| v);
+    for name in helper.into_iter().chain(cfg.creds_store.as_ref()) {
+        if let Some(s) = helper_get(name, host, HELPER_TIMEOUT)
+            .map_err(|e| format!("{}: credential helper {name:?}: {e}", path.display()))?
+        {
+            return Ok(Some(s));
+        }
+    }
+    Ok(auths_entry(&cfg, path, host)?.map(Secret::Password))
+}
+
+/// How long a credential helper may take.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most bytes read of a helper's answer.
+const HELPER_MAX_OUTPUT: u64 = 64 << 10;
+
+/// What a `docker-credential-*` helper answers to `get`.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+/// Asks credential helper `docker-credential-NAME` (found on `PATH`) for
+/// `host`'s secret by Docker's protocol: `get`, the server on stdin, a
+/// JSON object `{"Username", "Secret"}` on stdout; the user name
+/// `<token>` means the secret is an identity token. `None` when the helper
+/// has nothing for the host ("credentials not found"). Bounded: `timeout`
+/// (then the helper is killed), [`HELPER_MAX_OUTPUT`] bytes of answer.
+/// `NAME` is letters, digits, `-`, `_` and `.` only, so that a config
+/// cannot name a program by path.
+pub fn helper_get(name: &str, host: &str, timeout: Duration) -> Result<Option<Secret>, String> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err("not a helper name (letters, digits, '-', '_', '.')".into());
+    }
+    let hub = crate::oci::reference::DOCKER_HUB_NAMES;
+    // Docker Hub's credentials are stored under its v1 index URL.
+    let server = if hub.contains(&host) {
+        "https://index.docker.io/v1/"
+    } else {
+        host
+    };
+    let program = format!("docker-credential-{name}");
+    let mut child = std::process::Command::new(&program)
+        .arg("get")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run {program}: {e}"))?;
+    if let Some(mut i) = child.stdin.take() {
+        // A helper that exits without reading is judged by its exit.
+        let _ = i.write_all(server.as_bytes());
+    }
+    let read = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(r) = r {
+                let _ = r.take(HELPER_MAX_OUTPUT).read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|r| Box::new(r) as Box<dyn Read + Send>),
+    );
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{program} get: no answer in {} s",
+                    timeout.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("{program} get: {e}")),
+        }
+    };
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    if !status.success() {
+        let said = String::from_utf8_lossy(if out.is_empty() { &err } else { &out })
+            .trim()
+            .chars()
+            .take(200)
+            .collect::<String>();
+        if said.to_ascii_lowercase().contains("credentials not found") {
+            return Ok(None);
+        }
+        return Err(format!("{program} get: {status}: {said}"));
+    }
+    let a: HelperAnswer = serde_json::from_slice(&out)
+        .map_err(|e| format!("{program} get: unreadable answer: {e}"))?;
+    if a.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(if a.username == "<token>" {
+        Secret::IdentityToken(a.secret)
+    } else {
+        Secret::Password(Credentials {
+            user: a.username,
+            password: a.secret,
+        })
+    }))
+}
+
+/// Credentials for `host` from the Docker config text `text`'s `auths`:
 /// [`credentials_for`] once it has read the file at `path` (which only
 /// names it in errors). Public so that the parser can be driven without a
 /// file (the `auth` fuzz target).
@@ -93,12 +392,20 @@ pub fn credentials_from_str(
 ) -> Result<Option<Credentials>, String> {
     let cfg: DockerConfig =
         serde_json::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
-    let hub = crate::oci::reference::DOCKER_HUB_NAMES;
-    let wanted = |k: &str| {
-        let h = auth_key_host(k);
-        h == host || (hub.contains(&host) && hub.contains(&h))
-    };
-    let Some(entry) = cfg.auths.iter().find(|(k, _)| wanted(k)).map(|(_, v)| v) else {
+    auths_entry(&cfg, path, host)
+}
+
+fn auths_entry(
+    cfg: &DockerConfig,
+    path: &std::path::Path,
+    host: &str,
+) -> Result<Option<Credentials>, String> {
+    let Some(entry) = cfg
+        .auths
+        .iter()
+        .find(|(k, _)| key_names(k, host))
+        .map(|(_, v)| v)
+    else {
         return Ok(None);
     };
     if let (Some(u), Some(p)) = (&entry.username, &entry.password) {

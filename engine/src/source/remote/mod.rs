@@ -44,6 +44,9 @@ pub struct RemoteOptions {
     /// The Docker config file with credentials; `None`: the default place
     /// (`$DOCKER_CONFIG/config.json`, `~/.docker/config.json`).
     pub docker_config: Option<PathBuf>,
+    /// Secrets lent for a while (kubelet's, through the snapshotter's CRI
+    /// proxy), looked up before the Docker config.
+    pub keyring: Option<Arc<auth::Keyring>>,
     /// Retries of document requests (blob downloads use the root's).
     pub retry: Retry,
     /// Longest wait for a connection.
@@ -65,6 +68,7 @@ impl Default for RemoteOptions {
             plain_http: false,
             hosts_dir: Some(PathBuf::from("/etc/unlade/certs.d")),
             docker_config: None,
+            keyring: None,
             retry: Retry::default(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
@@ -95,6 +99,7 @@ pub struct Remote {
     reference: Reference,
     endpoints: Vec<(Endpoint, ureq::Agent)>,
     docker_config: Option<PathBuf>,
+    keyring: Option<Arc<auth::Keyring>>,
     auth: Mutex<HashMap<String, Auth>>,
     docs: Mutex<HashMap<Digest, Doc>>,
     retry: Retry,
@@ -139,6 +144,9 @@ impl Remote {
                 .timeout_read(opts.read_timeout)
                 .timeout_write(opts.read_timeout)
                 .redirects(8)
+                // A redirect may lead anywhere (a CDN, or another host
+                // entirely): the registry's credentials never follow it.
+                .redirect_auth_headers(ureq::RedirectAuthHeaders::Never)
                 .user_agent(concat!("unlade/", env!("CARGO_PKG_VERSION")));
             if ep.base.starts_with("https://") {
                 b = b.tls_config(tls::client_config(&ep)?);
@@ -149,6 +157,7 @@ impl Remote {
             reference: reference.clone(),
             endpoints,
             docker_config: opts.docker_config.clone().or_else(auth::docker_config_path),
+            keyring: opts.keyring.clone(),
             auth: Mutex::new(HashMap::new()),
             docs: Mutex::new(HashMap::new()),
             retry: Retry {
@@ -397,14 +406,24 @@ impl Remote {
         Some(a.header.clone())
     }
 
-    fn credentials(&self, ep: &Endpoint) -> Result<Option<auth::Credentials>, SourceError> {
+    /// The secret for endpoint `ep` (see [`auth`] for the order): lent
+    /// for this repository, else the Docker config's for the endpoint or
+    /// for its registry (whose entry serves its mirrors too).
+    fn secret(&self, ep: &Endpoint) -> Result<Option<auth::Secret>, SourceError> {
+        let r = &self.reference;
+        if let Some(s) = self
+            .keyring
+            .as_ref()
+            .and_then(|k| k.get(&r.registry, &r.repository, &ep.authority))
+        {
+            return Ok(Some(s));
+        }
         let Some(p) = &self.docker_config else {
             return Ok(None);
         };
-        // The registry's own entry serves its mirrors too.
-        for host in [&ep.authority, &self.reference.registry] {
-            if let Some(c) = auth::credentials_for(p, host).map_err(SourceError::fatal)? {
-                return Ok(Some(c));
+        for host in [&ep.authority, &r.registry] {
+            if let Some(s) = auth::docker_secret(p, host).map_err(SourceError::fatal)? {
+                return Ok(Some(s));
             }
         }
         Ok(None)
@@ -425,21 +444,30 @@ impl Remote {
                 ep.authority
             ))
         })?;
-        let creds = self.credentials(ep)?;
-        let auth = match ch.scheme.as_str() {
-            "basic" => {
-                let c = creds.ok_or_else(|| {
-                    denied(format!(
-                        "{}: authentication required (Basic) and the Docker config has no credentials for it",
-                        ep.authority
-                    ))
-                })?;
-                Auth {
-                    header: c.basic(),
-                    until: None,
-                }
+        let secret = self.secret(ep)?;
+        let auth = match (ch.scheme.as_str(), secret) {
+            ("basic", Some(auth::Secret::Password(c))) => Auth {
+                header: c.basic(),
+                until: None,
+            },
+            ("basic", Some(_)) => {
+                return Err(denied(format!(
+                    "{}: authentication required (Basic), and the credentials given for it are a token, not a user and password",
+                    ep.authority
+                )))
             }
-            "bearer" => {
+            ("basic", None) => {
+                return Err(denied(format!(
+                    "{}: authentication required (Basic) and no credentials were given for it \
+                     (kubelet's pull secret, the Docker config's credHelpers, credsStore or auths)",
+                    ep.authority
+                )))
+            }
+            ("bearer", Some(auth::Secret::RegistryToken(t))) => Auth {
+                header: format!("Bearer {t}"),
+                until: None,
+            },
+            ("bearer", creds) => {
                 let realm = ch.params.get("realm").ok_or_else(|| {
                     SourceError::fatal(format!(
                         "{}: Bearer challenge without a realm",
@@ -447,17 +475,39 @@ impl Remote {
                     ))
                 })?;
                 let scope = format!("repository:{}:pull", self.reference.repository);
-                let mut req = agent.get(realm).query("scope", &scope);
-                if let Some(s) = ch.params.get("service") {
-                    req = req.query("service", s);
-                }
-                if let Some(c) = &creds {
-                    req = req.set("Authorization", &c.basic());
-                }
+                let service = ch.params.get("service").map(String::as_str);
                 let what = format!("token from {realm}");
-                req = self.bounded(req, &what, true)?;
-                self.stats.requests.fetch_add(1, Ordering::Relaxed);
-                let resp = match req.call() {
+                let answer = match &creds {
+                    // OAuth2's refresh grant: the identity token is
+                    // exchanged for an access token.
+                    Some(auth::Secret::IdentityToken(t)) => {
+                        let req = self.bounded(agent.post(realm), &what, true)?;
+                        let mut form = vec![
+                            ("grant_type", "refresh_token"),
+                            ("refresh_token", t.as_str()),
+                            ("client_id", "unlade"),
+                            ("scope", scope.as_str()),
+                        ];
+                        if let Some(s) = service {
+                            form.push(("service", s));
+                        }
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        req.send_form(&form)
+                    }
+                    _ => {
+                        let mut req = agent.get(realm).query("scope", &scope);
+                        if let Some(s) = service {
+                            req = req.query("service", s);
+                        }
+                        if let Some(auth::Secret::Password(c)) = &creds {
+                            req = req.set("Authorization", &c.basic());
+                        }
+                        let req = self.bounded(req, &what, true)?;
+                        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                        req.call()
+                    }
+                };
+                let resp = match answer {
                     Ok(r) => r,
                     Err(ureq::Error::Status(code, resp)) => {
                         let mut e = status_error(&what, code, resp);
@@ -661,7 +711,7 @@ fn status_error(what: &str, code: u16, resp: ureq::Response) -> SourceError {
     let (kind, what_now) = match code {
         401 => (
             SourceErrorKind::Denied,
-            ": authentication failed; check the credentials in the Docker config",
+            ": authentication failed; check the credentials (kubelet's pull secret, or the Docker config)",
         ),
         403 => (SourceErrorKind::Denied, ": access denied"),
         404 => (SourceErrorKind::NotFound, ": not found"),
