@@ -462,6 +462,10 @@ pub enum Fault {
     /// `Content-Length` is a terabyte and whose body is zeros for as long
     /// as the client reads.
     Endless(String),
+    /// Take every request whose User-Agent contains the text and never
+    /// answer: a registry silent to one client only (unlade), served to
+    /// the others (containerd).
+    HangAgent(String),
     /// Answer every GET of a path containing the text with a 307 to the
     /// same path at this base (`http://HOST:PORT`), as registries send
     /// blob downloads to a CDN.
@@ -566,6 +570,16 @@ impl Proxy {
             let mut i = 0;
             while i < faults.len() {
                 match &mut faults[i] {
+                    Fault::HangAgent(text)
+                        if headers
+                            .get("user-agent")
+                            .is_some_and(|a| a.contains(text.as_str())) =>
+                    {
+                        drop(faults);
+                        let mut buf = [0u8; 4096];
+                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        return;
+                    }
                     Fault::Hang(text) if path.contains(text.as_str()) => {
                         drop(faults);
                         let mut buf = [0u8; 4096];

@@ -436,6 +436,56 @@ fn cri_pull_is_done_by_unlade() {
     );
 }
 
+/// A registry silent to unlade (and answering containerd): unlade's pull
+/// stalls, and after the stall timeout its Prepare falls back; containerd
+/// fetches every layer itself and the CRI pull succeeds.
+#[test]
+fn a_registry_that_stalls_unlade_falls_back_to_containerd() {
+    let (reg, proxy) = demo_registry();
+    proxy.fault(Fault::HangAgent("unlade/".into()));
+    let t = tmp();
+    let root = t.path().join("root");
+    let none = root.with_extension("no-hosts");
+    let c = Containerd::start_with(
+        &root,
+        &cri_config(&proxy.addr),
+        &[
+            "--plain-http",
+            "--hosts-dir",
+            none.to_str().expect("utf8"),
+            "--stall-timeout",
+            "2",
+        ],
+    );
+    let reference = format!("{}/demo:latest", proxy.addr);
+    let t0 = std::time::Instant::now();
+    cri_pull_ok(&c, &reference, 1);
+    let took = t0.elapsed();
+    let log = c.unlade.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("falls back to containerd") && l.contains(&reference)),
+        "{log}"
+    );
+    // Within the stall rule's two tries of the manifest, not the pull's
+    // deadline.
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    for l in demo_layers(&reg) {
+        assert_eq!(
+            proxy.blob_gets(&l).len(),
+            1,
+            "layer {l}: {:?}",
+            proxy.seen()
+        );
+    }
+    let by_containerd = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("GET /v2/demo/blobs/") && l.contains("containerd/"))
+        .count();
+    assert!(by_containerd >= 3, "{}", reg.log());
+}
+
 /// 20 concurrent CRI pulls of one image: every layer applied once, every
 /// blob fetched once.
 #[test]
