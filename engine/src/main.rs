@@ -63,6 +63,11 @@ enum Cmd {
     /// type = "snapshot" address = "SOCKET"`. Its snapshots live under
     /// ROOT/containerd. Runs until SIGINT or SIGTERM.
     Snapshotter(cli::snapshotter::Args),
+    /// Print the TOML to merge into containerd's config.toml so that
+    /// containerd (ctr and CRI) uses `unlade snapshotter`, written for the
+    /// installed containerd's version (1.6, 1.7, 2.x) or
+    /// --containerd-version. ROOT is unlade's root, as the snapshotter's.
+    ContainerdConfig(cli::containerd_config::Args),
 }
 
 /// Directory fds are cached while applying; let the process have as many
@@ -89,6 +94,7 @@ fn run(cli: Cli) -> cli::Result {
         Cmd::Snapshots(a) => cli::snapshots::run(a, root),
         Cmd::Content(a) => cli::content::run(a, root),
         Cmd::Snapshotter(a) => cli::snapshotter::run(a, root),
+        Cmd::ContainerdConfig(a) => cli::containerd_config::run(a, root),
     }
 }
 
@@ -158,5 +164,25 @@ mod tests {
             "/h",
         ])
         .unwrap();
+        let c = Cli::try_parse_from([
+            "unlade",
+            "containerd-config",
+            "--containerd-version",
+            "2.1",
+            "--pull-mode",
+            "local",
+        ])
+        .unwrap();
+        assert!(matches!(c.cmd, Cmd::ContainerdConfig(_)));
+        assert!(Cli::try_parse_from([
+            "unlade",
+            "containerd-config",
+            "--containerd-version",
+            "two"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["unlade", "containerd-config", "--pull-mode", "remote"]).is_err()
+        );
     }
 }

@@ -3,7 +3,12 @@
 //! as the proxy snapshot plugin `unlade`, both killed by PID when dropped.
 //! CRI is off unless asked for (it wants a CNI set-up the image pulls do
 //! not need).
+//!
+//! [`Containerd::start_version`] runs any of the [`Version`]s instead
+//! (1.6, 1.7, 2.1 in either CRI pull mode), with CRI on and configured by
+//! what `unlade containerd-config` prints for it.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -148,6 +153,118 @@ pub fn cri_config(addr: &str) -> String {
     )
 }
 
+/// A containerd release the tests run, and how its CRI pulls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    /// The system's (Debian bookworm's 1.6), found in PATH.
+    V1_6,
+    /// Debian trixie's 1.7, from `scripts/containerd-peers.sh`.
+    V1_7,
+    /// Debian sid's 2.1, CRI pulling through the transfer service.
+    V2_1Transfer,
+    /// Debian sid's 2.1, CRI pulling locally (`use_local_image_pull`).
+    V2_1Local,
+}
+
+impl Version {
+    /// The directory of its `containerd`, `ctr` and shim: `None` for the
+    /// system's, found in PATH; the peers' under `$UNLADE_PEERS` (default
+    /// `/opt/unlade-peers`).
+    pub fn bin_dir(self) -> Option<PathBuf> {
+        let peers = std::env::var_os("UNLADE_PEERS").unwrap_or_else(|| "/opt/unlade-peers".into());
+        let suite = match self {
+            Version::V1_6 => return None,
+            Version::V1_7 => "trixie",
+            Version::V2_1Transfer | Version::V2_1Local => "sid",
+        };
+        Some(Path::new(&peers).join(suite).join("usr/bin"))
+    }
+
+    /// Its binary `name` (`containerd`, `ctr`).
+    pub fn bin(self, name: &str) -> PathBuf {
+        match self.bin_dir() {
+            None => PathBuf::from(name),
+            Some(d) => {
+                let p = d.join(name);
+                assert!(
+                    p.exists(),
+                    "{} is missing: run scripts/containerd-peers.sh (as root)",
+                    p.display()
+                );
+                p
+            }
+        }
+    }
+
+    /// The PATH it runs with: its own directory first (so that its shim
+    /// starts the containers), then the system's, where runc is
+    /// (`/usr/sbin`).
+    pub fn path_env(self) -> OsString {
+        let system = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = self.bin_dir().into_iter().collect();
+        dirs.extend(std::env::split_paths(&system));
+        for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+            if !dirs.iter().any(|x| x == Path::new(d)) {
+                dirs.push(d.into());
+            }
+        }
+        std::env::join_paths(dirs).expect("PATH")
+    }
+
+    /// Its major version.
+    pub fn major(self) -> u32 {
+        match self {
+            Version::V1_6 | Version::V1_7 => 1,
+            Version::V2_1Transfer | Version::V2_1Local => 2,
+        }
+    }
+
+    /// `unlade containerd-config --pull-mode`, where one is asked for.
+    fn pull_mode(self) -> Option<&'static str> {
+        match self {
+            Version::V2_1Transfer => Some("transfer"),
+            Version::V2_1Local => Some("local"),
+            Version::V1_6 | Version::V1_7 => None,
+        }
+    }
+
+    /// The table of its CRI configuration that holds `registry`.
+    fn cri_images_table(self) -> &'static str {
+        match self.major() {
+            1 => "plugins.\"io.containerd.grpc.v1.cri\"",
+            _ => "plugins.'io.containerd.cri.v1.images'",
+        }
+    }
+}
+
+/// Writes `DIR/ADDR/hosts.toml` (containerd's `config_path` layout, and
+/// `unlade snapshotter --hosts-dir`'s): registry `addr` (127.0.0.1:PORT)
+/// over plain HTTP.
+pub fn write_plain_http_hosts(dir: &Path, addr: &str) {
+    let d = dir.join(addr);
+    std::fs::create_dir_all(&d).expect("mkdir hosts dir");
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"http://{addr}\"\n\n[host.\"http://{addr}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .expect("write hosts.toml");
+}
+
+/// How [`Containerd::start_version`] sets things up beyond its version.
+#[derive(Default)]
+pub struct Options {
+    /// More arguments of `unlade snapshotter`.
+    pub server_args: Vec<String>,
+    /// Registries (127.0.0.1:PORT) containerd reaches over plain HTTP, each
+    /// by a `hosts.toml` in CRI's `registry.config_path` (which, unlike
+    /// `registry.mirrors`, keeps containerd 2.1 in transfer mode).
+    pub plain_http: Vec<String>,
+    /// containerd's root (default: `root` in its scratch directory).
+    pub containerd_root: Option<PathBuf>,
+}
+
 /// A private containerd whose proxy plugin `unlade` is a [`Server`].
 pub struct Containerd {
     /// Scratch: config, root, state, sockets, logs.
@@ -156,6 +273,13 @@ pub struct Containerd {
     pub sock: PathBuf,
     /// unlade's server.
     pub unlade: Server,
+    /// Which containerd runs.
+    pub version: Version,
+    /// containerd's root.
+    pub root: PathBuf,
+    /// What `unlade containerd-config` printed for it (empty for
+    /// [`Containerd::start`]'s hand-written configuration).
+    pub snippet: String,
     child: Child,
 }
 
@@ -186,8 +310,98 @@ impl Containerd {
             sock = sock.display(),
             usock = usock.display(),
         );
+        let croot = d.join("root");
+        Containerd::launch(
+            Version::V1_6,
+            dir,
+            sock,
+            unlade,
+            croot,
+            config,
+            String::new(),
+        )
+    }
+
+    /// Starts unlade's server on `root` and containerd `version` using it
+    /// as CRI's snapshotter, configured by what `unlade containerd-config
+    /// --containerd BIN [--pull-mode M] --address SOCK --root ROOT` prints
+    /// for the binary (its version detected, and checked here), plus its
+    /// own root, state and socket, its log at debug level, NRI off (its
+    /// socket is one per host), and registry `hosts.toml`s for
+    /// `opts.plain_http`.
+    pub fn start_version(version: Version, root: &Path, opts: &Options) -> Containerd {
+        let dir = tmp();
+        let d = dir.path();
+        let usock = d.join("unlade.sock");
+        let args: Vec<&str> = opts.server_args.iter().map(String::as_str).collect();
+        let unlade = Server::start_with(root, &usock, &args);
+        let sock = d.join("containerd.sock");
+        let croot = opts
+            .containerd_root
+            .clone()
+            .unwrap_or_else(|| d.join("root"));
+        let mut cmd = Command::new(bin());
+        cmd.arg("containerd-config")
+            .arg("--containerd")
+            .arg(version.bin("containerd"))
+            .arg("--address")
+            .arg(&usock)
+            .arg("--root")
+            .arg(root)
+            .arg("--containerd-root")
+            .arg(&croot)
+            .env("PATH", version.path_env());
+        if let Some(m) = version.pull_mode() {
+            cmd.args(["--pull-mode", m]);
+        }
+        let snippet = String::from_utf8(crate::sh(&mut cmd).stdout).expect("UTF-8");
+        let head = snippet.lines().next().unwrap_or("");
+        assert!(
+            head.starts_with(&format!("# unlade as containerd {}.", version.major())),
+            "{version:?}, but unlade containerd-config says:\n{snippet}"
+        );
+        let hosts = d.join("certs.d");
+        std::fs::create_dir_all(&hosts).expect("mkdir certs.d");
+        for addr in &opts.plain_http {
+            write_plain_http_hosts(&hosts, addr);
+        }
+        let q = |p: &Path| format!("{:?}", p.to_str().expect("UTF-8 path"));
+        let config = format!(
+            "version = {v}\nroot = {root}\nstate = {state}\n[grpc]\n  address = {sock}\n\
+             [debug]\n  level = \"debug\"\n\
+             [plugins.'io.containerd.internal.v1.opt']\n  path = {opt}\n{nri}\
+             {snippet}\n[{cri}.registry]\n  config_path = {hosts}\n",
+            v = if version.major() == 1 { 2 } else { 3 },
+            root = q(&croot),
+            state = q(&d.join("state")),
+            sock = q(&sock),
+            opt = q(&d.join("opt")),
+            nri = if version.major() >= 2 {
+                "[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n"
+            } else {
+                ""
+            },
+            cri = version.cri_images_table(),
+            hosts = q(&hosts),
+        );
+        Containerd::launch(version, dir, sock, unlade, croot, config, snippet)
+    }
+
+    /// Writes `config`, starts containerd `version` on it and waits until
+    /// it answers.
+    fn launch(
+        version: Version,
+        dir: tempfile::TempDir,
+        sock: PathBuf,
+        unlade: Server,
+        root: PathBuf,
+        config: String,
+        snippet: String,
+    ) -> Containerd {
+        let d = dir.path();
         std::fs::write(d.join("config.toml"), config).expect("write config");
-        let child = Command::new("containerd")
+        let child = Command::new(version.bin("containerd"))
+            .env("PATH", version.path_env())
             .arg("--config")
             .arg(d.join("config.toml"))
             .stdout(Stdio::null())
@@ -197,19 +411,14 @@ impl Containerd {
         let c = Containerd {
             sock,
             unlade,
+            version,
+            root,
+            snippet,
             child,
             dir,
         };
         wait_for(
-            || {
-                c.sock.exists()
-                    && Command::new("ctr")
-                        .arg("-a")
-                        .arg(&c.sock)
-                        .arg("version")
-                        .output()
-                        .is_ok_and(|o| o.status.success())
-            },
+            || c.sock.exists() && c.ctr(&["version"]).status.success(),
             || c.log(),
         );
         c
@@ -239,9 +448,30 @@ impl Containerd {
         c
     }
 
-    /// Runs `ctr -a SOCK ARGS…`.
+    /// Runs `tests/tools/cri_call.py SOCK imagefsinfo`: the image file
+    /// systems CRI reports to kubelet, (mountpoint, used bytes).
+    pub fn image_fs_info(&self) -> Vec<(PathBuf, u64)> {
+        let out = crate::sh(
+            Command::new("/usr/bin/python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/cri_call.py"))
+                .arg(&self.sock)
+                .arg("imagefsinfo"),
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let mut w = l.split('\t');
+                let mount = PathBuf::from(w.next().expect("mountpoint"));
+                let used = w.next().and_then(|u| u.parse().ok()).expect("used bytes");
+                (mount, used)
+            })
+            .collect()
+    }
+
+    /// Runs `ctr -a SOCK ARGS…` (this version's ctr).
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(self.version.bin("ctr"))
+            .env("PATH", self.version.path_env())
             .arg("-a")
             .arg(&self.sock)
             .args(args)

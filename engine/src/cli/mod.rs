@@ -4,6 +4,7 @@
 //! ([`signals`]), the one-line error report ([`error_line`]).
 
 pub mod apply;
+pub mod containerd_config;
 pub mod content;
 pub mod gc;
 pub mod images;

@@ -23,6 +23,7 @@
 //!   and lends a PullImage's credentials to the fast path while it runs.
 //! - [`serve`]: the server loop the `unlade snapshotter` command runs.
 
+pub mod config;
 mod conn;
 mod cri;
 mod fair;

@@ -285,7 +285,7 @@ struct HelperAnswer {
 /// JSON object `{"Username", "Secret"}` on stdout; the user name
 /// `<token>` means the secret is an identity token. `None` when the helper
 /// has nothing for the host ("credentials not found"). Bounded: `timeout`
-/// (then the helper is killed), [`HELPER_MAX_OUTPUT`] bytes of answer.
+/// (then the helper is killed), 64 KiB of answer.
 /// `NAME` is letters, digits, `-`, `_` and `.` only, so that a config
 /// cannot name a program by path.
 pub fn helper_get(name: &str, host: &str, timeout: Duration) -> Result<Option<Secret>, String> {

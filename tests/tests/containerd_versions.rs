@@ -1,0 +1,346 @@
+//! unlade as the snapshotter of each containerd it supports: 1.6 (the
+//! system's), 1.7 and 2.1 (Debian's, from `scripts/containerd-peers.sh`),
+//! 2.1 once with CRI pulling through the transfer service (its default)
+//! and once locally. Each is configured by what `unlade containerd-config`
+//! prints for it, and each goes through the same steps:
+//!
+//! - `ctr images import` and `ctr run` of the demo image into `unlade`;
+//! - a CRI pull done by unlade's fast path: unlade fetches every layer
+//!   blob once, containerd none; on 2.1 also `ctr images pull
+//!   --snapshotter unlade`, which goes through the transfer service;
+//! - ImageFsInfo names unlade's root (on 1.6 because unlade runs with its
+//!   root at the one path 1.6 reports);
+//! - removing every image lets containerd's GC remove every snapshot from
+//!   unlade's root, and unlade's gc then every layer;
+//! - a registry unlade cannot reach (it tries HTTPS) but containerd can
+//!   (its hosts.toml says HTTP): the CRI pull falls back to containerd,
+//!   which fetches the layers itself.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
+use unlade_tests::registry::{demo_layers, demo_layout, demo_registry, Proxy, Registry};
+use unlade_tests::*;
+
+/// The directories of containerd's snapshots in unlade's root.
+fn on_disk(root: &Path) -> usize {
+    std::fs::read_dir(root.join("containerd/snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// unlade's own committed snapshots (the fast path's layers).
+fn committed(root: &Path) -> usize {
+    std::fs::read_dir(root.join("snapshots/committed"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Waits (up to 30 s) for containerd's asynchronous garbage collection to
+/// leave `n` snapshots in unlade's root.
+fn wait_on_disk(c: &Containerd, root: &Path, n: usize) {
+    let t = Instant::now();
+    while on_disk(root) != n {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{:?}: {} snapshots on disk after 30 s, not {n}\n{}",
+            c.version,
+            on_disk(root),
+            c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every image of namespace `ns` removed, synchronously (`--sync` waits
+/// for containerd's GC).
+fn remove_images(c: &Containerd, ns: &str) {
+    for name in c.ctr_ok(&["-n", ns, "images", "ls", "-q"]).lines() {
+        c.ctr_ok(&["-n", ns, "images", "rm", "--sync", name]);
+    }
+}
+
+/// The layer blobs the registry served to containerd (its user agent).
+fn fetched_by_containerd(reg: &Registry, layer: &str) -> usize {
+    reg.log()
+        .lines()
+        .filter(|l| l.contains(&format!("GET /v2/demo/blobs/{layer}")) && l.contains("containerd/"))
+        .count()
+}
+
+/// A CRI pull of `reference`, which must succeed.
+fn cri_pull_ok(c: &Containerd, reference: &str) {
+    let out = c.cri_pull(reference, 1);
+    assert!(
+        out.status.success(),
+        "{:?}: CRI pull of {reference}: {}\n--- unlade:\n{}\n--- containerd:\n{}",
+        c.version,
+        String::from_utf8_lossy(&out.stderr),
+        c.unlade.log(),
+        tail(&c.log(), 60)
+    );
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The steps of the module's doc for `version`.
+fn each_version(version: Version) {
+    let t0 = Instant::now();
+    let (reg, proxy) = demo_registry();
+    // The same registry under a second address that only containerd's
+    // hosts.toml names as plain HTTP.
+    let far = Proxy::start(&reg.addr);
+    let layers = demo_layers(&reg);
+    let t = tmp();
+    // containerd 1.6 reports `<its root>/io.containerd.snapshotter.v1.unlade`
+    // as the image file system: unlade's root goes there.
+    let (root, containerd_root) = if version == Version::V1_6 {
+        let croot = t.path().join("containerd-root");
+        (
+            croot.join("io.containerd.snapshotter.v1.unlade"),
+            Some(croot),
+        )
+    } else {
+        (t.path().join("root"), None)
+    };
+    let unlade_hosts = t.path().join("unlade-hosts");
+    write_plain_http_hosts(&unlade_hosts, &proxy.addr);
+    let c = Containerd::start_version(
+        version,
+        &root,
+        &Options {
+            server_args: vec![
+                "--hosts-dir".into(),
+                unlade_hosts.to_str().expect("utf8").into(),
+            ],
+            plain_http: vec![proxy.addr.clone(), far.addr.clone()],
+            containerd_root,
+        },
+    );
+    let id = |what: &str| format!("unlade-{what}-{version:?}").to_lowercase();
+    let k8s = |args: &[&str]| {
+        let mut a = vec!["-n", "k8s.io"];
+        a.extend_from_slice(args);
+        c.ctr_ok(&a)
+    };
+    let started = t0.elapsed();
+
+    // ctr: import and run.
+    let tar = t.path().join("demo.tar");
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(demo_layout())
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    c.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "unlade",
+        "--base-name",
+        "docker.io/unlade/demo",
+        tar.to_str().expect("utf8"),
+    ]);
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "unlade",
+        "docker.io/unlade/demo:latest",
+        &id("hello"),
+        "hello",
+    ]);
+    assert_eq!(out.trim(), "Hello, world!", "{version:?}");
+    // The container's snapshot goes with it (by containerd's GC, soon),
+    // and the image's with the image.
+    wait_on_disk(&c, &root, layers.len());
+    remove_images(&c, "default");
+    wait_on_disk(&c, &root, 0);
+    assert_eq!(
+        committed(&root),
+        0,
+        "{version:?}: the fast path made nothing"
+    );
+
+    // CRI through the fast path.
+    let reference = format!("{}/demo:latest", proxy.addr);
+    cri_pull_ok(&c, &reference);
+    let log = c.log();
+    match version {
+        Version::V2_1Transfer => assert!(
+            log.contains("using transfer service") && !log.contains("Falling back to local"),
+            "{version:?}: CRI did not pull through the transfer service:\n{}",
+            tail(&log, 60)
+        ),
+        Version::V2_1Local => assert!(
+            log.contains("using client.Pull()") && !log.contains("using transfer service"),
+            "{version:?}: CRI did not pull locally:\n{}",
+            tail(&log, 60)
+        ),
+        Version::V1_6 | Version::V1_7 => {}
+    }
+    for l in &layers {
+        assert_eq!(
+            proxy.blob_gets(l).len(),
+            1,
+            "{version:?}: layer {l} fetched once: {:?}\n{}",
+            proxy.seen(),
+            c.unlade.log()
+        );
+        assert_eq!(
+            fetched_by_containerd(&reg, l),
+            0,
+            "{version:?}: containerd fetched layer {l}\n{}",
+            c.unlade.log()
+        );
+    }
+    assert_eq!(committed(&root), layers.len(), "{version:?}");
+    let out = k8s(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "unlade",
+        &reference,
+        &id("cri"),
+        "hello",
+    ]);
+    assert_eq!(out.trim(), "Hello, world!", "{version:?}");
+
+    // ctr's pull on 2.x goes through the transfer service, whose unpack
+    // into `unlade` the configuration allows and labels: in namespace
+    // `default`, where containerd has none of the image's snapshots (nor
+    // its layer blobs), unlade's fast path answers each Prepare with the
+    // layer it pulled for CRI, so containerd fetches no layer.
+    if version.major() >= 2 {
+        let before = on_disk(&root);
+        c.ctr_ok(&[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "unlade",
+            &reference,
+        ]);
+        for l in &layers {
+            assert_eq!(fetched_by_containerd(&reg, l), 0, "{version:?}: {l}");
+            assert_eq!(proxy.blob_gets(l).len(), 1, "{version:?}: {l} again");
+        }
+        // containerd adopts, in this namespace, the snapshots unlade
+        // answered with: those it already has in `k8s.io` (one tree).
+        let listed = c.ctr_ok(&["snapshots", "--snapshotter", "unlade", "ls"]);
+        assert_eq!(
+            listed.lines().count(),
+            1 + layers.len(),
+            "{version:?}: {listed}"
+        );
+        assert!(on_disk(&root) <= before, "{version:?}");
+        let out = c.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "unlade",
+            &reference,
+            &id("pulled"),
+            "hello",
+        ]);
+        assert_eq!(out.trim(), "Hello, world!", "{version:?}");
+    }
+
+    // What kubelet's image garbage collection measures: the proxy
+    // plugin's exported root, except on 1.6, whose path is fixed (and
+    // unlade's root, since unlade runs there).
+    let fs = c.image_fs_info();
+    let reported: Vec<&Path> = fs.iter().map(|f| f.0.as_path()).collect();
+    let expected = match version {
+        Version::V1_6 => c.root.join("io.containerd.snapshotter.v1.unlade"),
+        _ => root.clone(),
+    };
+    assert_eq!(
+        reported,
+        vec![expected.as_path()],
+        "{version:?}: ImageFsInfo"
+    );
+    assert_eq!(expected, root, "{version:?}");
+
+    // Everything removed: containerd's GC removes every snapshot through
+    // unlade, then unlade's gc every layer the fast path made.
+    remove_images(&c, "default");
+    remove_images(&c, "k8s.io");
+    wait_on_disk(&c, &root, 0);
+    let gc = last_line(&sh(Command::new(bin()).arg("gc").arg("--root").arg(&root)));
+    assert!(
+        gc.starts_with(&format!("removed {} snapshots", layers.len())),
+        "{version:?}: {gc}"
+    );
+    assert_eq!(committed(&root), 0, "{version:?}");
+    let first_round = t0.elapsed();
+
+    // A registry only containerd reaches: unlade falls back, containerd
+    // fetches and applies the layers itself.
+    let reference = format!("{}/demo:latest", far.addr);
+    cri_pull_ok(&c, &reference);
+    let log = c.unlade.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("falls back to containerd") && l.contains(&far.addr)),
+        "{version:?}: {log}"
+    );
+    let content = k8s(&["content", "ls", "-q"]);
+    for l in &layers {
+        assert!(
+            content.lines().any(|d| d == l),
+            "{version:?}: {l} not in\n{content}"
+        );
+        assert_eq!(far.blob_gets(l).len(), 1, "{version:?}: {l}");
+    }
+    assert_eq!(on_disk(&root), layers.len(), "{version:?}");
+    assert_eq!(
+        committed(&root),
+        0,
+        "{version:?}: the fast path made nothing"
+    );
+    let out = k8s(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "unlade",
+        &reference,
+        &id("fallback"),
+        "hello",
+    ]);
+    assert_eq!(out.trim(), "Hello, world!", "{version:?}");
+    remove_images(&c, "k8s.io");
+    wait_on_disk(&c, &root, 0);
+    eprintln!(
+        "{version:?}: started in {:.1} s, first round {:.1} s, all {:.1} s",
+        started.as_secs_f64(),
+        first_round.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn containerd_1_6() {
+    each_version(Version::V1_6);
+}
+
+#[test]
+fn containerd_1_7() {
+    each_version(Version::V1_7);
+}
+
+#[test]
+fn containerd_2_1_transfer() {
+    each_version(Version::V2_1Transfer);
+}
+
+#[test]
+fn containerd_2_1_local() {
+    each_version(Version::V2_1Local);
+}
