@@ -263,6 +263,9 @@ pub struct Options {
     pub plain_http: Vec<String>,
     /// containerd's root (default: `root` in its scratch directory).
     pub containerd_root: Option<PathBuf>,
+    /// unlade also serves its CRI proxy, forwarding to containerd, at
+    /// [`Containerd::cri_proxy`].
+    pub cri_proxy: bool,
 }
 
 /// A private containerd whose proxy plugin `unlade` is a [`Server`].
@@ -333,9 +336,19 @@ impl Containerd {
         let dir = tmp();
         let d = dir.path();
         let usock = d.join("unlade.sock");
-        let args: Vec<&str> = opts.server_args.iter().map(String::as_str).collect();
-        let unlade = Server::start_with(root, &usock, &args);
         let sock = d.join("containerd.sock");
+        let mut args: Vec<&str> = opts.server_args.iter().map(String::as_str).collect();
+        // The proxy dials containerd's socket when a call first comes.
+        let (proxy, upstream) = (d.join("cri-proxy.sock"), sock.clone());
+        if opts.cri_proxy {
+            args.extend_from_slice(&[
+                "--cri-listen",
+                proxy.to_str().expect("UTF-8"),
+                "--cri-upstream",
+                upstream.to_str().expect("UTF-8"),
+            ]);
+        }
+        let unlade = Server::start_with(root, &usock, &args);
         let croot = opts
             .containerd_root
             .clone()
@@ -437,6 +450,27 @@ impl Containerd {
             .expect("run cri_pull.py")
     }
 
+    /// unlade's CRI proxy socket (there when started with
+    /// [`Options::cri_proxy`]).
+    pub fn cri_proxy(&self) -> PathBuf {
+        self.dir.path().join("cri-proxy.sock")
+    }
+
+    /// One CRI PullImage of `reference` on socket `sock` (containerd's, or
+    /// unlade's proxy), with `auth` (user, password) in its `auth` as
+    /// kubelet sends a pod's pull secret.
+    pub fn cri_pull_on(&self, sock: &Path, reference: &str, auth: Option<(&str, &str)>) -> Output {
+        let mut c = Command::new("/usr/bin/python3");
+        c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/cri_pull.py"))
+            .arg(sock)
+            .arg(reference)
+            .arg("1");
+        if let Some((u, p)) = auth {
+            c.env("CRI_PULL_AUTH", format!("{u}:{p}"));
+        }
+        c.output().expect("run cri_pull.py")
+    }
+
     /// The command [`Containerd::cri_pull`] runs, to start it in the
     /// background.
     pub fn cri_pull_cmd(&self, reference: &str, n: usize) -> Command {
@@ -451,11 +485,18 @@ impl Containerd {
     /// Runs `tests/tools/cri_call.py SOCK imagefsinfo`: the image file
     /// systems CRI reports to kubelet, (mountpoint, used bytes).
     pub fn image_fs_info(&self) -> Vec<(PathBuf, u64)> {
+        self.image_fs_info_on(&self.sock, "v1")
+    }
+
+    /// [`Containerd::image_fs_info`] on socket `sock` (containerd's, or
+    /// unlade's proxy), by CRI API `api` (`v1`, `v1alpha2`).
+    pub fn image_fs_info_on(&self, sock: &Path, api: &str) -> Vec<(PathBuf, u64)> {
         let out = crate::sh(
             Command::new("/usr/bin/python3")
                 .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/cri_call.py"))
-                .arg(&self.sock)
-                .arg("imagefsinfo"),
+                .arg(sock)
+                .arg("imagefsinfo")
+                .arg(api),
         );
         String::from_utf8_lossy(&out.stdout)
             .lines()

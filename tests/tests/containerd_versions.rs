@@ -14,14 +14,20 @@
 //!   unlade's root, and unlade's gc then every layer;
 //! - a registry unlade cannot reach (it tries HTTPS) but containerd can
 //!   (its hosts.toml says HTTP): the CRI pull falls back to containerd,
-//!   which fetches the layers itself.
+//!   which fetches the layers itself;
+//! - a private image (Basic auth; the credentials only in the PullImage's
+//!   `auth`, as kubelet sends a pod's pull secret): straight to
+//!   containerd, unlade has none and falls back, and containerd pulls it;
+//!   through unlade's CRI proxy the fast path takes it (containerd fetches
+//!   no layer), which is also the next pull of the same image trying the
+//!   fast path again; the password is in no log and no file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
-use unlade_tests::registry::{demo_layers, demo_layout, demo_registry, Proxy, Registry};
+use unlade_tests::registry::{demo_layers, demo_layout, demo_registry, Proxy, RegAuth, Registry};
 use unlade_tests::*;
 
 /// The directories of containerd's snapshots in unlade's root.
@@ -88,6 +94,35 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+const USER: &str = "kubelet-user";
+const PASSWORD: &str = "pull-secret-7f3a9c";
+
+/// Every file under `dir` whose bytes contain `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            match std::fs::symlink_metadata(&p) {
+                Ok(md) if md.is_dir() => stack.push(p),
+                Ok(md)
+                    if md.is_file()
+                        && std::fs::read(&p)
+                            .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) =>
+                {
+                    found.push(p.display().to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
 /// The steps of the module's doc for `version`.
 fn each_version(version: Version) {
     let t0 = Instant::now();
@@ -110,6 +145,9 @@ fn each_version(version: Version) {
     };
     let unlade_hosts = t.path().join("unlade-hosts");
     write_plain_http_hosts(&unlade_hosts, &proxy.addr);
+    let private = Registry::start(RegAuth::Basic(USER.into(), PASSWORD.into()));
+    private.push(&demo_layout(), "latest", "demo:latest");
+    write_plain_http_hosts(&unlade_hosts, &private.addr);
     let c = Containerd::start_version(
         version,
         &root,
@@ -118,8 +156,9 @@ fn each_version(version: Version) {
                 "--hosts-dir".into(),
                 unlade_hosts.to_str().expect("utf8").into(),
             ],
-            plain_http: vec![proxy.addr.clone(), far.addr.clone()],
+            plain_http: vec![proxy.addr.clone(), far.addr.clone(), private.addr.clone()],
             containerd_root,
+            cri_proxy: true,
         },
     );
     let id = |what: &str| format!("unlade-{what}-{version:?}").to_lowercase();
@@ -267,6 +306,22 @@ fn each_version(version: Version) {
         "{version:?}: ImageFsInfo"
     );
     assert_eq!(expected, root, "{version:?}");
+    // The same through unlade's CRI proxy, and by the older API where
+    // containerd still serves it (1.x).
+    let via = |api| -> Vec<PathBuf> {
+        c.image_fs_info_on(&c.cri_proxy(), api)
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
+    };
+    assert_eq!(
+        via("v1"),
+        vec![root.clone()],
+        "{version:?}: through the proxy"
+    );
+    if version.major() == 1 {
+        assert_eq!(via("v1alpha2"), vec![root.clone()], "{version:?}: v1alpha2");
+    }
 
     // Everything removed: containerd's GC removes every snapshot through
     // unlade, then unlade's gc every layer the fast path made.
@@ -315,6 +370,71 @@ fn each_version(version: Version) {
         "hello",
     ]);
     assert_eq!(out.trim(), "Hello, world!", "{version:?}");
+    remove_images(&c, "k8s.io");
+    wait_on_disk(&c, &root, 0);
+
+    // A private image, its credentials only in the PullImage.
+    let reference = format!("{}/demo:latest", private.addr);
+    let out = c.cri_pull_on(&c.sock, &reference, Some((USER, PASSWORD)));
+    assert!(
+        out.status.success(),
+        "{version:?}: {}
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.unlade.log()
+    );
+    let log = c.unlade.log();
+    assert!(
+        log.lines().any(|l| l.contains("falls back to containerd")
+            && l.contains(&private.addr)
+            && l.contains("authentication required")),
+        "{version:?}: {log}"
+    );
+    let by_containerd = |l: &str| {
+        private
+            .log()
+            .lines()
+            .filter(|x| x.contains(&format!("GET /v2/demo/blobs/{l}")) && x.contains("containerd/"))
+            .count()
+    };
+    for l in &layers {
+        assert_eq!(by_containerd(l), 1, "{version:?}: {l}");
+    }
+    remove_images(&c, "k8s.io");
+    wait_on_disk(&c, &root, 0);
+    // Through the proxy: the fast path, with kubelet's credentials.
+    let out = c.cri_pull_on(&c.cri_proxy(), &reference, Some((USER, PASSWORD)));
+    assert!(
+        out.status.success(),
+        "{version:?}: {}
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.unlade.log()
+    );
+    for l in &layers {
+        assert_eq!(
+            by_containerd(l),
+            1,
+            "{version:?}: containerd fetched {l} again"
+        );
+    }
+    assert_eq!(committed(&root), layers.len(), "{version:?}");
+    let mode = std::fs::metadata(c.cri_proxy()).expect("proxy socket");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600, "{version:?}");
+    let log = c.unlade.log();
+    assert!(
+        log.contains(&format!("pulled {reference}")),
+        "{version:?}: {log}"
+    );
+    assert!(!log.contains(PASSWORD), "{version:?}: {log}");
+    for dir in [root.as_path(), c.dir.path(), c.root.as_path()] {
+        let found = files_containing(dir, PASSWORD.as_bytes());
+        assert!(
+            found.is_empty(),
+            "{version:?}: the password is in {found:?}"
+        );
+    }
     remove_images(&c, "k8s.io");
     wait_on_disk(&c, &root, 0);
     eprintln!(

@@ -2,9 +2,10 @@
 """One CRI image-service call to containerd's socket, for the tests, with only grpcio
 installed (Debian's python3-grpcio): the request is encoded and the answer decoded by hand.
 
-Usage: cri_call.py SOCKET imagefsinfo
+Usage: cri_call.py SOCKET imagefsinfo [API]
     ImageFsInfo: one line per image file system, "MOUNTPOINT<TAB>USED_BYTES<TAB>INODES_USED"
-    (what kubelet's image garbage collection measures).
+    (what kubelet's image garbage collection measures). API: v1 (default) or v1alpha2
+    (older kubelets; containerd 1.x).
 """
 import sys
 
@@ -50,8 +51,8 @@ def first(msg, num, default=None):
     return next((v for n, v in fields(msg) if n == num), default)
 
 
-def imagefsinfo(ch):
-    call = ch.unary_unary("/runtime.v1.ImageService/ImageFsInfo")
+def imagefsinfo(ch, api):
+    call = ch.unary_unary(f"/runtime.{api}.ImageService/ImageFsInfo")
     resp = call(b"", timeout=60)
     # ImageFsInfoResponse { repeated FilesystemUsage image_filesystems = 1; ... }
     # FilesystemUsage { timestamp = 1; FilesystemIdentifier fs_id = 2 { mountpoint = 1 };
@@ -66,11 +67,14 @@ def imagefsinfo(ch):
 
 
 def main():
-    if len(sys.argv) != 3 or sys.argv[2] != "imagefsinfo":
+    if len(sys.argv) not in (3, 4) or sys.argv[2] != "imagefsinfo":
+        sys.exit(__doc__.strip())
+    api = sys.argv[3] if len(sys.argv) == 4 else "v1"
+    if api not in ("v1", "v1alpha2"):
         sys.exit(__doc__.strip())
     ch = grpc.insecure_channel(f"unix://{sys.argv[1]}")
     try:
-        imagefsinfo(ch)
+        imagefsinfo(ch, api)
     except grpc.RpcError as e:
         sys.exit(f"{e.code()}: {e.details()}")
 

@@ -15,7 +15,7 @@ use super::{signals, Result};
 pub struct Args {
     /// The unix socket to serve on (made, with its directory; a stale
     /// socket nobody answers on is replaced).
-    #[arg(long, default_value = "/run/unlade/snapshotter.sock")]
+    #[arg(long, default_value = unlade::containerd::config::DEFAULT_ADDRESS)]
     address: PathBuf,
     /// Where registry `hosts.toml` files are, for the images unlade pulls
     /// itself on CRI's labelled Prepares (containerd's certs.d layout).
