@@ -19,19 +19,33 @@ drop_fs() {
   rm -f "$work/fs.img"
 }
 
-# start_containerd [TOML]: Debian's containerd with its root on $fsdir, its own state and
+# Which containerd: CTD=1.6 (the system's, bookworm's; the default), 1.7 (trixie's) or 2.1
+# (sid's), the newer ones from scripts/containerd-peers.sh ($UNLADE_PEERS/SUITE/usr/bin,
+# first on PATH so that its shim runs; runc stays bookworm's).
+CTD=${CTD:-1.6}
+case $CTD in
+  1.6) ctd_bin=/usr/bin ;;
+  1.7) ctd_bin=${UNLADE_PEERS:-/opt/unlade-peers}/trixie/usr/bin ;;
+  2.1) ctd_bin=${UNLADE_PEERS:-/opt/unlade-peers}/sid/usr/bin ;;
+  *) echo "CTD=$CTD: 1.6, 1.7 or 2.1" >&2; exit 1 ;;
+esac
+[[ -x $ctd_bin/containerd ]] || { echo "no containerd $CTD in $ctd_bin (scripts/containerd-peers.sh)" >&2; exit 1; }
+ctd_path=$ctd_bin:/usr/sbin:/usr/bin:/sbin:/bin
+ctr() { PATH=$ctd_path "$ctd_bin/ctr" "$@"; }
+
+# start_containerd [TOML]: containerd $CTD with its root on $fsdir, its own state and
 # socket ($work/ctd/sock); TOML (top-level keys or plugin tables) goes into its config.
 start_containerd() {
   mkdir -p "$work/ctd"
   cat > "$work/ctd/config.toml" <<TOML
-version = 2
+version = $([[ $CTD == 2.* ]] && echo 3 || echo 2)
 root = "$fsdir/containerd"
 state = "$work/ctd/state"
 ${1:-}
 [grpc]
   address = "$work/ctd/sock"
 TOML
-  containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
+  PATH=$ctd_path "$ctd_bin/containerd" --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 &
   ctd_pid=$!
   for _ in $(seq 100); do
     if [[ -S $work/ctd/sock ]] && ctr -a "$work/ctd/sock" version >/dev/null 2>&1; then return; fi

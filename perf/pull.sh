@@ -15,15 +15,23 @@
 #                   Debian's python3-grpcio), snapshotter overlayfs
 #   cri-unlade-1, cri-unlade-20
 #                   the same with snapshotter unlade: `unlade snapshotter` beside containerd
-#                   as its proxy plugin, CRI's snapshot labels on, so unlade pulls each image
-#                   itself (the fast path); its root on the same fresh ext4
+#                   as its proxy plugin, configured as `unlade containerd-config` prints for
+#                   the version, so unlade pulls each image itself (the fast path); its root
+#                   on the same fresh ext4
+#   cri-unlade-proxy-1
+#                   cri-unlade-1 through unlade's CRI proxy (--cri-listen): what the proxy
+#                   costs a pull
+# containerd: CTD=1.6 (the system's, default), 1.7 or 2.1 (scripts/containerd-peers.sh);
+# on 2.1 MODE=transfer (CRI through the transfer service, its default) or MODE=local
+# (use_local_image_pull). CRI's registry is a hosts.toml (config_path) in every case, as
+# 2.1's transfer mode needs.
 # Every case starts on a freshly made ext4 (loop device over a sparse file, direct I/O), so
 # no case pays for the one before; registry storage and page cache are warm. Shuffled order,
 # RUNS rounds; prints medians and ratios to unlade-1 (also per round).
 #
 # Usage: perf/pull.sh                  Env: IMAGES="redis golang" RUNS=3 N=20
 #        CASES="unlade-1 ..." (subset)  IMGDIR=/var/tmp/unlade-pull-images (built once, reused)
-#        WORK=/var/tmp
+#        WORK=/var/tmp  CTD=1.6|1.7|2.1  MODE=transfer|local (2.1)
 # Needs: root; apt-get install containerd docker-registry skopeo pigz e2fsprogs bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +39,11 @@ RUNS=${RUNS:-3}
 N=${N:-20}
 IMAGES=${IMAGES:-redis golang}
 IMGDIR=${IMGDIR:-/var/tmp/unlade-pull-images}
-for t in containerd ctr docker-registry skopeo mkfs.ext4 bc; do
-  command -v $t >/dev/null || { echo "needs $t (apt-get install containerd docker-registry skopeo e2fsprogs bc)" >&2; exit 1; }
+for t in docker-registry skopeo mkfs.ext4 bc; do
+  command -v $t >/dev/null || { echo "needs $t (apt-get install docker-registry skopeo e2fsprogs bc)" >&2; exit 1; }
 done
+MODE=${MODE:-transfer}
+[[ $MODE == transfer || $MODE == local ]] || { echo "MODE=$MODE: transfer or local" >&2; exit 1; }
 for img in $IMAGES; do
   [[ -f $IMGDIR/$img/index.json ]] || IMAGES=$IMAGES perf/build-images.sh "$IMGDIR"
 done
@@ -76,26 +86,30 @@ printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "res
   > "$work/certs.d/$reg/hosts.toml"
 
 
+# CRI's configuration for SNAPSHOTTER on containerd $CTD: for unlade, what
+# `unlade containerd-config` prints for that version (and $MODE on 2.1); for overlayfs,
+# containerd's defaults but the snapshotter (and, on 2.1 with MODE=local,
+# use_local_image_pull). The registry by config_path either way.
 cri_config() { # SNAPSHOTTER
-  local extra=
+  local images='plugins."io.containerd.grpc.v1.cri"'
+  if [[ $CTD == 2.* ]]; then images="plugins.'io.containerd.cri.v1.images'"; fi
   if [[ $1 == unlade ]]; then
-    extra="    disable_snapshot_annotations = false"
-    printf '[proxy_plugins.unlade]\n  type = "snapshot"\n  address = "%s"\n' "$work/unlade.sock"
+    "$bin" containerd-config --containerd-version "$CTD" --address "$work/unlade.sock" \
+      --root "$fsdir/root" $([[ $CTD == 2.* ]] && echo "--pull-mode $MODE")
+  else
+    if [[ $CTD == 2.* ]]; then
+      printf '[%s]\n  snapshotter = "overlayfs"\n' "$images"
+      [[ $MODE == local ]] && printf '  use_local_image_pull = true\n'
+    else
+      printf '[%s.containerd]\n  snapshotter = "overlayfs"\n' "$images"
+    fi
   fi
-  cat <<TOML
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.invalid/pause:3.6"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "$1"
-$extra
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "$work/certs.d"
-TOML
+  printf '[%s.registry]\n  config_path = "%s"\n' "$images" "$work/certs.d"
 }
 snap_pid=
-start_unlade_snapshotter() {
+start_unlade_snapshotter() { # [ARGS...]
   "$bin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
-    2> "$work/unlade.log" &
+    "$@" 2> "$work/unlade.log" &
   snap_pid=$!
   for _ in $(seq 100); do [[ -S $work/unlade.sock ]] && return; sleep 0.1; done
   echo "unlade snapshotter did not start: $(tail -3 "$work/unlade.log")" >&2; exit 1
@@ -109,8 +123,8 @@ stop_unlade_snapshotter() {
 PY=$(for p in python3 /usr/bin/python3; do $p -c 'import grpc' 2>/dev/null && { echo "$p"; break; }; done || true)
 
 ctr_pull() { # REF
-  ctr -a "$work/ctd/sock" -n perf images pull --hosts-dir "$work/certs.d" \
-    --snapshotter overlayfs "$1" > /dev/null
+  ctr -a "$work/ctd/sock" -n perf images pull $([[ $CTD == 2.* ]] && echo --local) \
+    --hosts-dir "$work/certs.d" --snapshotter overlayfs "$1" > /dev/null
 }
 
 declare -A times round ratios
@@ -118,7 +132,12 @@ run_case() { # IMAGE CASE
   local img=$1 c=$2 ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
   fresh_fs
   local snapper=overlayfs
-  if [[ $c == cri-unlade-* ]]; then snapper=unlade; start_unlade_snapshotter; fi
+  if [[ $c == cri-unlade-proxy-* ]]; then
+    snapper=unlade
+    start_unlade_snapshotter --cri-listen "$work/cri.sock" --cri-upstream "$work/ctd/sock"
+  elif [[ $c == cri-unlade-* ]]; then
+    snapper=unlade; start_unlade_snapshotter
+  fi
   [[ $c == ctr-* || $c == cri-* ]] && start_containerd "$(cri_config $snapper)"
   case $c in
     unlade-1)
@@ -144,6 +163,8 @@ run_case() { # IMAGE CASE
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
     cri-20|cri-unlade-20)
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
+    cri-unlade-proxy-1)
+      t0=$(now); $PY perf/cri_pull.py "$work/cri.sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
   esac
   if [[ $c == ctr-* || $c == cri-* ]]; then
     note="containerd: $(ctr -a "$work/ctd/sock" -n "$([[ $c == cri-* ]] && echo k8s.io || echo perf)" \
@@ -167,7 +188,7 @@ if [[ " ${cases[*]} " == *" cri-"* ]] && [[ -z $PY ]]; then
   echo "cri-* cases need grpcio (apt-get install python3-grpcio); dropping them" >&2
   read -ra cases <<< "$(printf '%s\n' "${cases[@]}" | grep -v '^cri-' | tr '\n' ' ')"
 fi
-echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $(containerd --version | awk '{print $3}'); unlade $(git rev-parse --short HEAD)"
+echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $("$ctd_bin/containerd" --version | awk '{print $3}')$([[ $CTD == 2.* ]] && echo " ($MODE pull)"); igzip $(command -v igzip >/dev/null && echo on PATH || echo absent); unlade $(git rev-parse --short HEAD)"
 for img in $IMAGES; do
   echo "image $img: $(python3 -c "
 import json,sys

@@ -78,10 +78,16 @@ impl Conn {
     /// Calls `method` with the encoded request `body`; returns the
     /// response messages (one for a unary call).
     pub async fn call_raw(&self, method: &str, body: Vec<u8>) -> Result<Vec<Bytes>, Status> {
+        self.call_path(&format!("{SERVICE}{method}"), body).await
+    }
+
+    /// Calls the method at `path` (`/package.Service/Method`, any
+    /// service) with the encoded request `body`.
+    pub async fn call_path(&self, path: &str, body: Vec<u8>) -> Result<Vec<Bytes>, Status> {
         let mut send = self.send.clone().ready().await.map_err(transport)?;
         let req = http::Request::builder()
             .method("POST")
-            .uri(format!("http://localhost{SERVICE}{method}"))
+            .uri(format!("http://localhost{path}"))
             .header("content-type", "application/grpc")
             .header("te", "trailers")
             .body(())
@@ -274,6 +280,18 @@ impl Client {
             },
         )?;
         r.info.ok_or_else(|| transport("Stat without info"))
+    }
+
+    /// Usage: (bytes, inodes).
+    pub fn usage(&self, key: &str) -> Result<(i64, i64), Status> {
+        let r: pb::UsageResponse = self.unary(
+            "Usage",
+            &pb::UsageRequest {
+                snapshotter: "unlade".into(),
+                key: key.into(),
+            },
+        )?;
+        Ok((r.size, r.inodes))
     }
 
     /// List with `filters`: every record's info.

@@ -257,6 +257,22 @@ fn the_fast_path_adopts_only_its_own_snapshots() {
     let tree = Path::new(&v[0].source);
     assert!(tree.join("bin").exists(), "{}", tree.display());
     assert!(!tree.join("planted").exists());
+    // Its usage, measured when first asked (not while the pull waited),
+    // then kept in its record.
+    let (bytes, inodes) = c.usage(&chains[0]).expect("usage");
+    assert!(
+        bytes > 4096 && inodes > 10,
+        "{bytes} bytes, {inodes} inodes"
+    );
+    assert_eq!(c.usage(&chains[0]).expect("usage"), (bytes, inodes));
+    let rec = std::fs::read_to_string(
+        t.path()
+            .join("root/containerd/snapshots")
+            .join(hash32(&chains[0]))
+            .join("info.json"),
+    )
+    .expect("record");
+    assert!(rec.contains(&format!("\"inodes\":{inodes}")), "{rec}");
 }
 
 /// A parent removed while the fast path pulls the layer above it: the
@@ -840,4 +856,54 @@ fn labels_naming_an_image_without_the_chain_pull_nothing() {
         .next()
         .is_none());
     assert!(s.log().contains("has no layer of chain"), "{}", s.log());
+}
+
+/// unlade's CRI proxy, containerd not there: each call answers at once
+/// (`Unavailable`), a request over 4 MiB is refused from its length, a
+/// method of another service is `Unimplemented`, and the proxy goes on
+/// answering; its socket is 0600.
+#[test]
+fn the_cri_proxy_bounds_its_calls_and_goes_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let _serial = serial();
+    let t = tmp();
+    let proxy = t.path().join("cri.sock");
+    let s = Server::start_with(
+        &t.path().join("root"),
+        &t.path().join("s.sock"),
+        &[
+            "--cri-listen",
+            proxy.to_str().expect("utf8"),
+            "--cri-upstream",
+            t.path().join("no-containerd.sock").to_str().expect("utf8"),
+        ],
+    );
+    let mode = std::fs::metadata(&proxy)
+        .expect("socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let c = Client::connect(&proxy);
+    let call = |path: &str, body: Vec<u8>| {
+        let t0 = Instant::now();
+        let r = c.within(Duration::from_secs(20), c.conn.call_path(path, body));
+        (t0.elapsed(), r)
+    };
+    let fsinfo = "/runtime.v1.ImageService/ImageFsInfo";
+    for _ in 0..2 {
+        let (took, r) = call(fsinfo, Vec::new());
+        let e = r.expect_err("no containerd");
+        assert_eq!(e.code, code::UNAVAILABLE, "{e:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // A PullImage of 5 MiB: refused from its length.
+        let (_, r) = call("/runtime.v1.ImageService/PullImage", vec![0x0a; 5 << 20]);
+        let e = r.expect_err("too large");
+        assert!(e.code == 8 || e.code == 11, "{e:?}");
+        // Not the image service: not forwarded.
+        let (_, r) = call("/runtime.v1.RuntimeService/Version", Vec::new());
+        assert_eq!(r.expect_err("unimplemented").code, 12);
+    }
+    let (_, r) = call("/runtime.v1alpha2.ImageService/ImageFsInfo", Vec::new());
+    assert_eq!(r.expect_err("no containerd").code, code::UNAVAILABLE);
+    assert!(s.log().lines().count() <= 3, "{}", s.log());
 }

@@ -1054,21 +1054,39 @@ impl CtrStore {
         }
         check_labels(&rec.labels)?;
         rec.updated_ns = now_ns();
-        let json = record_json(&rec)?;
-        let d = self.snap_dir(&hash_name(name));
-        let tmp = d.join(format!("info.json.{}", private_name()));
-        write_synced(&tmp, &json)?;
-        fs::rename(&tmp, d.join("info.json")).map_err(io_err("rename", &tmp))?;
+        self.rewrite(&rec, &l)?;
         Ok(rec)
     }
 
+    /// Writes `rec` over its record, in one rename.
+    fn rewrite(&self, rec: &Record, _: &Locked) -> Result<(), CtrError> {
+        let json = record_json(rec)?;
+        let d = self.snap_dir(&hash_name(&rec.name));
+        let tmp = d.join(format!("info.json.{}", private_name()));
+        write_synced(&tmp, &json)?;
+        fs::rename(&tmp, d.join("info.json")).map_err(io_err("rename", &tmp))
+    }
+
     /// Usage of snapshot `key`'s own tree: measured now for active
-    /// snapshots and views, as measured at commit for committed ones.
+    /// snapshots and views; for committed ones as measured at commit, or
+    /// for the fast path's (whose adoption does not walk the layer's tree:
+    /// that would hold up the pull) when first asked, then kept in the
+    /// record (containerd's CRI asks every few seconds).
     pub fn usage(&self, key: &str) -> Result<Usage, CtrError> {
         let rec = self.stat(key)?;
         match rec.usage {
             Some(u) if rec.kind == Kind::Committed => Ok(u),
-            _ => tree_usage(&self.snap_dir(&hash_name(key)).join("fs")),
+            None if rec.kind == Kind::Committed => {
+                let u = tree_usage(&self.fs_of(&rec))?;
+                let l = self.lock()?;
+                let mut now = self.get(key, Some(&l))?;
+                if now.kind == Kind::Committed && now.usage.is_none() {
+                    now.usage = Some(u);
+                    self.rewrite(&now, &l)?;
+                }
+                Ok(u)
+            }
+            _ => tree_usage(&self.fs_of(&rec)),
         }
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::cancel::Cancel;
 use crate::containerd::fast::Ask;
 use crate::containerd::store::{
-    holder, now_ns, tree_usage, CtrError, CtrStore, Kind, Locked, Record, PULL_RECORD,
+    holder, now_ns, CtrError, CtrStore, Kind, Locked, Record, PULL_RECORD,
 };
 use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
@@ -225,7 +225,9 @@ pub(crate) fn finish(
     pending: Pending,
 ) -> Result<Begun, CtrError> {
     let now = now_ns();
-    let mut rec = Record {
+    // Its usage is measured when containerd first asks (see
+    // `CtrStore::usage`), not here on the pull's way.
+    let rec = Record {
         name: ask.target.clone(),
         parent: parent.to_string(),
         kind: Kind::Committed,
@@ -236,7 +238,6 @@ pub(crate) fn finish(
         chain: Some(ask.chain.to_string()),
         fallback: None,
     };
-    rec.usage = Some(tree_usage(&store.fs_of(&rec))?);
     let root = store.root();
     let made = {
         let l = store.lock()?;
