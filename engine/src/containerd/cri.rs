@@ -395,6 +395,24 @@ mod tests {
         assert!(keys
             .get(&image.registry, &image.repository, "registry-1.docker.io")
             .is_none());
+        // Docker Hub's names are one: kubelet names it by its v1 index.
+        let _h = lend(
+            &keys,
+            &pull(
+                "docker.io/library/busybox",
+                AuthConfig {
+                    username: "hub".into(),
+                    password: "pw".into(),
+                    server_address: "https://index.docker.io/v1/".into(),
+                    ..Default::default()
+                },
+            ),
+        )
+        .expect("lent");
+        let bb = Reference::parse("busybox").unwrap();
+        assert!(keys
+            .get(&bb.registry, &bb.repository, "registry-1.docker.io")
+            .is_some());
         assert!(matches!(
             keys.get(&image.registry, &image.repository, "registry.example:444"),
             Some(Secret::Password(c)) if c.password == "pw:with:colons"
@@ -416,7 +434,7 @@ mod tests {
         // Nothing to lend: no auth, an empty one, junk.
         assert!(lend(&keys, &pull("quay.io/x/z", AuthConfig::default())).is_none());
         assert!(lend(&keys, b"\xff\xff\xff").is_none());
-        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.len(), 3);
     }
 
     #[test]

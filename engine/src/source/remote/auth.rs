@@ -165,7 +165,7 @@ impl Keyring {
             .find(|l| {
                 l.registry == registry
                     && l.repository == repository
-                    && l.server.as_deref().is_none_or(|s| s == host)
+                    && l.server.as_deref().is_none_or(|s| key_names(s, host))
             })
             .map(|l| l.secret.clone())
     }
