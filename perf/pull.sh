@@ -21,6 +21,8 @@
 #   cri-unlade-proxy-1
 #                   cri-unlade-1 through unlade's CRI proxy (--cri-listen): what the proxy
 #                   costs a pull
+#   CASE@B          a cri-unlade-* case with the unlade binary $UNLADE_B instead (an A/B of two
+#                   builds in one run, interleaved)
 # containerd: CTD=1.6 (the system's, default), 1.7 or 2.1 (scripts/containerd-peers.sh);
 # on 2.1 MODE=transfer (CRI through the transfer service, its default) or MODE=local
 # (use_local_image_pull). CRI's registry is a hosts.toml (config_path) in every case, as
@@ -31,7 +33,9 @@
 #
 # Usage: perf/pull.sh                  Env: IMAGES="redis golang" RUNS=3 N=20
 #        CASES="unlade-1 ..." (subset)  IMGDIR=/var/tmp/unlade-pull-images (built once, reused)
-#        WORK=/var/tmp  CTD=1.6|1.7|2.1  MODE=transfer|local (2.1)
+#        WORK=/var/tmp  CTD=1.6|1.7|2.1  MODE=transfer|local (2.1)  COLD=1 (drop caches
+#        before each case: the registry's storage read from disk)  AUTH=1 (a private
+#        registry: Basic auth, the credentials only in the CRI requests; cri-* cases only)
 # Needs: root; apt-get install containerd docker-registry skopeo pigz e2fsprogs bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,17 +70,29 @@ trap cleanup EXIT
 # The registry, on a free loopback port.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 reg=127.0.0.1:$port
+# AUTH=1: a private registry (Basic auth); the credentials go only in each CRI
+# PullImage's auth (as kubelet sends a pod's imagePullSecrets), never in a config.
+auth_cfg= creds=
+if [[ ${AUTH:-0} == 1 ]]; then
+  command -v htpasswd >/dev/null || { echo "AUTH=1 needs htpasswd (apache2-utils)" >&2; exit 1; }
+  htpasswd -Bbn perf "secret-$port" > "$work/htpasswd"
+  auth_cfg="auth: {htpasswd: {realm: perf, path: $work/htpasswd}}"
+  creds="perf:secret-$port"
+  export CRI_PULL_AUTH=$creds
+fi
 cat > "$work/registry.yml" <<EOF
 version: 0.1
 log: {level: error, accesslog: {disabled: true}}
 storage: {filesystem: {rootdirectory: $work/registry}}
 http: {addr: $reg}
+$auth_cfg
 EOF
 docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
 reg_pid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 for img in $IMAGES; do
-  skopeo copy -q --dest-tls-verify=false "oci:$IMGDIR/$img:latest" "docker://$reg/perf/$img:latest"
+  skopeo copy -q --dest-tls-verify=false ${creds:+--dest-creds=$creds} \
+    "oci:$IMGDIR/$img:latest" "docker://$reg/perf/$img:latest"
 done
 # Every case reads warm registry storage.
 find "$work/registry" -type f -exec cat {} + > /dev/null
@@ -108,7 +124,7 @@ cri_config() { # SNAPSHOTTER
 }
 snap_pid=
 start_unlade_snapshotter() { # [ARGS...]
-  "$bin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
+  "$ubin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
     "$@" 2> "$work/unlade.log" &
   snap_pid=$!
   for _ in $(seq 100); do [[ -S $work/unlade.sock ]] && return; sleep 0.1; done
@@ -129,8 +145,12 @@ ctr_pull() { # REF
 
 declare -A times round ratios
 run_case() { # IMAGE CASE
-  local img=$1 c=$2 ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
+  local img=$1 label=$2 c=${2%@B} ref=$reg/perf/$1:latest root=$fsdir/root t0 t1 note=
+  ubin=$bin
+  if [[ $label == *@B ]]; then ubin=${UNLADE_B:?CASE@B needs UNLADE_B}; fi
   fresh_fs
+  # COLD=1: nothing cached, the registry's blobs read from disk too.
+  if [[ ${COLD:-0} == 1 ]]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
   local snapper=overlayfs
   if [[ $c == cri-unlade-proxy-* ]]; then
     snapper=unlade
@@ -171,16 +191,16 @@ run_case() { # IMAGE CASE
       snapshots --snapshotter $snapper ls | tail -n +2 | wc -l) snapshots"
     if [[ $snapper == unlade ]]; then
       note+="; unlade: $(grep -o '[0-9]* applied here' "$work/unlade.log" |
-        awk '{a+=$1} END {print a+0}') layers applied, $(grep -c ' for containerd: ' "$work/unlade.log") pulls"
+        awk '{a+=$1} END {print a+0}') layers applied, $(grep -c ' for containerd: ' "$work/unlade.log" || true) pulls, $(grep -c 'falls back to containerd' "$work/unlade.log" || true) fallbacks"
     fi
     stop_containerd
     if [[ $snapper == unlade ]]; then stop_unlade_snapshotter; fi
   fi
   drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)
-  times[${img}_$c]+="$dt "
-  round[${img}_$c]=$dt
-  printf '  %-8s %-14s %8.3f s  %s\n' "$img" "$c" "$dt" "${note:+($note)}"
+  times[${img}_$label]+="$dt "
+  round[${img}_$label]=$dt
+  printf '  %-8s %-14s %8.3f s  %s\n' "$img" "$label" "$dt" "${note:+($note)}"
 }
 
 read -ra cases <<< "${CASES:-unlade-1 unlade-20proc unlade-20lib ctr-1 ctr-20 cri-1 cri-20}"
