@@ -394,6 +394,13 @@ fn credential_helpers_come_before_auths() {
             .count()
             >= 2
     );
+    // A helper that is not installed has nothing (as for a node whose
+    // config names Docker Desktop's): auths serve.
+    config(format!(
+        r#"{{"credsStore": "desktop", "auths": {{"{}": {{"auth": "{right}"}}}}}}"#,
+        reg.addr
+    ));
+    assert_eq!(last_line(&pull("r3b")), img.chains[2]);
     // A helper that fails: one line naming it and what it said.
     config(format!(
         r#"{{"credHelpers": {{"{}": "broken"}}}}"#,

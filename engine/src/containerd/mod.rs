@@ -364,6 +364,13 @@ pub fn serve(
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = graceful.wait_for(|s| *s).await;
             });
+        // The proxy's server, if any: ending with an error (it never ends
+        // otherwise before the stop) ends the whole server, so that a
+        // supervisor restarts it rather than kubelet's image calls failing
+        // behind a snapshotter that looks up.
+        let mut proxy_failed: std::pin::Pin<
+            Box<dyn std::future::Future<Output = ServeError> + Send>,
+        > = Box::pin(std::future::pending());
         if let Some((c, l, _)) = cri {
             let l = tokio::net::UnixListener::from_std(l).map_err(|e| ServeError::Io {
                 op: "listen on",
@@ -380,13 +387,14 @@ pub fn serve(
                 .serve_with_incoming_shutdown(accept_loop(l), async move {
                     let _ = graceful.wait_for(|s| *s).await;
                 });
-            tokio::spawn(async move {
-                if let Err(e) = proxy.await {
-                    eprintln!(
-                        "unlade: the CRI proxy on {} stopped: {}",
-                        c.listen.display(),
-                        crate::report::error_chain(&e)
-                    );
+            proxy_failed = Box::pin(async move {
+                match proxy.await {
+                    Err(source) => ServeError::Serve {
+                        path: c.listen.clone(),
+                        source,
+                    },
+                    // Stopped gracefully: the server's own stop follows.
+                    Ok(()) => std::future::pending().await,
                 }
             });
         }
@@ -399,6 +407,7 @@ pub fn serve(
                 path: socket.to_path_buf(),
                 source,
             }),
+            e = &mut proxy_failed => Err(e),
             _ = async {
                 let _ = forced.wait_for(|s| *s).await;
                 // Prepares waiting for pulls answer now.

@@ -1142,8 +1142,15 @@ impl CtrStore {
             let Some(h) = holder.strip_prefix("containerd-") else {
                 continue;
             };
+            // An adoption's own hold (`containerd-adopt-<pid>-<n>`) stays
+            // while its process lives: its pull may run past the hour.
+            let live = h
+                .strip_prefix("adopt-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+                .is_some_and(|p| p == std::process::id() as i32 || process_alive(p));
             let stale = snaps.hold_age(&holder).is_some_and(|a| a > STALE_HOLD);
-            if stale && !self.snap_dir(h).exists() {
+            if stale && !live && !self.snap_dir(h).exists() {
                 let _ = self.root.release_snapshot(&holder);
             }
         }
@@ -1366,12 +1373,23 @@ mod tests {
                 .parse()
                 .unwrap();
         s.create("used", "", BTreeMap::new(), false).unwrap();
-        for name in ["used", "unused-old", "unused-young"] {
-            s.root.hold_snapshot(&holder(name), &chain).unwrap();
+        // An adoption of this process (its pull may run past the hour), and
+        // one of a process that is gone.
+        let live = format!("containerd-adopt-{}-7", std::process::id());
+        let dead = "containerd-adopt-2147483646-7".to_string();
+        let holds = [
+            holder("used"),
+            holder("unused-old"),
+            holder("unused-young"),
+            live.clone(),
+            dead.clone(),
+        ];
+        for h in &holds {
+            s.root.hold_snapshot(h, &chain).unwrap();
         }
         let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
-        for name in ["used", "unused-old"] {
-            let p = t.path().join("snapshots/holds").join(holder(name));
+        for h in [&holds[0], &holds[1], &live, &dead] {
+            let p = t.path().join("snapshots/holds").join(h);
             fs::File::options()
                 .write(true)
                 .open(p)
@@ -1388,7 +1406,7 @@ mod tests {
             .into_iter()
             .map(|h| h.0)
             .collect();
-        let mut want = vec![holder("used"), holder("unused-young")];
+        let mut want = vec![holder("used"), holder("unused-young"), live];
         want.sort();
         assert_eq!(held, want);
     }

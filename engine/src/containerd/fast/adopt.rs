@@ -253,12 +253,19 @@ pub(crate) fn finish(
                         name: ask.target.clone(),
                         source: Box::new(e),
                     })?;
-                store
-                    .publish(&rec, &[], &l)
-                    .inspect_err(|_| {
+                match store.publish(&rec, &[], &l) {
+                    Ok(()) => Ok(Begun::Made),
+                    Err(e) => {
                         let _ = root.release_snapshot(&holder(&ask.target));
-                    })
-                    .map(|()| Begun::Made)
+                        match e {
+                            // A directory under the name's hash whose record
+                            // does not read (a damaged store): not the fast
+                            // path's to answer; a plain Prepare is.
+                            CtrError::AlreadyExists(_) => Ok(Begun::NameTaken),
+                            e => Err(e),
+                        }
+                    }
+                }
             }),
         }
     };

@@ -204,11 +204,19 @@ impl FastPath {
         if pending.needs_pull {
             match self.pulls.pull(ask).await {
                 Ok(s) => stats = s,
-                // A pull that failed above this layer may have made it.
-                Err(f) if self.store.root().snapshots().stat(&ask.chain).is_err() => {
-                    return Ok(Outcome::FallBack(f.to_string()))
+                Err(f) => {
+                    // A pull that failed above this layer may have made it.
+                    let chain = ask.chain;
+                    let made = self
+                        .run(client, move |s| {
+                            Ok(s.root().snapshots().stat(&chain).is_ok())
+                        })
+                        .await
+                        .unwrap_or(false);
+                    if !made {
+                        return Ok(Outcome::FallBack(f.to_string()));
+                    }
                 }
-                Err(_) => {}
             }
         }
         let (p, l, a) = (parent.to_string(), labels.clone(), ask.clone());

@@ -83,6 +83,9 @@ impl std::fmt::Debug for Secret {
 /// is what kubelet lends; past this, a lend is refused (the pull then goes
 /// without, and the fast path falls back to containerd).
 pub const MAX_LENT: usize = 4096;
+/// The largest secret a [`Keyring`] takes (registry tokens are a few KiB),
+/// so that it holds at most [`MAX_LENT`] of these.
+pub const MAX_SECRET: usize = 64 << 10;
 
 struct Loan {
     id: u64,
@@ -129,7 +132,8 @@ impl Keyring {
     /// Lends `secret` for `repository` of `registry` (both as a parsed
     /// reference has them) until the returned [`Lent`] is dropped;
     /// `server`, if given, is the only host it may be sent to. `None` when
-    /// [`MAX_LENT`] secrets are lent already.
+    /// [`MAX_LENT`] secrets are lent already, or the secret is over
+    /// [`MAX_SECRET`] bytes.
     pub fn lend(
         self: &Arc<Self>,
         registry: &str,
@@ -137,6 +141,13 @@ impl Keyring {
         server: Option<&str>,
         secret: Secret,
     ) -> Option<Lent> {
+        let size = match &secret {
+            Secret::Password(c) => c.user.len() + c.password.len(),
+            Secret::IdentityToken(t) | Secret::RegistryToken(t) => t.len(),
+        };
+        if size > MAX_SECRET {
+            return None;
+        }
         let mut g = self.loans.lock().unwrap_or_else(|p| p.into_inner());
         if g.1.len() >= MAX_LENT {
             return None;
@@ -284,8 +295,9 @@ struct HelperAnswer {
 /// `host`'s secret by Docker's protocol: `get`, the server on stdin, a
 /// JSON object `{"Username", "Secret"}` on stdout; the user name
 /// `<token>` means the secret is an identity token. `None` when the helper
-/// has nothing for the host ("credentials not found"). Bounded: `timeout`
-/// (then the helper is killed), 64 KiB of answer.
+/// has nothing for the host ("credentials not found") or is not installed.
+/// Bounded: `timeout` (then the helper and its process group are killed),
+/// 64 KiB of answer.
 /// `NAME` is letters, digits, `-`, `_` and `.` only, so that a config
 /// cannot name a program by path.
 pub fn helper_get(name: &str, host: &str, timeout: Duration) -> Result<Option<Secret>, String> {
@@ -305,25 +317,40 @@ pub fn helper_get(name: &str, host: &str, timeout: Duration) -> Result<Option<Se
         host
     };
     let program = format!("docker-credential-{name}");
-    let mut child = std::process::Command::new(&program)
+    // Its own process group: a helper that leaves a child behind (an
+    // agent it starts) is stopped with it on a timeout.
+    use std::os::unix::process::CommandExt;
+    let mut child = match std::process::Command::new(&program)
         .arg("get")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .spawn()
-        .map_err(|e| format!("run {program}: {e}"))?;
+    {
+        Ok(c) => c,
+        // Not installed: it has nothing for anyone (Docker would fail
+        // every pull, anonymous ones included; a node should not).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("run {program}: {e}")),
+    };
     if let Some(mut i) = child.stdin.take() {
         // A helper that exits without reading is judged by its exit.
         let _ = i.write_all(server.as_bytes());
     }
+    // Its output, read on threads of their own and handed over by
+    // channel, so that a pipe some other process keeps open (its child)
+    // cannot hold this up past the deadline.
     let read = |r: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut v = Vec::new();
             if let Some(r) = r {
                 let _ = r.take(HELPER_MAX_OUTPUT).read_to_end(&mut v);
             }
-            v
-        })
+            let _ = tx.send(v);
+        });
+        rx
     };
     let out = read(
         child
@@ -337,24 +364,40 @@ pub fn helper_get(name: &str, host: &str, timeout: Duration) -> Result<Option<Se
             .take()
             .map(|r| Box::new(r) as Box<dyn Read + Send>),
     );
-    let t0 = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + timeout;
+    let stop = |child: &mut std::process::Child| {
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
-            Ok(None) if t0.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
             Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                stop(&mut child);
                 return Err(format!(
                     "{program} get: no answer in {} s",
                     timeout.as_secs()
                 ));
             }
-            Err(e) => return Err(format!("{program} get: {e}")),
+            Err(e) => {
+                stop(&mut child);
+                return Err(format!("{program} get: {e}"));
+            }
         }
     };
-    let out = out.join().unwrap_or_default();
-    let err = err.join().unwrap_or_default();
+    let left = || {
+        deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_millis(100))
+    };
+    let out = out.recv_timeout(left()).unwrap_or_default();
+    let err = err.recv_timeout(left()).unwrap_or_default();
     if !status.success() {
         let said = String::from_utf8_lossy(if out.is_empty() { &err } else { &out })
             .trim()
