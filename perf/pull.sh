@@ -36,6 +36,8 @@
 #        WORK=/var/tmp  CTD=1.6|1.7|2.1  MODE=transfer|local (2.1)  COLD=1 (drop caches
 #        before each case: the registry's storage read from disk)  AUTH=1 (a private
 #        registry: Basic auth, the credentials only in the CRI requests; cri-* cases only)
+#        THROTTLE=RATE[:LATENCY] (every connection to the registry capped at RATE MB/s,
+#        each request delayed LATENCY ms, default 20: perf/throttle.py)
 # Needs: root; apt-get install containerd docker-registry skopeo pigz e2fsprogs bc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +63,7 @@ mkdir -p "$fsdir"
 source perf/lib.sh
 reg_pid=
 cleanup() {
+  if [[ -n ${thr_pid:-} ]]; then kill "$thr_pid" 2>/dev/null; wait "$thr_pid" 2>/dev/null || true; fi
   if [[ -n $reg_pid ]]; then kill "$reg_pid" 2>/dev/null; wait "$reg_pid" 2>/dev/null || true; fi
   if [[ -n ${snap_pid:-} ]]; then kill "$snap_pid" 2>/dev/null; wait "$snap_pid" 2>/dev/null || true; fi
   cleanup_fs
@@ -96,6 +99,18 @@ for img in $IMAGES; do
 done
 # Every case reads warm registry storage.
 find "$work/registry" -type f -exec cat {} + > /dev/null
+# THROTTLE=RATE[:LATENCY]: every client reaches the registry through perf/throttle.py, each
+# connection capped at RATE MB/s, each request delayed LATENCY ms (default 20): a network
+# like a real one. The registry is then known by the proxy's address.
+thr_pid=
+if [[ -n ${THROTTLE:-} ]]; then
+  rate=${THROTTLE%%:*} lat=20
+  [[ $THROTTLE == *:* ]] && lat=${THROTTLE#*:}
+  coproc THR { exec python3 perf/throttle.py "$port" --rate "$rate" --latency "$lat"; }
+  thr_pid=$THR_PID
+  read -r _ tport <&"${THR[0]}"
+  reg=127.0.0.1:$tport
+fi
 # containerd reaches the plain-HTTP registry through a hosts.toml (ctr and CRI alike).
 mkdir -p "$work/certs.d/$reg"
 printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$reg" "$reg" \
@@ -208,7 +223,7 @@ if [[ " ${cases[*]} " == *" cri-"* ]] && [[ -z $PY ]]; then
   echo "cri-* cases need grpcio (apt-get install python3-grpcio); dropping them" >&2
   read -ra cases <<< "$(printf '%s\n' "${cases[@]}" | grep -v '^cri-' | tr '\n' ' ')"
 fi
-echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $("$ctd_bin/containerd" --version | awk '{print $3}')$([[ $CTD == 2.* ]] && echo " ($MODE pull)"); igzip $(command -v igzip >/dev/null && echo on PATH || echo absent); unlade $(git rev-parse --short HEAD)"
+echo "machine: $(nproc) CPUs, $(free -g | awk '/Mem/{print $2}') GiB, kernel $(uname -r); containerd $("$ctd_bin/containerd" --version | awk '{print $3}')$([[ $CTD == 2.* ]] && echo " ($MODE pull)"); igzip $(command -v igzip >/dev/null && echo on PATH || echo absent)${THROTTLE:+; registry throttled to $rate MB/s a connection, $lat ms a request}; unlade $(git rev-parse --short HEAD)"
 for img in $IMAGES; do
   echo "image $img: $(python3 -c "
 import json,sys
