@@ -31,7 +31,7 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
 use crate::oci::reference::Reference;
-use crate::source::remote::auth::{Credentials, Keyring, Lent, Secret};
+use crate::source::remote::auth::{auth_key_host, decode_auth, Credentials, Keyring, Lent, Secret};
 
 /// The largest request forwarded (kubelet's largest, a PullImage with its
 /// pod's sandbox config, is far smaller).
@@ -116,7 +116,6 @@ impl AuthConfig {
     /// The secret this says, in containerd's order of preference: user
     /// and password, an identity token, `auth`; then a registry token.
     fn secret(&self) -> Option<Secret> {
-        use base64::Engine;
         if !self.username.is_empty() {
             return Some(Secret::Password(Credentials {
                 user: self.username.clone(),
@@ -127,15 +126,7 @@ impl AuthConfig {
             return Some(Secret::IdentityToken(self.identity_token.clone()));
         }
         if !self.auth.is_empty() {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(self.auth.trim())
-                .ok()?;
-            let raw = String::from_utf8(raw).ok()?;
-            let (user, password) = raw.split_once(':')?;
-            return Some(Secret::Password(Credentials {
-                user: user.to_string(),
-                password: password.to_string(),
-            }));
+            return decode_auth(&self.auth).ok().map(Secret::Password);
         }
         if !self.registry_token.is_empty() {
             return Some(Secret::RegistryToken(self.registry_token.clone()));
@@ -145,13 +136,7 @@ impl AuthConfig {
 
     /// The host `server_address` names, if it names one.
     fn server(&self) -> Option<String> {
-        let s = self.server_address.trim();
-        if s.is_empty() {
-            return None;
-        }
-        let s = s.split_once("://").map_or(s, |(_, r)| r);
-        s.split('/')
-            .next()
+        Some(auth_key_host(self.server_address.trim()))
             .filter(|h| !h.is_empty())
             .map(str::to_string)
     }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::containerd::conn::ConnInfo;
 use crate::containerd::fair::FairPool;
-use crate::containerd::fast::{refused, Ask, FastPath, Outcome, PullLimits};
+use crate::containerd::fast::{Ask, FastPath, Outcome, PullLimits};
 use crate::containerd::filter::Filter;
 use crate::containerd::proto::services::snapshots::v1 as pb;
 use crate::containerd::proto::types;
@@ -193,7 +193,7 @@ impl Service {
         let store = self.store.clone();
         match self.pool.run(client, move || f(&store)).await {
             Ok(r) => r.map_err(|e| status(&e)),
-            Err(r) => Err(status(&refused(r))),
+            Err(r) => Err(status(&r.into())),
         }
     }
 
@@ -205,7 +205,10 @@ impl Service {
         r: pb::PrepareSnapshotRequest,
     ) -> Result<Vec<Mount>, Status> {
         let labels = labels(r.labels);
-        let ask = self.fast.as_ref().zip(Ask::of(&labels));
+        let ask = self
+            .fast
+            .as_ref()
+            .and_then(|f| Some((f, Ask::of(&labels)?)));
         let mut fell_back = None;
         if let Some((fast, ask)) = ask {
             match fast

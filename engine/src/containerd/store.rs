@@ -139,6 +139,18 @@ pub enum CtrError {
     },
 }
 
+impl From<crate::containerd::fair::Refused> for CtrError {
+    /// The error of a call the store's pool did not run.
+    fn from(r: crate::containerd::fair::Refused) -> CtrError {
+        match r {
+            crate::containerd::fair::Refused::Busy(n) => {
+                CtrError::Busy(format!("this client has {n} calls waiting already"))
+            }
+            crate::containerd::fair::Refused::Lost => CtrError::Lost,
+        }
+    }
+}
+
 impl CtrError {
     /// Whether this says the image has no layer of the chain a fast-path
     /// Prepare named: the labels were wrong, and the Prepare is left to
@@ -257,6 +269,14 @@ pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Whether the process that named something `<pid>-<n>` (see
+/// [`private_name`]) still lives (this one does); `None` when `name`
+/// does not start with a pid.
+fn owner_alive(name: &str) -> Option<bool> {
+    let pid = name.split('-').next()?.parse::<i32>().ok()?;
+    Some(pid == std::process::id() as i32 || process_alive(pid))
 }
 
 /// The name of the hold on unlade's committed snapshot that containerd's
@@ -715,10 +735,14 @@ impl CtrStore {
     /// Fails unless `parent` is empty or names a committed snapshot.
     /// Under the lock, this is what a new child is made on: a parent
     /// removed meanwhile (while the fast path pulled) is `NotFound` here,
-    /// never a child without its parent.
-    pub(crate) fn check_parent(&self, parent: &str, l: &Locked) -> Result<(), CtrError> {
+    /// never a child without its parent. Returns the parent's record.
+    pub(crate) fn check_parent(
+        &self,
+        parent: &str,
+        l: &Locked,
+    ) -> Result<Option<Record>, CtrError> {
         if parent.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let p = self.get(parent, Some(l))?;
         if p.kind != Kind::Committed {
@@ -727,7 +751,7 @@ impl CtrStore {
                 p.kind.as_str()
             )));
         }
-        Ok(())
+        Ok(Some(p))
     }
 
     /// Makes snapshot `rec` whole in `tmp/` — its record and the empty
@@ -1144,11 +1168,7 @@ impl CtrStore {
             };
             // An adoption's own hold (`containerd-adopt-<pid>-<n>`) stays
             // while its process lives: its pull may run past the hour.
-            let live = h
-                .strip_prefix("adopt-")
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<i32>().ok())
-                .is_some_and(|p| p == std::process::id() as i32 || process_alive(p));
+            let live = h.strip_prefix("adopt-").and_then(owner_alive) == Some(true);
             let stale = snaps.hold_age(&holder).is_some_and(|a| a > STALE_HOLD);
             if stale && !live && !self.snap_dir(h).exists() {
                 let _ = self.root.release_snapshot(&holder);
@@ -1160,8 +1180,7 @@ impl CtrStore {
             let Some(rest) = img.name.strip_prefix(PULL_RECORD) else {
                 continue;
             };
-            let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
-            if pid.is_some_and(|p| p != std::process::id() as i32 && !process_alive(p)) {
+            if owner_alive(rest) == Some(false) {
                 let _ = self.root.remove_image(&img.name);
             }
         }

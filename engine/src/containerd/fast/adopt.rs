@@ -131,12 +131,9 @@ pub(crate) fn begin(store: &CtrStore, parent: &str, ask: &Ask) -> Result<Begun, 
         if let Some(found) = existing(store, parent, ask, &l)? {
             return Ok(found);
         }
-        store.check_parent(parent, &l)?;
-        if !parent.is_empty() {
-            let below = store.get(parent, Some(&l))?;
-            if below.fallback.as_deref() == Some(ask.image().as_str()) {
-                return Ok(Begun::BelowFellBack);
-            }
+        let below = store.check_parent(parent, &l)?;
+        if below.is_some_and(|b| b.fallback.as_deref() == Some(ask.image().as_str())) {
+            return Ok(Begun::BelowFellBack);
         }
     }
     let root = store.root();
@@ -170,7 +167,7 @@ pub(crate) fn pull(
     cancel: &Cancel,
 ) -> Result<PullStats, CtrError> {
     let root = store.root();
-    let image = ask.reference.to_string();
+    let image = ask.image();
     if root.snapshots().stat(&ask.chain).is_ok() {
         return Ok(PullStats {
             image,
@@ -245,7 +242,7 @@ pub(crate) fn finish(
             Some(found) => Ok(found),
             // The parent again, under the lock where the child is
             // published: it may have gone while the pull ran.
-            None => store.check_parent(parent, &l).and_then(|()| {
+            None => store.check_parent(parent, &l).and_then(|_| {
                 // The snapshot's own hold, taken where it appears.
                 root.hold_snapshot(&holder(&ask.target), &ask.chain)
                     .map_err(|e| CtrError::Root {
@@ -277,15 +274,10 @@ pub(crate) fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::containerd::fast::tests::labels;
     use crate::containerd::fast::{CRI_IMAGE_REF, SNAPSHOT_REF};
 
     const CHAIN: &str = "sha256:0cd1e14e771ce6425a7a5227ebf59dba76fbb9c417a3176bfde96b64001f803a";
-
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn store() -> (tempfile::TempDir, CtrStore) {
         let t = tempfile::tempdir().unwrap();

@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
-use crate::containerd::fair::{FairPool, Refused};
+use crate::containerd::fair::FairPool;
 use crate::containerd::store::{CtrError, CtrStore};
 use crate::oci::digest::Digest;
 use crate::oci::reference::Reference;
@@ -153,10 +153,7 @@ impl FastPath {
         f: impl FnOnce(&CtrStore) -> Result<T, CtrError> + Send + 'static,
     ) -> Result<T, CtrError> {
         let store = self.store.clone();
-        self.pool
-            .run(client, move || f(&store))
-            .await
-            .map_err(refused)?
+        self.pool.run(client, move || f(&store)).await?
     }
 
     /// The fast path for a Prepare of `key` on `parent` with `labels`,
@@ -248,19 +245,12 @@ fn fall_back_unless_answer<T>(e: CtrError) -> Result<Result<T, String>, CtrError
     }
 }
 
-/// The store error for a call the pool did not run.
-pub(crate) fn refused(r: Refused) -> CtrError {
-    match r {
-        Refused::Busy(n) => CtrError::Busy(format!("this client has {n} calls waiting already")),
-        Refused::Lost => CtrError::Lost,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+    /// Labels from pairs (the fast path's tests, `adopt`'s too).
+    pub(super) fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()

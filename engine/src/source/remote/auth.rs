@@ -223,7 +223,7 @@ pub fn docker_config_path() -> Option<PathBuf> {
 
 /// The key a Docker config `auths` entry is stored under, reduced to
 /// `host[:port]` (entries may be URLs, `https://index.docker.io/v1/`).
-fn auth_key_host(key: &str) -> &str {
+pub(crate) fn auth_key_host(key: &str) -> &str {
     let k = key.split_once("://").map_or(key, |(_, r)| r);
     k.split('/').next().unwrap_or(k)
 }
@@ -460,18 +460,26 @@ fn auths_entry(
     let Some(auth) = &entry.auth else {
         return Ok(None);
     };
+    decode_auth(auth)
+        .map(Some)
+        .map_err(|why| format!("{}: auths.{host}.auth{why}", path.display()))
+}
+
+/// User and password from an `auth` value: base64 of `user:password`,
+/// as the Docker config and CRI's `AuthConfig.auth` carry them. The error
+/// says what is wrong, to follow the value's name (`: …`, ` is not …`).
+pub fn decode_auth(auth: &str) -> Result<Credentials, String> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
-        .map_err(|e| format!("{}: auths.{host}.auth: {e}", path.display()))?;
-    let raw = String::from_utf8(raw)
-        .map_err(|_| format!("{}: auths.{host}.auth is not UTF-8", path.display()))?;
+        .map_err(|e| format!(": {e}"))?;
+    let raw = String::from_utf8(raw).map_err(|_| " is not UTF-8".to_string())?;
     let (user, password) = raw
         .split_once(':')
-        .ok_or_else(|| format!("{}: auths.{host}.auth is not user:password", path.display()))?;
-    Ok(Some(Credentials {
+        .ok_or_else(|| " is not user:password".to_string())?;
+    Ok(Credentials {
         user: user.to_string(),
         password: password.to_string(),
-    }))
+    })
 }
 
 /// One challenge of a `WWW-Authenticate` header.
