@@ -19,19 +19,16 @@ import time
 CHUNK = 64 << 10
 
 
-async def client_to_server(reader, writer, latency):
-    """Forwards the client's bytes; a read that follows a quiet moment (a new request on a
-    kept-alive connection, or the first) waits `latency` first."""
-    last = 0.0
+async def pump(reader, writer, pace):
+    """Forwards `reader` to `writer`, each chunk waiting `pace(len)` seconds first."""
     try:
         while True:
             data = await reader.read(CHUNK)
             if not data:
                 break
-            now = time.monotonic()
-            if latency and now - last > latency:
-                await asyncio.sleep(latency)
-            last = time.monotonic()
+            wait = pace(len(data))
+            if wait > 0:
+                await asyncio.sleep(wait)
             writer.write(data)
             await writer.drain()
     except (ConnectionError, asyncio.CancelledError):
@@ -40,28 +37,35 @@ async def client_to_server(reader, writer, latency):
         close(writer)
 
 
-async def server_to_client(reader, writer, rate):
-    """Forwards the registry's bytes at most `rate` bytes a second (a token bucket holding at
-    most one chunk, so that no burst outruns the cap)."""
-    allowance, stamp = 0.0, time.monotonic()
-    try:
-        while True:
-            data = await reader.read(CHUNK)
-            if not data:
-                break
-            if rate:
-                now = time.monotonic()
-                allowance = min(allowance + (now - stamp) * rate, CHUNK)
-                stamp = now
-                allowance -= len(data)
-                if allowance < 0:
-                    await asyncio.sleep(-allowance / rate)
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
-    finally:
-        close(writer)
+def request_latency(latency):
+    """Client to server: a chunk after a quiet moment (a new request on a kept-alive
+    connection, or the first) waits `latency`."""
+    last = [0.0]
+
+    def pace(_n):
+        now = time.monotonic()
+        wait = latency if latency and now - last[0] > latency else 0.0
+        last[0] = now + wait
+        return wait
+
+    return pace
+
+
+def rate_cap(rate):
+    """Server to client: at most `rate` bytes a second (a token bucket holding at most one
+    chunk, so that no burst outruns the cap)."""
+    state = {"allowance": 0.0, "stamp": time.monotonic()}
+
+    def pace(n):
+        if not rate:
+            return 0.0
+        now = time.monotonic()
+        state["allowance"] = min(state["allowance"] + (now - state["stamp"]) * rate, CHUNK)
+        state["stamp"] = now
+        state["allowance"] -= n
+        return -state["allowance"] / rate if state["allowance"] < 0 else 0.0
+
+    return pace
 
 
 def close(writer):
@@ -87,8 +91,8 @@ def main():
             close(cwriter)
             return
         await asyncio.gather(
-            client_to_server(creader, swriter, latency),
-            server_to_client(sreader, cwriter, rate),
+            pump(creader, swriter, request_latency(latency)),
+            pump(sreader, cwriter, rate_cap(rate)),
         )
 
     async def serve():

@@ -528,16 +528,78 @@ impl Containerd {
             out.status.success(),
             "ctr {args:?} failed: {}\n--- containerd:\n{}\n--- unlade:\n{}",
             String::from_utf8_lossy(&out.stderr),
-            tail(&self.log()),
-            tail(&self.unlade.log())
+            tail(&self.log(), 30),
+            tail(&self.unlade.log(), 30)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// `ctr images import` of the bundled demo image (its layout tarred in
+    /// the scratch directory) into snapshotter `unlade`, as
+    /// `docker.io/unlade/demo:latest`.
+    pub fn import_demo(&self) {
+        let tar = self.dir.path().join("demo.tar");
+        crate::sh(
+            Command::new("tar")
+                .arg("-C")
+                .arg(crate::registry::demo_layout())
+                .arg("-cf")
+                .arg(&tar)
+                .arg("."),
+        );
+        self.ctr_ok(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "unlade",
+            "--base-name",
+            "docker.io/unlade/demo",
+            tar.to_str().expect("utf8"),
+        ]);
+    }
+
+    /// `n` concurrent CRI pulls of `reference`, which must all succeed
+    /// (failing the test with both logs).
+    pub fn cri_pull_ok(&self, reference: &str, n: usize) {
+        let out = self.cri_pull(reference, n);
+        assert!(
+            out.status.success(),
+            "{:?}: CRI pull of {reference}: {}\n--- unlade:\n{}\n--- containerd:\n{}",
+            self.version,
+            String::from_utf8_lossy(&out.stderr),
+            self.unlade.log(),
+            tail(&self.log(), 60)
+        );
+    }
+
+    /// Waits (up to 30 s) for containerd's asynchronous garbage collection
+    /// to leave `n` snapshots in unlade root `root`.
+    pub fn wait_on_disk(&self, root: &Path, n: usize) {
+        let t = Instant::now();
+        while on_disk(root) != n {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{:?}: {} snapshots on disk after 30 s, not {n}\n{}",
+                self.version,
+                on_disk(root),
+                self.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
-fn tail(s: &str) -> String {
+/// The directories of containerd's snapshots in unlade root `root`.
+pub fn on_disk(root: &Path) -> usize {
+    std::fs::read_dir(root.join("containerd/snapshots"))
+        .expect("list")
+        .count()
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 impl Drop for Containerd {

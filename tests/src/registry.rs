@@ -750,6 +750,19 @@ pub fn demo_registry() -> (Registry, Arc<Proxy>) {
     (reg, proxy)
 }
 
+impl Registry {
+    /// How many GETs of the demo image's blob `digest` the registry's log
+    /// shows from clients whose user agent contains `agent`
+    /// (`containerd/`, `unlade/`).
+    pub fn demo_blob_gets_by(&self, digest: &str, agent: &str) -> usize {
+        let get = format!("GET /v2/demo/blobs/{digest}");
+        self.log()
+            .lines()
+            .filter(|l| l.contains(&get) && l.contains(agent))
+            .count()
+    }
+}
+
 /// The layer digests, bottom first, of the demo image as the registry
 /// holds it (skopeo's push writes its own manifest).
 pub fn demo_layers(reg: &Registry) -> Vec<String> {

@@ -4,37 +4,13 @@
 //! collection removing snapshots through Remove, and the server killed
 //! and restarted.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use unlade_tests::containerd::Containerd;
+use unlade_tests::containerd::{on_disk, Containerd};
 use unlade_tests::*;
 
-fn demo_tar(dir: &Path) -> PathBuf {
-    let tar = dir.join("demo.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/demo-image"))
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."));
-    tar
-}
-
 const DEMO: &str = "docker.io/unlade/demo:latest";
-
-fn import_demo(c: &Containerd) {
-    let tar = demo_tar(c.dir.path());
-    c.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "unlade",
-        "--base-name",
-        "docker.io/unlade/demo",
-        tar.to_str().expect("utf8"),
-    ]);
-}
 
 /// The snapshots containerd lists for `unlade`: (name, parent, kind).
 fn snapshots(c: &Containerd) -> Vec<(String, String, String)> {
@@ -50,27 +26,6 @@ fn snapshots(c: &Containerd) -> Vec<(String, String, String)> {
             }
         })
         .collect()
-}
-
-/// The directories of the snapshots in unlade's root.
-fn on_disk(root: &Path) -> usize {
-    std::fs::read_dir(root.join("containerd/snapshots"))
-        .expect("list")
-        .count()
-}
-
-/// Waits (up to 30 s) for containerd's asynchronous garbage collection to
-/// leave `n` snapshots in unlade's root.
-fn wait_on_disk(root: &Path, n: usize) {
-    let t = std::time::Instant::now();
-    while on_disk(root) != n {
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(30),
-            "{} snapshots on disk after 30 s, not {n}",
-            on_disk(root)
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }
 
 /// Makes view `key` of `parent` with `ctr snapshots view --target`, mounts
@@ -114,7 +69,7 @@ fn ctr_imports_and_runs_the_demo_image() {
     let t = tmp();
     let root = t.path().join("root");
     let c = Containerd::start(&root, "");
-    import_demo(&c);
+    c.import_demo();
     let snaps = snapshots(&c);
     assert_eq!(snaps.len(), 3, "{snaps:?}");
     assert!(snaps.iter().all(|s| s.2 == "Committed"), "{snaps:?}");
@@ -158,13 +113,13 @@ fn ctr_imports_and_runs_the_demo_image() {
     // The container's snapshot is gone with it (containerd removes it
     // from the backend by its garbage collection, soon after), and
     // nothing is left mounted.
-    wait_on_disk(&root, 3);
+    c.wait_on_disk(&root, 3);
     let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
     assert!(!mounts.contains(root.to_str().expect("utf8")), "{mounts}");
 
     c.ctr_ok(&["images", "rm", "--sync", DEMO]);
     assert_eq!(snapshots(&c), vec![]);
-    wait_on_disk(&root, 0);
+    c.wait_on_disk(&root, 0);
 }
 
 /// A container's writable snapshot as `ctr snapshots` drives it: its
@@ -178,7 +133,7 @@ fn snapshots_survive_a_killed_server_and_commit_what_was_written() {
     let t = tmp();
     let root = t.path().join("root");
     let mut c = Containerd::start(&root, "");
-    import_demo(&c);
+    c.import_demo();
     let snaps = snapshots(&c);
     let top = snaps
         .iter()
@@ -299,17 +254,6 @@ fn pulls_logged(c: &Containerd) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// `n` concurrent CRI pulls of `reference`, which must all succeed.
-fn cri_pull_ok(c: &Containerd, reference: &str, n: usize) {
-    let out = c.cri_pull(reference, n);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.unlade.log()
-    );
-}
-
 fn fast_path(root: &Path, proxy: &Proxy) -> Containerd {
     let none = root.with_extension("no-hosts");
     Containerd::start_with(
@@ -331,7 +275,7 @@ fn cri_pull_is_done_by_unlade() {
     let root = t.path().join("root");
     let c = fast_path(&root, &proxy);
     let reference = format!("{}/demo:latest", proxy.addr);
-    cri_pull_ok(&c, &reference, 1);
+    c.cri_pull_ok(&reference, 1);
     let layers = demo_layers(&reg);
     for l in &layers {
         assert_eq!(
@@ -341,16 +285,9 @@ fn cri_pull_is_done_by_unlade() {
             proxy.seen(),
             c.unlade.log()
         );
-        let log = reg.log();
-        let by_containerd: Vec<&str> = log
-            .lines()
-            .filter(|line| {
-                line.contains(&format!("GET /v2/demo/blobs/{l}")) && line.contains("containerd/")
-            })
-            .collect();
         assert_eq!(
-            by_containerd,
-            Vec::<&str>::new(),
+            reg.demo_blob_gets_by(l, "containerd/"),
+            0,
             "containerd fetched layer {l}; unlade's log:\n{}\nsnapshots:\n{}",
             c.unlade.log(),
             c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
@@ -428,7 +365,7 @@ fn cri_pull_is_done_by_unlade() {
     for name in k8s(&["images", "ls", "-q"]).lines() {
         k8s(&["images", "rm", "--sync", name]);
     }
-    wait_on_disk(&root, 0);
+    c.wait_on_disk(&root, 0);
     let gc = last_line(&sh(Command::new(bin()).arg("gc").arg("--root").arg(&root)));
     assert!(
         gc.starts_with(&format!("removed {} snapshots", layers.len())),
@@ -459,7 +396,7 @@ fn a_registry_that_stalls_unlade_falls_back_to_containerd() {
     );
     let reference = format!("{}/demo:latest", proxy.addr);
     let t0 = std::time::Instant::now();
-    cri_pull_ok(&c, &reference, 1);
+    c.cri_pull_ok(&reference, 1);
     let took = t0.elapsed();
     let log = c.unlade.log();
     assert!(
@@ -477,13 +414,8 @@ fn a_registry_that_stalls_unlade_falls_back_to_containerd() {
             "layer {l}: {:?}",
             proxy.seen()
         );
+        assert_eq!(reg.demo_blob_gets_by(&l, "containerd/"), 1, "{}", reg.log());
     }
-    let by_containerd = reg
-        .log()
-        .lines()
-        .filter(|l| l.contains("GET /v2/demo/blobs/") && l.contains("containerd/"))
-        .count();
-    assert!(by_containerd >= 3, "{}", reg.log());
 }
 
 /// 20 concurrent CRI pulls of one image: every layer applied once, every
@@ -495,7 +427,7 @@ fn twenty_concurrent_cri_pulls_apply_each_layer_once() {
     let root = t.path().join("root");
     let c = fast_path(&root, &proxy);
     let reference = format!("{}/demo:latest", proxy.addr);
-    cri_pull_ok(&c, &reference, 20);
+    c.cri_pull_ok(&reference, 20);
     let layers = demo_layers(&reg);
     let applied: usize = pulls_logged(&c).iter().map(|p| p.0).sum();
     assert_eq!(applied, layers.len(), "{:?}", pulls_logged(&c));

@@ -24,18 +24,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
+use unlade_tests::containerd::{
+    on_disk, tail, write_plain_http_hosts, Containerd, Options, Version,
+};
 use unlade_tests::registry::{demo_layers, demo_layout, demo_registry, Proxy, RegAuth, Registry};
 use unlade_tests::*;
-
-/// The directories of containerd's snapshots in unlade's root.
-fn on_disk(root: &Path) -> usize {
-    std::fs::read_dir(root.join("containerd/snapshots"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// unlade's own committed snapshots (the fast path's layers).
 fn committed(root: &Path) -> usize {
@@ -44,54 +39,12 @@ fn committed(root: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Waits (up to 30 s) for containerd's asynchronous garbage collection to
-/// leave `n` snapshots in unlade's root.
-fn wait_on_disk(c: &Containerd, root: &Path, n: usize) {
-    let t = Instant::now();
-    while on_disk(root) != n {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{:?}: {} snapshots on disk after 30 s, not {n}\n{}",
-            c.version,
-            on_disk(root),
-            c.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Every image of namespace `ns` removed, synchronously (`--sync` waits
 /// for containerd's GC).
 fn remove_images(c: &Containerd, ns: &str) {
     for name in c.ctr_ok(&["-n", ns, "images", "ls", "-q"]).lines() {
         c.ctr_ok(&["-n", ns, "images", "rm", "--sync", name]);
     }
-}
-
-/// The layer blobs the registry served to containerd (its user agent).
-fn fetched_by_containerd(reg: &Registry, layer: &str) -> usize {
-    reg.log()
-        .lines()
-        .filter(|l| l.contains(&format!("GET /v2/demo/blobs/{layer}")) && l.contains("containerd/"))
-        .count()
-}
-
-/// A CRI pull of `reference`, which must succeed.
-fn cri_pull_ok(c: &Containerd, reference: &str) {
-    let out = c.cri_pull(reference, 1);
-    assert!(
-        out.status.success(),
-        "{:?}: CRI pull of {reference}: {}\n--- unlade:\n{}\n--- containerd:\n{}",
-        c.version,
-        String::from_utf8_lossy(&out.stderr),
-        c.unlade.log(),
-        tail(&c.log(), 60)
-    );
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 const USER: &str = "kubelet-user";
@@ -170,22 +123,7 @@ fn each_version(version: Version) {
     let started = t0.elapsed();
 
     // ctr: import and run.
-    let tar = t.path().join("demo.tar");
-    sh(Command::new("tar")
-        .arg("-C")
-        .arg(demo_layout())
-        .arg("-cf")
-        .arg(&tar)
-        .arg("."));
-    c.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "unlade",
-        "--base-name",
-        "docker.io/unlade/demo",
-        tar.to_str().expect("utf8"),
-    ]);
+    c.import_demo();
     let out = c.ctr_ok(&[
         "run",
         "--rm",
@@ -198,9 +136,9 @@ fn each_version(version: Version) {
     assert_eq!(out.trim(), "Hello, world!", "{version:?}");
     // The container's snapshot goes with it (by containerd's GC, soon),
     // and the image's with the image.
-    wait_on_disk(&c, &root, layers.len());
+    c.wait_on_disk(&root, layers.len());
     remove_images(&c, "default");
-    wait_on_disk(&c, &root, 0);
+    c.wait_on_disk(&root, 0);
     assert_eq!(
         committed(&root),
         0,
@@ -209,7 +147,7 @@ fn each_version(version: Version) {
 
     // CRI through the fast path.
     let reference = format!("{}/demo:latest", proxy.addr);
-    cri_pull_ok(&c, &reference);
+    c.cri_pull_ok(&reference, 1);
     let log = c.log();
     match version {
         Version::V2_1Transfer => assert!(
@@ -233,7 +171,7 @@ fn each_version(version: Version) {
             c.unlade.log()
         );
         assert_eq!(
-            fetched_by_containerd(&reg, l),
+            reg.demo_blob_gets_by(l, "containerd/"),
             0,
             "{version:?}: containerd fetched layer {l}\n{}",
             c.unlade.log()
@@ -267,7 +205,11 @@ fn each_version(version: Version) {
             &reference,
         ]);
         for l in &layers {
-            assert_eq!(fetched_by_containerd(&reg, l), 0, "{version:?}: {l}");
+            assert_eq!(
+                reg.demo_blob_gets_by(l, "containerd/"),
+                0,
+                "{version:?}: {l}"
+            );
             assert_eq!(proxy.blob_gets(l).len(), 1, "{version:?}: {l} again");
         }
         // containerd adopts, in this namespace, the snapshots unlade
@@ -327,7 +269,7 @@ fn each_version(version: Version) {
     // unlade, then unlade's gc every layer the fast path made.
     remove_images(&c, "default");
     remove_images(&c, "k8s.io");
-    wait_on_disk(&c, &root, 0);
+    c.wait_on_disk(&root, 0);
     let gc = last_line(&sh(Command::new(bin()).arg("gc").arg("--root").arg(&root)));
     assert!(
         gc.starts_with(&format!("removed {} snapshots", layers.len())),
@@ -339,7 +281,7 @@ fn each_version(version: Version) {
     // A registry only containerd reaches: unlade falls back, containerd
     // fetches and applies the layers itself.
     let reference = format!("{}/demo:latest", far.addr);
-    cri_pull_ok(&c, &reference);
+    c.cri_pull_ok(&reference, 1);
     let log = c.unlade.log();
     assert!(
         log.lines()
@@ -371,7 +313,7 @@ fn each_version(version: Version) {
     ]);
     assert_eq!(out.trim(), "Hello, world!", "{version:?}");
     remove_images(&c, "k8s.io");
-    wait_on_disk(&c, &root, 0);
+    c.wait_on_disk(&root, 0);
 
     // A private image, its credentials only in the PullImage.
     let reference = format!("{}/demo:latest", private.addr);
@@ -390,18 +332,12 @@ fn each_version(version: Version) {
             && l.contains("authentication required")),
         "{version:?}: {log}"
     );
-    let by_containerd = |l: &str| {
-        private
-            .log()
-            .lines()
-            .filter(|x| x.contains(&format!("GET /v2/demo/blobs/{l}")) && x.contains("containerd/"))
-            .count()
-    };
+    let by_containerd = |l: &str| private.demo_blob_gets_by(l, "containerd/");
     for l in &layers {
         assert_eq!(by_containerd(l), 1, "{version:?}: {l}");
     }
     remove_images(&c, "k8s.io");
-    wait_on_disk(&c, &root, 0);
+    c.wait_on_disk(&root, 0);
     // Through the proxy: the fast path, with kubelet's credentials.
     let out = c.cri_pull_on(&c.cri_proxy(), &reference, Some((USER, PASSWORD)));
     assert!(
@@ -436,7 +372,7 @@ fn each_version(version: Version) {
         );
     }
     remove_images(&c, "k8s.io");
-    wait_on_disk(&c, &root, 0);
+    c.wait_on_disk(&root, 0);
     eprintln!(
         "{version:?}: started in {:.1} s, first round {:.1} s, all {:.1} s",
         started.as_secs_f64(),
