@@ -280,6 +280,21 @@ fn bind_private(socket: &Path) -> Result<std::os::unix::net::UnixListener, Serve
     bound.map_err(|e| ioe("bind", e))
 }
 
+/// [`bind_private`], non-blocking for tokio, with what the socket is (to
+/// remove it at the end only if it is still this one).
+fn bind_nonblocking(
+    socket: &Path,
+) -> Result<(std::os::unix::net::UnixListener, Option<std::fs::Metadata>), ServeError> {
+    let l = bind_private(socket)?;
+    let ours = std::fs::symlink_metadata(socket).ok();
+    l.set_nonblocking(true).map_err(|source| ServeError::Io {
+        op: "set up",
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    Ok((l, ours))
+}
+
 /// Binds `socket` (replacing a stale one nobody answers on; see
 /// [`refuse_live`]), then serves containerd's snapshots API for unlade
 /// root `root` until `cancel` trips; then stops accepting, ends the fast
@@ -311,20 +326,11 @@ pub fn serve(
         path: socket.to_path_buf(),
         source,
     };
-    let listener = bind_private(socket)?;
-    let ours = std::fs::symlink_metadata(socket).ok();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| ioe("set up", e))?;
+    let (listener, ours) = bind_nonblocking(socket)?;
     let cri = match &opts.cri {
         Some(c) => {
-            let l = bind_private(&c.listen)?;
-            l.set_nonblocking(true).map_err(|e| ServeError::Io {
-                op: "set up",
-                path: c.listen.clone(),
-                source: e,
-            })?;
-            Some((c.clone(), l, std::fs::symlink_metadata(&c.listen).ok()))
+            let (l, ours) = bind_nonblocking(&c.listen)?;
+            Some((c.clone(), l, ours))
         }
         None => None,
     };
