@@ -247,6 +247,52 @@ impl Drop for Registry {
     }
 }
 
+/// `perf/throttle.py` in front of a server on 127.0.0.1: each connection
+/// capped at a rate, each request delayed (a network like a real one).
+/// Killed, by PID, when dropped.
+pub struct Throttle {
+    /// 127.0.0.1:PORT.
+    pub addr: String,
+    child: Child,
+}
+
+impl Throttle {
+    /// A throttle in front of `upstream` (127.0.0.1:PORT) capping each
+    /// connection at `mb_per_s` (10^6 bytes), delaying each request by
+    /// `latency_ms`.
+    pub fn start(upstream: &str, mb_per_s: f64, latency_ms: u64) -> Throttle {
+        let port = upstream.rsplit(':').next().expect("port");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../perf/throttle.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg(port)
+            .args(["--rate", &mb_per_s.to_string()])
+            .args(["--latency", &latency_ms.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start perf/throttle.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read throttle.py's port");
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .unwrap_or_else(|| panic!("throttle.py said {line:?}"));
+        Throttle {
+            addr: format!("127.0.0.1:{port}"),
+            child,
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A token server for the registry's Bearer flow: checks Basic
 /// credentials, grants what the scope asks, signs RS256 JWTs (with
 /// `openssl`) carrying its certificate in `x5c`, which the registry
@@ -470,6 +516,47 @@ pub enum Fault {
     /// same path at this base (`http://HOST:PORT`), as registries send
     /// blob downloads to a CDN.
     Redirect(String, String),
+    /// Drop the `Range` header of every GET of a path containing the
+    /// text: the registry answers 200 with the whole blob.
+    IgnoreRange(String),
+    /// Answer every GET of a path containing the text that asks for a
+    /// closed range (`bytes=A-B`) with this status (416, 501).
+    RangeStatus(String, u16),
+    /// Shift the numbers of the `Content-Range` of every 206 answer to a
+    /// GET of a path containing the text by one: other bytes than asked.
+    ShiftContentRange(String),
+    /// Answer every GET of a path containing the text whose closed range
+    /// starts at this byte with this status.
+    FailRange(String, u64, u16),
+    /// Take the next GET of a path containing the text whose closed range
+    /// starts at this byte and never answer, until the client hangs up.
+    HangRange(String, u64),
+}
+
+/// The first byte of a closed range header (`bytes=A-B`), if it is one.
+fn closed_range_start(range: Option<&String>) -> Option<u64> {
+    let (a, b) = range?.strip_prefix("bytes=")?.split_once('-')?;
+    b.parse::<u64>().ok()?;
+    a.parse().ok()
+}
+
+/// A `Content-Range: bytes A-B/T` header line with A and B one more.
+fn shifted_content_range(line: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(line);
+    let Some((name, value)) = text.split_once(':') else {
+        return line.to_vec();
+    };
+    let v = value.trim();
+    let Some((span, total)) = v.strip_prefix("bytes ").and_then(|r| r.split_once('/')) else {
+        return line.to_vec();
+    };
+    let Some((a, b)) = span.split_once('-') else {
+        return line.to_vec();
+    };
+    let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else {
+        return line.to_vec();
+    };
+    format!("{name}: bytes {}-{}/{total}\r\n", a + 1, b + 1).into_bytes()
 }
 
 /// One request the proxy saw.
@@ -497,6 +584,19 @@ pub struct Proxy {
     /// Set while a [`Fault::Stall`] holds a response.
     pub stalled: AtomicBool,
     released: AtomicBool,
+    /// Blob GETs being answered now, and the most at once.
+    blob_gets_now: AtomicUsize,
+    /// The most blob GETs answered at once.
+    pub most_blob_gets: AtomicUsize,
+}
+
+/// Counts a blob GET as being answered while it lives.
+struct InFlight<'a>(&'a Proxy);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.blob_gets_now.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Proxy {
@@ -511,6 +611,8 @@ impl Proxy {
             down: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             released: AtomicBool::new(false),
+            blob_gets_now: AtomicUsize::new(0),
+            most_blob_gets: AtomicUsize::new(0),
         });
         let p2 = p.clone();
         std::thread::spawn(move || {
@@ -561,10 +663,18 @@ impl Proxy {
             path: path.clone(),
             range: headers.get("range").cloned(),
         });
+        let _in_flight = (method == "GET" && path.contains("/blobs/")).then(|| {
+            let now = self.blob_gets_now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_blob_gets.fetch_max(now, Ordering::SeqCst);
+            InFlight(self)
+        });
+        let mut headers = headers;
+        let closed = closed_range_start(headers.get("range"));
         let mut cut = None;
         let mut stall = None;
         let mut corrupt = false;
         let mut trickle = None;
+        let mut shift = false;
         {
             let mut faults = self.faults.lock().expect("lock");
             let mut i = 0;
@@ -605,6 +715,49 @@ impl Proxy {
                             format!("HTTP/1.1 307 Temporary Redirect\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                                 .as_bytes(),
                         );
+                        return;
+                    }
+                    Fault::IgnoreRange(text) if method == "GET" && path.contains(text.as_str()) => {
+                        headers.remove("range");
+                    }
+                    Fault::ShiftContentRange(text)
+                        if method == "GET" && path.contains(text.as_str()) =>
+                    {
+                        shift = true;
+                    }
+                    Fault::RangeStatus(text, code)
+                        if method == "GET" && path.contains(text.as_str()) && closed.is_some() =>
+                    {
+                        let code = *code;
+                        drop(faults);
+                        let _ = client.write_all(
+                            format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .as_bytes(),
+                        );
+                        return;
+                    }
+                    Fault::FailRange(text, at, code)
+                        if method == "GET"
+                            && path.contains(text.as_str())
+                            && closed == Some(*at) =>
+                    {
+                        let code = *code;
+                        drop(faults);
+                        let _ = client.write_all(
+                            format!("HTTP/1.1 {code} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .as_bytes(),
+                        );
+                        return;
+                    }
+                    Fault::HangRange(text, at)
+                        if method == "GET"
+                            && path.contains(text.as_str())
+                            && closed == Some(*at) =>
+                    {
+                        faults.remove(i);
+                        drop(faults);
+                        let mut buf = [0u8; 4096];
+                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
                         return;
                     }
                     Fault::Trickle(text, every)
@@ -663,10 +816,14 @@ impl Proxy {
             if ur.read_until(b'\n', &mut l).unwrap_or(0) == 0 {
                 return;
             }
-            head.extend_from_slice(&l);
             if l == b"\r\n" || l == b"\n" {
+                head.extend_from_slice(&l);
                 break;
             }
+            if shift && l.to_ascii_lowercase().starts_with(b"content-range:") {
+                l = shifted_content_range(&l);
+            }
+            head.extend_from_slice(&l);
         }
         if client.write_all(&head).is_err() {
             return;

@@ -7,7 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use unlade_tests::registry::{free_port, Fault, Proxy, RegAuth, Registry, TestCa, TokenServer};
+use unlade_tests::registry::{
+    self, free_port, Fault, Proxy, RegAuth, Registry, TestCa, TokenServer,
+};
 use unlade_tests::*;
 
 /// A test image: its layers, the layout it was pushed from, chain IDs.
@@ -842,4 +844,230 @@ fn a_layer_is_applied_while_its_blob_downloads() {
     );
     assert_eq!(last_line(&out), img.chains[2]);
     assert!(partial.exists());
+}
+
+// Ranged fetch: a blob of more than two chunks comes over several
+// connections; registries that do ranges badly get one stream. Chunks of
+// 64 KiB here, so that the test image's layers (200 KB to 1.5 MB) split.
+
+const SPLIT: &[&str] = &["--chunk-size", "64K", "--blob-connections", "4"];
+
+/// Pulls `img` (pushed as `repo:v1`) through `proxy` with [`SPLIT`] and
+/// `extra`, and checks the mounted result.
+fn pull_split(env: &Env, img: &Img, proxy: &Proxy, repo: &str, work: &Path, extra: &[&str]) {
+    let r = format!("{}/{repo}:v1", proxy.addr);
+    let root = work.join(format!("root-{}", repo.replace('/', "-")));
+    let args: Vec<&str> = SPLIT.iter().chain(extra).copied().collect();
+    let out = env.pull(&r, &root, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(last_line(&out), img.chains[2]);
+    assert_same(
+        &expected(img, work),
+        &mounted_tree(&root, &img.chains[2], work),
+        repo,
+    );
+}
+
+/// The closed ranges asked for a blob: (first, last) byte.
+fn chunk_ranges(gets: &[registry::Seen]) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = gets
+        .iter()
+        .filter_map(|g| {
+            let (a, b) = g
+                .range
+                .as_deref()?
+                .strip_prefix("bytes=")?
+                .split_once('-')?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn blob_size(reg: &Registry, digest: &str) -> u64 {
+    std::fs::metadata(reg.blob_file(digest))
+        .expect("blob in the registry")
+        .len()
+}
+
+#[test]
+fn a_large_blob_comes_in_chunks_over_several_throttled_connections() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 120);
+    reg.push(&img.layout, "v1", "split/app:v1");
+    // unlade → proxy (counts) → throttle.py (2 MB/s a connection, 5 ms a
+    // request) → registry.
+    let throttle = registry::Throttle::start(&reg.addr, 2.0, 5);
+    let proxy = Proxy::start(&throttle.addr);
+    pull_split(&env, &img, &proxy, "split/app", work.path(), &[]);
+    let big = &img.blobs[2];
+    let size = blob_size(&reg, big);
+    let chunks = size.div_ceil(65536);
+    let want: Vec<(u64, u64)> = (0..chunks)
+        .map(|i| (i * 65536, ((i + 1) * 65536).min(size) - 1))
+        .collect();
+    assert_eq!(chunk_ranges(&proxy.blob_gets(big)), want, "each chunk once");
+    let most = proxy
+        .most_blob_gets
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most > 1, "{most} blob GETs at once");
+    assert!(most <= 3 * 4, "{most}: more than 4 per blob, 3 blobs");
+}
+
+#[test]
+fn a_registry_that_ignores_ranges_serves_one_stream_remembered_for_its_host() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 121);
+    reg.push(&img.layout, "v1", "norange/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    proxy.fault(Fault::IgnoreRange("/blobs/".into()));
+    // One download at a time: the first blob teaches the others.
+    pull_split(
+        &env,
+        &img,
+        &proxy,
+        "norange/app",
+        work.path(),
+        &["--max-concurrent-downloads", "1"],
+    );
+    taught_by_one(&proxy, &img, 1, "ignored");
+}
+
+/// Of `img`'s blobs, one was asked with a range for its first chunk
+/// (`gets` GETs in all: the answer as the stream, or then one stream);
+/// the others, after it, with one plain GET each.
+fn taught_by_one(proxy: &Proxy, img: &Img, gets: usize, name: &str) {
+    let all: Vec<Vec<registry::Seen>> = img.blobs.iter().map(|b| proxy.blob_gets(b)).collect();
+    let ranged: Vec<_> = all
+        .iter()
+        .filter(|g| g.iter().any(|s| s.range.is_some()))
+        .collect();
+    assert_eq!(
+        ranged.len(),
+        1,
+        "{name}: one blob asked with a range: {all:?}"
+    );
+    let first = ranged[0];
+    assert_eq!(first.len(), gets, "{name}: {first:?}");
+    assert_eq!(first[0].range.as_deref(), Some("bytes=0-65535"), "{name}");
+    assert!(
+        first[1..].iter().all(|s| s.range.is_none()),
+        "{name}: {first:?}"
+    );
+    for g in &all {
+        assert!(
+            std::ptr::eq(g, first) || (g.len() == 1 && g[0].range.is_none()),
+            "{name}: remembered, no range asked again: {g:?}"
+        );
+    }
+}
+
+#[test]
+fn refused_or_wrong_ranges_fall_back_to_one_stream() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let cases = [
+        ("r416", Fault::RangeStatus("/blobs/".into(), 416)),
+        ("r501", Fault::RangeStatus("/blobs/".into(), 501)),
+        ("shift", Fault::ShiftContentRange("/blobs/".into())),
+    ];
+    for (i, (name, fault)) in cases.into_iter().enumerate() {
+        let img = image(work.path(), 130 + i as u64);
+        let repo = format!("{name}/app");
+        reg.push(&img.layout, "v1", &format!("{repo}:v1"));
+        // A proxy (a host) of its own: what one remembers is its own.
+        let proxy = Proxy::start(&reg.addr);
+        proxy.fault(fault);
+        pull_split(
+            &env,
+            &img,
+            &proxy,
+            &repo,
+            work.path(),
+            &["--max-concurrent-downloads", "1"],
+        );
+        taught_by_one(&proxy, &img, 2, name);
+    }
+}
+
+#[test]
+fn a_chunk_that_keeps_failing_goes_on_as_one_stream() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 140);
+    reg.push(&img.layout, "v1", "failchunk/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    let big = img.blobs[2].clone();
+    proxy.fault(Fault::FailRange(big.clone(), 3 * 65536, 503));
+    pull_split(&env, &img, &proxy, "failchunk/app", work.path(), &[]);
+    let gets = proxy.blob_gets(&big);
+    let tries = gets
+        .iter()
+        .filter(|g| g.range.as_deref() == Some("bytes=196608-262143"))
+        .count();
+    assert_eq!(tries, 5, "the root's attempts: {gets:?}");
+    // The rest over one stream, from the prefix (at most where the
+    // failing chunk starts).
+    let open: Vec<u64> = gets
+        .iter()
+        .filter_map(|g| {
+            g.range
+                .as_deref()?
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(open.len() == 1 && open[0] <= 3 * 65536, "{gets:?}");
+}
+
+#[test]
+fn a_stalled_chunk_is_asked_again_and_a_cut_one_resumes() {
+    let work = tmp();
+    let env = Env::new(work.path());
+    let reg = Registry::start(RegAuth::None);
+    let img = image(work.path(), 150);
+    reg.push(&img.layout, "v1", "stallchunk/app:v1");
+    let proxy = Proxy::start(&reg.addr);
+    let big = img.blobs[2].clone();
+    proxy.fault(Fault::HangRange(big.clone(), 2 * 65536));
+    // The first GET of the blob (its first chunk) breaks after 10000
+    // bytes.
+    proxy.fault(Fault::CutAfter(big.clone(), 10_000));
+    pull_split(
+        &env,
+        &img,
+        &proxy,
+        "stallchunk/app",
+        work.path(),
+        &["--stall-timeout", "2"],
+    );
+    let ranges: Vec<Option<String>> = proxy.blob_gets(&big).into_iter().map(|g| g.range).collect();
+    let asked = |r: &str| ranges.iter().filter(|x| x.as_deref() == Some(r)).count();
+    assert_eq!(
+        asked("bytes=131072-196607"),
+        2,
+        "stalled, then asked again: {ranges:?}"
+    );
+    assert_eq!(
+        asked("bytes=10000-65535"),
+        1,
+        "resumed where it broke: {ranges:?}"
+    );
+    assert!(
+        ranges.iter().all(Option::is_some),
+        "no single stream: {ranges:?}"
+    );
 }

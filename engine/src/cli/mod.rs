@@ -88,6 +88,61 @@ impl ImageArgs {
     }
 }
 
+/// The arguments of every command that downloads (`pull`,
+/// `snapshotter`): how many connections, and how a large blob is split
+/// over them.
+#[derive(clap::Args)]
+pub struct FetchArgs {
+    /// Most connections all downloads use at once; lower layers first.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_connections: u64,
+    /// Connections one blob is fetched over at once, each asking for a
+    /// chunk at a time (1: every blob over one stream).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub blob_connections: u64,
+    /// Bytes per ranged request, with an optional K, M or G (powers of
+    /// 1024); blobs of more than two chunks are split over connections.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+    pub chunk_size: u64,
+}
+
+impl FetchArgs {
+    /// These arguments applied to `opts`.
+    pub fn apply_to(&self, opts: &mut RootOptions) {
+        opts.max_connections = self.max_connections as usize;
+        opts.split = unlade::pipeline::fetch::Split {
+            connections: self.blob_connections as usize,
+            chunk: self.chunk_size,
+        };
+    }
+}
+
+/// A size in bytes: digits with an optional K, M or G suffix (powers of
+/// 1024), at least 4 KiB.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err(format!("{s:?}: a size is digits with K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: a size is digits with K, M or G"))?;
+    let n = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?}: too large"))?;
+    if n < 4096 {
+        return Err(format!("{s:?}: at least 4K"));
+    }
+    Ok(n)
+}
+
 /// Opens the root of a command that only reads or removes: a path that
 /// is no root is an error ("no unlade root at PATH") and is not created.
 pub fn open_existing(root: &Path) -> Result<Root> {
@@ -154,6 +209,17 @@ pub fn error_line(e: &(dyn Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("16M"), Ok(16 << 20));
+        assert_eq!(parse_size("256K"), Ok(256 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("65536"), Ok(65536));
+        for bad in ["", "M", "16X", "1k2", "100", "99999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 
     #[derive(Debug)]
     struct E(&'static str, Option<Box<E>>);

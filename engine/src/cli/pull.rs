@@ -10,7 +10,7 @@ use unlade::source::remote::RemoteOptions;
 use unlade::store::durable::Durability;
 use unlade::{PullOptions, Reference};
 
-use super::{emit, progress, signals, warn, ImageArgs, Result};
+use super::{emit, progress, signals, warn, FetchArgs, ImageArgs, Result};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -26,6 +26,13 @@ pub struct Args {
     /// Most blobs downloaded at once.
     #[arg(long, value_name = "N", default_value_t = 3)]
     max_concurrent_downloads: usize,
+    #[command(flatten)]
+    fetch: FetchArgs,
+    /// A registry silent for this many seconds, or a download delivering
+    /// less than 64 KiB in as long, is a stall: tried once more, then
+    /// given up (a split blob's chunk goes on over one stream).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stall_timeout: u64,
     /// Directory of per-registry `hosts.toml` files (containerd's
     /// format: mirrors, plain HTTP, CA).
     #[arg(long, value_name = "DIR", default_value = "/etc/unlade/certs.d")]
@@ -54,12 +61,18 @@ pub fn run(a: Args, root: &Path) -> Result {
         ..RootOptions::default()
     };
     a.image.apply_to(&mut opts);
+    a.fetch.apply_to(&mut opts);
+    let stall = std::time::Duration::from_secs(a.stall_timeout);
+    opts.retry.stall.window = stall;
+    let retry = opts.retry;
     let interrupts = signals::watch()?;
     let root = Root::open(root, opts)?;
     let popts = PullOptions {
         remote: RemoteOptions {
             plain_http: a.plain_http,
             hosts_dir: Some(a.hosts_dir),
+            read_timeout: stall,
+            retry,
             ..Default::default()
         },
         platform,

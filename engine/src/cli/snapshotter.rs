@@ -53,6 +53,8 @@ pub struct Args {
     /// containerd's socket, where the CRI proxy forwards.
     #[arg(long, requires = "cri_listen")]
     cri_upstream: Option<PathBuf>,
+    #[command(flatten)]
+    fetch: super::FetchArgs,
 }
 
 pub fn run(a: Args, root: &Path) -> Result {
@@ -63,6 +65,7 @@ pub fn run(a: Args, root: &Path) -> Result {
     }
     let stall = std::time::Duration::from_secs(a.stall_timeout);
     let mut opts = RootOptions::default();
+    a.fetch.apply_to(&mut opts);
     opts.retry.stall.window = stall;
     let retry = opts.retry;
     // Makes the root (and checks it is one) before containerd can call.

@@ -3,29 +3,44 @@
 //! while an apply may read the same bytes as they arrive.
 //!
 //! - [`BlobSource`] is what an image source offers: a reader of a blob from
-//!   a byte offset on (a registry answers that with a `Range` request), and
-//!   for local sources the file itself.
+//!   a byte offset on (a registry answers that with a `Range` request), of
+//!   one range of it, and for local sources the file itself.
 //! - [`Fetcher::fetch_into`] writes a blob into a private content-store file,
 //!   hashing as it goes; when the stream breaks it reopens the source at
 //!   the number of bytes already written and hashed, with back-off and
 //!   `Retry-After`; it publishes only a blob whose digest matches.
+//! - A blob of more than two chunks ([`Split`]) comes over several
+//!   connections at once, one chunk per request: each chunk is written at
+//!   its offset as it arrives, and this thread hashes the contiguous
+//!   prefix as it grows (reading it back from the page cache), so the
+//!   digest and the apply follow the prefix and nothing is held in
+//!   memory but each connection's read buffer. A connection takes no
+//!   chunk more than [`Split::ahead`] past the prefix. A source that does
+//!   ranges badly (ignores them, refuses them, answers other bytes) or a
+//!   chunk that keeps failing sends the rest of the blob down one stream.
 //! - [`Growing`] lets an apply read that private file while it is being
 //!   written: the reader blocks at the write position until more bytes,
 //!   the end, or a failure arrive. So a layer decodes and applies while it
 //!   downloads, and the bytes cross the network once.
 //! - Concurrent downloads are limited by the root's download
-//!   [`crate::pipeline::permits::Permits`], lowest layer first.
+//!   [`crate::pipeline::permits::Permits`], lowest layer first, and so are
+//!   the connections all of them use together: a connection of a higher
+//!   layer gives its permit up between two chunks when a lower layer
+//!   waits for one.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
-use crate::source::{BlobSource, Retry, SourceError, SourceErrorKind};
-use crate::store::content::{ContentError, ContentStore, Ingested};
+use crate::pipeline::permits::{Permit, Permits};
+use crate::source::{BlobSource, Ranged, Retry, SourceError, SourceErrorKind};
+use crate::store::content::{ChunkWriter, ContentError, ContentStore, IngestWriter, Ingested};
 
 /// Why [`fetch_into`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +63,47 @@ pub enum FetchError {
     Cancelled,
 }
 
+/// How a large blob is split over connections. A registry behind an
+/// object store or a CDN serves one connection at tens to a few hundred
+/// MB/s, far below a node's link; several ranged requests at once add up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// Most connections one blob is fetched over at once (1: every blob
+    /// over one stream). The root's [`crate::root::RootOptions::max_connections`]
+    /// bounds all of its downloads together.
+    pub connections: usize,
+    /// Bytes asked per ranged request. Blobs of more than two chunks are
+    /// split; smaller ones come over one stream.
+    pub chunk: u64,
+}
+
+impl Default for Split {
+    /// 8 connections of 16 MiB chunks (soci-snapshotter's deployed chunk
+    /// size): 8 × 40 MB/s, what object-store-backed registries serve one
+    /// connection, is more than 2 CPUs apply.
+    fn default() -> Self {
+        Split {
+            connections: 8,
+            chunk: 16 << 20,
+        }
+    }
+}
+
+impl Split {
+    /// Whether a blob of `size` bytes is split.
+    pub fn applies(&self, size: u64) -> bool {
+        self.connections > 1 && self.chunk > 0 && size > 2 * self.chunk
+    }
+
+    /// How far past the contiguous prefix (what is hashed, what the apply
+    /// reads) a connection may start a chunk: two chunks per connection.
+    /// Bounds what a slow or stuck chunk leaves written ahead on disk.
+    pub fn ahead(&self) -> u64 {
+        self.chunk
+            .saturating_mul(2 * self.connections.max(1) as u64)
+    }
+}
+
 /// Where a blob goes, where it comes from, and how hard to try: see
 /// [`Fetcher::fetch_into`].
 pub struct Fetcher<'a> {
@@ -61,11 +117,19 @@ pub struct Fetcher<'a> {
     pub cancel: &'a Cancel,
     /// Told the bytes written so far, after each read.
     pub progress: &'a (dyn Fn(u64) + Sync),
+    /// How a large blob is split over connections.
+    pub split: Split,
+    /// The root's connection budget, and this blob's place in it (its
+    /// layer: lower first); `None`: unbounded.
+    pub(crate) connections: Option<(&'a Permits, u64)>,
 }
 
 /// Bytes copied from a mapped local blob between two progress reports
 /// (and page releases).
 const MAP_STEP: usize = 4 << 20;
+
+/// A connection's read buffer, and the hasher's.
+const BUF: usize = 256 << 10;
 
 impl Fetcher<'_> {
     /// Copies blob `d` (of `size` bytes) into the store, resuming from
@@ -100,13 +164,25 @@ impl Fetcher<'_> {
         crate::layer::apply::map_immutable(&f).ok()
     }
 
+    /// One connection of the budget, waiting for it (lower layers first);
+    /// `None` when unbounded. Fails only when cancelled.
+    fn connection(&self, cancel: &Cancel) -> Result<Option<Permit<'_>>, FetchError> {
+        match self.connections {
+            None => Ok(None),
+            Some((p, prio)) => p
+                .acquire(prio, cancel)
+                .map(Some)
+                .ok_or(FetchError::Cancelled),
+        }
+    }
+
     fn fetch_inner(
         &self,
         d: &Digest,
         size: u64,
         growing: Option<&Growing>,
     ) -> Result<Ingested, FetchError> {
-        let (source, cancel) = (self.source, self.cancel);
+        let cancel = self.cancel;
         let mut w = self.store.writer(d, Some(size))?;
         if let Some(g) = growing {
             g.start(w.read_handle()?);
@@ -127,7 +203,31 @@ impl Fetcher<'_> {
             }
             return Ok(w.publish()?);
         }
-        let mut buf = vec![0u8; 256 << 10];
+        let mut first = None;
+        if self.split.applies(size) {
+            match split::fetch(self, d, size, &mut w, growing)? {
+                split::End::Done => return Ok(w.publish()?),
+                split::End::OneStream(whole) => first = whole,
+            }
+        }
+        let _connection = self.connection(cancel)?;
+        self.one_stream(d, size, &mut w, growing, first)?;
+        Ok(w.publish()?)
+    }
+
+    /// The rest of the blob, from what `w` has, over one stream (resumed
+    /// with a `Range` from what is written when it breaks); `first`, if
+    /// given, is the whole blob already asked for.
+    fn one_stream(
+        &self,
+        d: &Digest,
+        size: u64,
+        w: &mut IngestWriter<'_>,
+        growing: Option<&Growing>,
+        mut first: Option<Box<dyn Read + Send>>,
+    ) -> Result<(), FetchError> {
+        let (source, cancel) = (self.source, self.cancel);
+        let mut buf = vec![0u8; BUF];
         let mut failures = 0u32;
         // Stalled attempts, never reset: a trickle makes progress.
         let mut stalls = 0u32;
@@ -135,7 +235,11 @@ impl Fetcher<'_> {
             if cancel.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
-            let last = match source.open(d, w.written(), cancel) {
+            let opened = match first.take() {
+                Some(r) if w.written() == 0 => Ok(r),
+                _ => source.open(d, w.written(), cancel),
+            };
+            let last = match opened {
                 Ok(mut r) => {
                     let mut progress = crate::source::Progress::new(self.retry.stall, w.written());
                     loop {
@@ -162,15 +266,7 @@ impl Fetcher<'_> {
                 Err(e) => e,
             };
             failures += 1;
-            let retry = match last.kind {
-                SourceErrorKind::Transient => failures < self.retry.attempts,
-                SourceErrorKind::Stalled => {
-                    stalls += 1;
-                    stalls < self.retry.stall.attempts && failures < self.retry.attempts
-                }
-                _ => false,
-            };
-            if !retry {
+            if !self.retry.worth_another(&last, failures, &mut stalls) {
                 return Err(FetchError::Source {
                     digest: *d,
                     source: last,
@@ -191,7 +287,389 @@ impl Fetcher<'_> {
                 )),
             });
         }
-        Ok(w.publish()?)
+        Ok(())
+    }
+}
+
+impl Retry {
+    /// After the `failures`th failure in a row, `last`: whether to try
+    /// again. Stalls are counted in `stalls` and never reset.
+    fn worth_another(&self, last: &SourceError, failures: u32, stalls: &mut u32) -> bool {
+        match last.kind {
+            SourceErrorKind::Transient => failures < self.attempts,
+            SourceErrorKind::Stalled => {
+                *stalls += 1;
+                *stalls < self.stall.attempts && failures < self.attempts
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A blob over several connections (see the module docs).
+mod split {
+    use super::*;
+
+    /// How a split download ended.
+    pub(super) enum End {
+        /// Every byte is written and hashed.
+        Done,
+        /// The rest goes over one stream, from what is hashed; with the
+        /// whole blob already asked for when the source ignored a range.
+        OneStream(Option<Box<dyn Read + Send>>),
+    }
+
+    /// What the connections and the hasher share.
+    struct Plan {
+        /// The first byte no connection has taken yet.
+        next: u64,
+        /// Chunks taken and not yet wholly hashed: start → (end, written
+        /// up to).
+        chunks: BTreeMap<u64, (u64, u64)>,
+        /// Bytes hashed: the blob's contiguous prefix.
+        hashed: u64,
+        /// Why the connections stopped before the end.
+        stop: Option<Stop>,
+    }
+
+    enum Stop {
+        OneStream(Option<Box<dyn Read + Send>>),
+        Failed(ContentError),
+    }
+
+    impl Plan {
+        /// The end of the contiguous written prefix.
+        fn frontier(&self) -> u64 {
+            let mut at = self.hashed;
+            for (&start, &(end, written)) in &self.chunks {
+                if start > at {
+                    break;
+                }
+                at = at.max(written);
+                if written < end {
+                    break;
+                }
+            }
+            at
+        }
+
+        fn stop(&mut self, why: Stop) {
+            if self.stop.is_none() {
+                self.stop = Some(why);
+            }
+        }
+    }
+
+    struct Shared<'f, 'a> {
+        f: &'f Fetcher<'a>,
+        d: Digest,
+        size: u64,
+        ahead: u64,
+        out: ChunkWriter,
+        plan: Mutex<Plan>,
+        cv: Condvar,
+        /// Tripped when the blob is done or stops: connections leave.
+        done: Cancel,
+    }
+
+    impl Shared<'_, '_> {
+        fn lock(&self) -> MutexGuard<'_, Plan> {
+            self.plan.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        fn stopped(&self) -> bool {
+            self.done.is_cancelled() || self.f.cancel.is_cancelled()
+        }
+
+        fn stop(&self, why: Stop) {
+            self.lock().stop(why);
+            self.cv.notify_all();
+        }
+
+        /// The next chunk to fetch, waiting while it would start too far
+        /// past the prefix; `None` when there is none or the blob stopped.
+        fn take(&self) -> Option<(u64, u64)> {
+            let mut p = self.lock();
+            loop {
+                if p.stop.is_some() || self.stopped() || p.next >= self.size {
+                    return None;
+                }
+                if p.next < p.hashed.saturating_add(self.ahead) {
+                    let start = p.next;
+                    let end = start.saturating_add(self.f.split.chunk).min(self.size);
+                    p.next = end;
+                    p.chunks.insert(start, (end, start));
+                    return Some((start, end));
+                }
+                p = self
+                    .cv
+                    .wait_timeout(p, Duration::from_millis(200))
+                    .map_or_else(|e| e.into_inner().0, |r| r.0);
+            }
+        }
+
+        fn written(&self, start: u64, upto: u64) {
+            if let Some(c) = self.lock().chunks.get_mut(&start) {
+                c.1 = upto;
+            }
+            self.cv.notify_all();
+        }
+    }
+
+    /// Fetches blob `d` (`size` bytes, more than two chunks) over up to
+    /// [`Split::connections`] connections into `w`, hashing the prefix
+    /// as it grows; returns when it is all there, or when the rest must
+    /// come over one stream.
+    pub(super) fn fetch(
+        f: &Fetcher<'_>,
+        d: &Digest,
+        size: u64,
+        w: &mut IngestWriter<'_>,
+        growing: Option<&Growing>,
+    ) -> Result<End, FetchError> {
+        let sh = Shared {
+            f,
+            d: *d,
+            size,
+            ahead: f.split.ahead(),
+            out: w.chunk_writer()?,
+            plan: Mutex::new(Plan {
+                next: w.written(),
+                chunks: BTreeMap::new(),
+                hashed: w.written(),
+                stop: None,
+            }),
+            cv: Condvar::new(),
+            done: Cancel::new(),
+        };
+        let first = f.connection(f.cancel)?;
+        let r = std::thread::scope(|s| {
+            let spawned = std::thread::Builder::new()
+                .name("unlade-conn".into())
+                .spawn_scoped(s, || connection(&sh, s, first, true));
+            if spawned.is_err() {
+                sh.stop(Stop::OneStream(None));
+            }
+            let r = hash_prefix(&sh, w, growing);
+            sh.done.cancel();
+            if let Some((p, _)) = f.connections {
+                p.wake_all();
+            }
+            sh.cv.notify_all();
+            r
+        });
+        if f.cancel.is_cancelled() {
+            return Err(FetchError::Cancelled);
+        }
+        r
+    }
+
+    /// The hasher: follows the contiguous prefix the connections write,
+    /// hashing it and telling the readers, until the end or a stop.
+    fn hash_prefix(
+        sh: &Shared<'_, '_>,
+        w: &mut IngestWriter<'_>,
+        growing: Option<&Growing>,
+    ) -> Result<End, FetchError> {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let (target, stop) = {
+                let mut p = sh.lock();
+                loop {
+                    let at = p.frontier();
+                    if at > p.hashed || at >= sh.size || p.stop.is_some() || sh.stopped() {
+                        break (at, p.stop.take());
+                    }
+                    p = sh
+                        .cv
+                        .wait_timeout(p, Duration::from_millis(200))
+                        .map_or_else(|e| e.into_inner().0, |r| r.0);
+                }
+            };
+            if sh.f.cancel.is_cancelled() {
+                return Err(FetchError::Cancelled);
+            }
+            if target > w.written() {
+                w.absorb(target, &mut buf)?;
+                {
+                    let mut p = sh.lock();
+                    p.hashed = target;
+                    p.chunks.retain(|_, c| c.0 > target);
+                }
+                sh.cv.notify_all();
+                if let Some(g) = growing {
+                    g.advance(target);
+                }
+                (sh.f.progress)(target);
+            }
+            match stop {
+                Some(Stop::Failed(e)) => return Err(e.into()),
+                Some(Stop::OneStream(whole)) => return Ok(End::OneStream(whole)),
+                None if target >= sh.size => return Ok(End::Done),
+                None => {}
+            }
+        }
+    }
+
+    /// One connection: takes chunks in order and fetches each (resuming
+    /// it where it broke), until none is left or the blob stops. The
+    /// first connection, once its first chunk is answered with that
+    /// chunk, starts the others: a source that ignores or refuses ranges
+    /// costs one request. Between two chunks a connection gives its
+    /// permit to a lower layer that waits for one.
+    fn connection<'s, 'f: 's, 'a: 's>(
+        sh: &'s Shared<'f, 'a>,
+        s: &'s std::thread::Scope<'s, '_>,
+        mut permit: Option<Permit<'s>>,
+        mut first: bool,
+    ) {
+        let f = sh.f;
+        if permit.is_none() {
+            if let Some((p, prio)) = f.connections {
+                match p.acquire(prio, &sh.done) {
+                    Some(got) => permit = Some(got),
+                    None => return,
+                }
+            }
+        }
+        while let Some((start, end)) = sh.take() {
+            if !chunk(sh, start, end, &mut first, s) {
+                return;
+            }
+            if let Some((p, prio)) = f.connections {
+                if p.wanted_below(prio) {
+                    drop(permit.take());
+                    match p.acquire(prio, &sh.done) {
+                        Some(got) => permit = Some(got),
+                        None => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the connections beside the first; those that cannot start
+    /// leave fewer.
+    fn spawn_others<'s, 'f: 's, 'a: 's>(sh: &'s Shared<'f, 'a>, s: &'s std::thread::Scope<'s, '_>) {
+        let chunks = sh.size.div_ceil(sh.f.split.chunk.max(1));
+        let n = sh.f.split.connections.min(chunks as usize);
+        for _ in 1..n {
+            let spawned = std::thread::Builder::new()
+                .name("unlade-conn".into())
+                .spawn_scoped(s, move || connection(sh, s, None, false));
+            if spawned.is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Fetches bytes `start..end` into the blob, resuming where a stream
+    /// broke, retried as the root's rule says. False when the blob
+    /// stopped (this chunk's failure included: the rest goes over one
+    /// stream).
+    fn chunk<'s, 'f: 's, 'a: 's>(
+        sh: &'s Shared<'f, 'a>,
+        start: u64,
+        end: u64,
+        first: &mut bool,
+        s: &'s std::thread::Scope<'s, '_>,
+    ) -> bool {
+        let f = sh.f;
+        let mut buf = vec![0u8; BUF];
+        let mut pos = start;
+        let (mut failures, mut stalls) = (0u32, 0u32);
+        loop {
+            if sh.stopped() {
+                return false;
+            }
+            let at = pos;
+            let last = match f.source.open_range(&sh.d, pos..end, sh.size, f.cancel) {
+                Ok(Ranged::Part(mut r)) => {
+                    if std::mem::take(first) {
+                        spawn_others(sh, s);
+                    }
+                    match read_part(sh, &mut *r, &mut buf, start, &mut pos, end) {
+                        Ok(()) => return true,
+                        Err(Some(e)) => {
+                            // Progress resets the failures in a row.
+                            failures = if pos > at { 1 } else { failures + 1 };
+                            e
+                        }
+                        Err(None) => return false,
+                    }
+                }
+                Ok(Ranged::Whole(r)) => {
+                    let whole = (start == 0 && pos == 0).then_some(r);
+                    sh.stop(Stop::OneStream(whole));
+                    return false;
+                }
+                Ok(Ranged::Refused(_)) => {
+                    sh.stop(Stop::OneStream(None));
+                    return false;
+                }
+                Err(e) => {
+                    failures += 1;
+                    e
+                }
+            };
+            if !f.retry.worth_another(&last, failures, &mut stalls)
+                || !f.retry.wait(failures, last.retry_after, &sh.done)
+            {
+                // A chunk that keeps failing: the rest of the blob over
+                // one stream, which tries again and names the failure.
+                sh.stop(Stop::OneStream(None));
+                return false;
+            }
+        }
+    }
+
+    /// Reads one answer of chunk `start..end` from `*pos` on, writing it
+    /// at its offset. `Err(Some(e))`: the stream failed (retry);
+    /// `Err(None)`: the blob stopped.
+    fn read_part(
+        sh: &Shared<'_, '_>,
+        r: &mut dyn Read,
+        buf: &mut [u8],
+        start: u64,
+        pos: &mut u64,
+        end: u64,
+    ) -> Result<(), Option<SourceError>> {
+        let f = sh.f;
+        let mut progress = crate::source::Progress::new(f.retry.stall, *pos);
+        loop {
+            if sh.stopped() {
+                return Err(None);
+            }
+            // One byte more than the chunk's rest: a source that sends
+            // more than asked is caught.
+            let want = buf.len().min((end - *pos) as usize + 1);
+            match progress.read(r, &mut buf[..want], *pos) {
+                Ok(0) if *pos == end => return Ok(()),
+                Ok(0) => {
+                    return Err(Some(SourceError::transient(format!(
+                        "{}: bytes {start}-{} ended at byte {pos}",
+                        f.source.describe(),
+                        end - 1
+                    ))))
+                }
+                Ok(n) if *pos + n as u64 > end => {
+                    sh.stop(Stop::OneStream(None));
+                    return Err(None);
+                }
+                Ok(n) => {
+                    if let Err(e) = sh.out.write_at(*pos, &buf[..n]) {
+                        sh.stop(Stop::Failed(e));
+                        return Err(None);
+                    }
+                    *pos += n as u64;
+                    sh.written(start, *pos);
+                }
+                Err(mut e) => {
+                    e.message = format!("{}: {}", f.source.describe(), e.message);
+                    return Err(Some(e));
+                }
+            }
+        }
     }
 }
 
@@ -314,7 +792,7 @@ impl Read for GrowingReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::time::Duration;
 
     /// A source that serves `data` but cuts every stream after `cut`
@@ -396,6 +874,8 @@ mod tests {
             retry: &FAST,
             cancel: CANCEL.get_or_init(Cancel::new),
             progress: &|_| {},
+            split: Split::default(),
+            connections: None,
         }
     }
 
@@ -477,6 +957,301 @@ mod tests {
         std::fs::remove_dir_all(&t).unwrap();
     }
 
+    /// How [`Ranges`] answers a ranged request.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        /// The bytes asked for.
+        Parts,
+        /// The whole blob (a server that ignores `Range`).
+        Whole,
+        /// Refuses (HTTP 416 or 501, or a wrong `Content-Range`).
+        Refused,
+    }
+
+    /// A source serving ranges of `data` as `mode` says, `every` between
+    /// two reads of 4 KiB; the chunk starting at `fail_at` always fails,
+    /// the first `cuts` answers of chunks are cut after `cut` bytes, and
+    /// the chunk at `hold` waits `hold_for` before its first byte. It
+    /// records what was asked and the most answers open at once.
+    struct Ranges {
+        data: Vec<u8>,
+        mode: Mode,
+        every: Duration,
+        fail_at: Option<u64>,
+        cut: usize,
+        cuts: AtomicU32,
+        hold: Option<(u64, Duration)>,
+        asked: Mutex<Vec<(u64, u64)>>,
+        opens: Mutex<Vec<u64>>,
+        open_now: Arc<AtomicU32>,
+        most_open: Arc<AtomicU32>,
+        /// While the held chunk waits: the highest chunk start asked.
+        during_hold: Arc<Mutex<u64>>,
+        holding: Arc<AtomicBool>,
+    }
+
+    impl Ranges {
+        fn new(data: Vec<u8>, mode: Mode) -> Ranges {
+            Ranges {
+                data,
+                mode,
+                every: Duration::from_micros(200),
+                fail_at: None,
+                cut: 0,
+                cuts: AtomicU32::new(0),
+                hold: None,
+                asked: Mutex::new(vec![]),
+                opens: Mutex::new(vec![]),
+                open_now: Arc::default(),
+                most_open: Arc::default(),
+                during_hold: Arc::default(),
+                holding: Arc::default(),
+            }
+        }
+    }
+
+    struct Answer {
+        rest: Vec<u8>,
+        at: usize,
+        every: Duration,
+        cut: Option<usize>,
+        open_now: Arc<AtomicU32>,
+        hold: Option<(Duration, Arc<AtomicBool>)>,
+    }
+
+    impl Read for Answer {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if let Some((d, holding)) = self.hold.take() {
+                holding.store(true, Ordering::SeqCst);
+                std::thread::sleep(d);
+                holding.store(false, Ordering::SeqCst);
+            }
+            std::thread::sleep(self.every);
+            if self.cut == Some(self.at) {
+                return Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"));
+            }
+            let end = self.cut.unwrap_or(usize::MAX).min(self.rest.len());
+            let n = (end - self.at).min(buf.len()).min(4096);
+            buf[..n].copy_from_slice(&self.rest[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    impl Drop for Answer {
+        fn drop(&mut self) {
+            self.open_now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl Ranges {
+        fn answer(&self, bytes: &[u8], cut: Option<usize>, hold: Option<Duration>) -> Box<Answer> {
+            let now = self.open_now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_open.fetch_max(now, Ordering::SeqCst);
+            Box::new(Answer {
+                rest: bytes.to_vec(),
+                at: 0,
+                every: self.every,
+                cut,
+                open_now: self.open_now.clone(),
+                hold: hold.map(|d| (d, self.holding.clone())),
+            })
+        }
+    }
+
+    impl BlobSource for Ranges {
+        fn open(
+            &self,
+            _: &Digest,
+            offset: u64,
+            _: &Cancel,
+        ) -> Result<Box<dyn Read + Send>, SourceError> {
+            self.opens.lock().unwrap().push(offset);
+            Ok(self.answer(&self.data[offset as usize..], None, None))
+        }
+
+        fn open_range(
+            &self,
+            _: &Digest,
+            range: std::ops::Range<u64>,
+            _: u64,
+            _: &Cancel,
+        ) -> Result<Ranged, SourceError> {
+            self.asked.lock().unwrap().push((range.start, range.end));
+            if self.holding.load(Ordering::SeqCst) {
+                let mut m = self.during_hold.lock().unwrap();
+                *m = (*m).max(range.start);
+            }
+            match self.mode {
+                Mode::Whole => return Ok(Ranged::Whole(self.answer(&self.data, None, None))),
+                Mode::Refused => return Ok(Ranged::Refused("no".into())),
+                Mode::Parts => {}
+            }
+            if self
+                .fail_at
+                .is_some_and(|f| range.start <= f && f < range.end)
+            {
+                return Err(SourceError::transient("injected"));
+            }
+            let cut = self
+                .cuts
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                .is_ok()
+                .then_some(self.cut);
+            let hold = self.hold.filter(|h| h.0 == range.start).map(|h| h.1);
+            let bytes = &self.data[range.start as usize..range.end as usize];
+            Ok(Ranged::Part(self.answer(bytes, cut, hold)))
+        }
+
+        fn describe(&self) -> String {
+            "ranges".into()
+        }
+    }
+
+    const CHUNK: u64 = 64 << 10;
+
+    /// Fetches `src`'s data split in 64 KiB chunks over `conns`
+    /// connections (with `budget` connections in all, if given), with a
+    /// reader following; checks what the reader and the store got.
+    fn split_fetch(
+        name: &str,
+        src: &Ranges,
+        conns: usize,
+        budget: Option<&Permits>,
+    ) -> Result<(), FetchError> {
+        let (t, s) = store(name);
+        let d = Digest::of(&src.data);
+        let g = Arc::new(Growing::new());
+        let mut reader = g.reader();
+        let cancel = Cancel::new();
+        let f = Fetcher {
+            store: &s,
+            source: src,
+            retry: &FAST,
+            cancel: &cancel,
+            progress: &|_| {},
+            split: Split {
+                connections: conns,
+                chunk: CHUNK,
+            },
+            connections: budget.map(|p| (p, 0)),
+        };
+        let (r, got) = std::thread::scope(|sc| {
+            let h = sc.spawn(move || {
+                let mut v = Vec::new();
+                reader.read_to_end(&mut v).map(|_| v)
+            });
+            let r = f.fetch_into(&d, src.data.len() as u64, Some(&g));
+            (r, h.join().unwrap())
+        });
+        if r.is_ok() {
+            assert!(got.unwrap() == src.data, "the reader got the blob");
+            assert!(std::fs::read(s.path(&d)).unwrap() == src.data);
+        }
+        std::fs::remove_dir_all(&t).unwrap();
+        r.map(|_| ())
+    }
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// A blob of 16 chunks comes over 4 connections at once, each chunk
+    /// asked once, and a reader following the prefix gets every byte.
+    #[test]
+    fn a_large_blob_comes_over_several_connections_in_chunks() {
+        let src = Ranges::new(noise(16 * CHUNK as usize - 1000), Mode::Parts);
+        split_fetch("split", &src, 4, None).unwrap();
+        let mut asked = src.asked.lock().unwrap().clone();
+        asked.sort();
+        let want: Vec<(u64, u64)> = (0..16)
+            .map(|i| (i * CHUNK, ((i + 1) * CHUNK).min(src.data.len() as u64)))
+            .collect();
+        assert_eq!(asked, want);
+        assert!(src.opens.lock().unwrap().is_empty(), "no single stream");
+        let most = src.most_open.load(Ordering::SeqCst);
+        assert!(most > 1 && most <= 4, "{most} answers open at once");
+    }
+
+    /// A source that ignores ranges or refuses them is read with one
+    /// stream: a whole answer to the first chunk's request is that stream.
+    #[test]
+    fn a_source_that_does_ranges_badly_is_read_with_one_stream() {
+        let src = Ranges::new(noise(5 * CHUNK as usize), Mode::Whole);
+        split_fetch("whole", &src, 4, None).unwrap();
+        assert_eq!(src.asked.lock().unwrap().len(), 1, "one request");
+        assert!(
+            src.opens.lock().unwrap().is_empty(),
+            "its answer is the stream"
+        );
+        let src = Ranges::new(noise(5 * CHUNK as usize), Mode::Refused);
+        split_fetch("refused", &src, 4, None).unwrap();
+        assert_eq!(src.asked.lock().unwrap().len(), 1);
+        assert_eq!(*src.opens.lock().unwrap(), vec![0]);
+    }
+
+    /// A chunk whose stream breaks is asked again from where it broke.
+    #[test]
+    fn a_cut_chunk_resumes_where_it_broke() {
+        let mut src = Ranges::new(noise(8 * CHUNK as usize), Mode::Parts);
+        src.cut = 10_000;
+        src.cuts = AtomicU32::new(3);
+        split_fetch("cutchunk", &src, 3, None).unwrap();
+        let asked = src.asked.lock().unwrap().clone();
+        let resumed = asked.iter().filter(|(s, _)| s % CHUNK == 10_000).count();
+        assert_eq!(resumed, 3, "{asked:?}");
+        assert_eq!(asked.len(), 8 + 3);
+    }
+
+    /// A chunk that keeps failing: the rest of the blob comes over one
+    /// stream, from the end of the prefix.
+    #[test]
+    fn a_chunk_that_keeps_failing_sends_the_rest_down_one_stream() {
+        let mut src = Ranges::new(noise(8 * CHUNK as usize), Mode::Parts);
+        src.fail_at = Some(3 * CHUNK);
+        split_fetch("failchunk", &src, 2, None).unwrap();
+        let asked = src.asked.lock().unwrap().clone();
+        let tries = asked.iter().filter(|(s, _)| *s == 3 * CHUNK).count();
+        assert_eq!(tries as u32, FAST.attempts, "{asked:?}");
+        // From the prefix: below the failing chunk, past what was done
+        // before the chunk below it.
+        let opens = src.opens.lock().unwrap().clone();
+        assert!(opens.len() == 1 && opens[0] <= 3 * CHUNK, "{opens:?}");
+    }
+
+    /// No chunk starts further past the prefix than the bound while a
+    /// chunk below it waits; and the root's budget bounds the
+    /// connections.
+    #[test]
+    fn connections_stay_near_the_prefix_and_within_the_budget() {
+        let mut src = Ranges::new(noise(40 * CHUNK as usize), Mode::Parts);
+        src.hold = Some((CHUNK, Duration::from_millis(500)));
+        split_fetch("ahead", &src, 4, None).unwrap();
+        let highest = *src.during_hold.lock().unwrap();
+        let bound = Split {
+            connections: 4,
+            chunk: CHUNK,
+        }
+        .ahead();
+        // The prefix stops at the held chunk (byte CHUNK).
+        assert!(highest < CHUNK + bound, "{highest} ≥ {}", CHUNK + bound);
+        assert!(highest >= bound / 2, "the others went on: {highest}");
+
+        let src = Ranges::new(noise(16 * CHUNK as usize), Mode::Parts);
+        let budget = Permits::new(2);
+        split_fetch("budget", &src, 8, Some(&budget)).unwrap();
+        let most = src.most_open.load(Ordering::SeqCst);
+        assert!(most <= 2, "{most} answers open at once with a budget of 2");
+    }
+
     /// A source that trickles: `every` between bytes, then a timeout
     /// after `bytes` of them if `silent` (a registry that stops
     /// answering); counts its opens.
@@ -545,6 +1320,8 @@ mod tests {
                 retry: &retry,
                 cancel: &cancel,
                 progress: &|_| {},
+                split: Split::default(),
+                connections: None,
             }
             .fetch_into(&Digest::of(b"never"), 1 << 20, None)
         };

@@ -51,6 +51,13 @@ pub struct RootOptions {
     /// Most blobs downloaded at the same time by this root (containerd's
     /// `max_concurrent_downloads`, 3 by default); lower layers first.
     pub max_downloads: usize,
+    /// Most connections all of this root's downloads use at once (16 by
+    /// default): a blob split over connections ([`Self::split`]) takes
+    /// what the lower layers leave, and gives a connection back between
+    /// two chunks when a lower layer waits for one.
+    pub max_connections: usize,
+    /// How a large blob is fetched over several connections at once.
+    pub split: crate::pipeline::fetch::Split,
     /// How interrupted or refused downloads are retried.
     pub retry: Retry,
     /// The backend and number of worker threads that write files: one
@@ -66,6 +73,8 @@ impl Default for RootOptions {
             // The writers' default count (ARCHITECTURE.md, "Threads").
             parallel_layers: crate::layer::fsops::pool::default_threads().clamp(2, 8),
             max_downloads: 3,
+            max_connections: 16,
+            split: crate::pipeline::fetch::Split::default(),
             retry: Retry::default(),
             backend: BackendOptions::default(),
         }
@@ -109,6 +118,8 @@ pub(crate) struct Parts {
     pub(crate) stats: Stats,
     pub(crate) permits: Permits,
     pub(crate) downloads: Permits,
+    /// The connections of all downloads ([`RootOptions::max_connections`]).
+    pub(crate) connections: Permits,
     /// The writers' pool, started by the first apply.
     pool: std::sync::OnceLock<Arc<Pool>>,
     gc_lock_path: PathBuf,
@@ -157,6 +168,7 @@ impl Context {
             resolves: Flights::new(),
             permits: Permits::new(opts.parallel_layers),
             downloads: Permits::new(opts.max_downloads),
+            connections: Permits::new(opts.max_connections),
             opts,
             stats: Stats::default(),
             pool: std::sync::OnceLock::new(),

@@ -96,6 +96,13 @@ impl Permits {
         g.free -= 1;
     }
 
+    /// Whether a caller with a lower priority number than `prio` waits for
+    /// a permit: a holder that can pause between two pieces of work (a
+    /// connection between two chunks) gives its permit up to it.
+    pub fn wanted_below(&self, prio: u64) -> bool {
+        self.lock().waiting.keys().next().is_some_and(|&p| p < prio)
+    }
+
     /// Wakes every waiter, so that cancelled ones leave.
     pub fn wake_all(&self) {
         let _g = self.lock();

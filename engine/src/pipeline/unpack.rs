@@ -150,6 +150,7 @@ impl Job {
         self.cancel.cancel();
         self.root.0.permits.wake_all();
         self.root.0.downloads.wake_all();
+        self.root.0.connections.wake_all();
         let list = self.growing.lock().unwrap_or_else(|p| p.into_inner());
         for g in list.iter().filter_map(|w| w.upgrade()) {
             g.cancel();
@@ -746,6 +747,8 @@ fn fetch_blob(
         retry: &root.opts.retry,
         cancel: &job.cancel,
         progress: &progress,
+        split: root.opts.split,
+        connections: Some((&root.connections, i as u64)),
     };
     match fetcher.fetch_into(&layer.digest, layer.size, growing) {
         Ok(_) => {

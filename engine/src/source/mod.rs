@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::time::Duration;
 
 use crate::cancel::Cancel;
@@ -47,6 +48,8 @@ pub struct SourceError {
     pub message: String,
     /// How long the server asked us to wait (`Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The HTTP status that said no, if it was one.
+    pub status: Option<u16>,
 }
 
 impl SourceError {
@@ -56,6 +59,7 @@ impl SourceError {
             kind,
             message: message.into(),
             retry_after: None,
+            status: None,
         }
     }
 
@@ -103,8 +107,47 @@ pub trait BlobSource: Send + Sync {
     fn local_file(&self, _d: &Digest) -> Result<Option<(File, u64)>, SourceError> {
         Ok(None)
     }
+    /// Bytes `range` of blob `d` (of `size` bytes in all), for a
+    /// download split over several connections
+    /// ([`crate::pipeline::fetch`]). A source that cannot serve ranges, or
+    /// served them wrongly before, says so with [`Ranged::Refused`] and is
+    /// read with one stream ([`BlobSource::open`]); so does the default.
+    fn open_range(
+        &self,
+        _d: &Digest,
+        _range: Range<u64>,
+        _size: u64,
+        _cancel: &Cancel,
+    ) -> Result<Ranged, SourceError> {
+        Ok(Ranged::Refused("the source serves no ranges".into()))
+    }
     /// Names the source in errors ("the layout /x", "registry r/x").
     fn describe(&self) -> String;
+}
+
+/// What a source answered to a request for part of a blob
+/// ([`BlobSource::open_range`]).
+#[non_exhaustive]
+pub enum Ranged {
+    /// Exactly the bytes asked for.
+    Part(Box<dyn Read + Send>),
+    /// The whole blob from byte 0: the server ignored the `Range` (HTTP
+    /// 200). Good as the one stream of the blob, nothing else.
+    Whole(Box<dyn Read + Send>),
+    /// The source will not serve ranges, or answered one wrongly (HTTP 416
+    /// or 501, a `Content-Range` other than the one asked for): fetch the
+    /// blob with one stream. Says why, naming the host.
+    Refused(String),
+}
+
+impl std::fmt::Debug for Ranged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ranged::Part(_) => f.write_str("Part"),
+            Ranged::Whole(_) => f.write_str("Whole"),
+            Ranged::Refused(why) => write!(f, "Refused({why})"),
+        }
+    }
 }
 
 /// How hard a fetch tries.

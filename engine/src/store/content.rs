@@ -378,6 +378,52 @@ impl IngestWriter<'_> {
         })
     }
 
+    /// A handle that writes pieces of the blob at their offsets, from
+    /// other threads: a blob downloaded over several connections, each
+    /// chunk written where it belongs as it arrives. Nothing it writes is
+    /// part of the blob until [`Self::absorb`] has hashed it.
+    pub fn chunk_writer(&self) -> Result<ChunkWriter, ContentError> {
+        Ok(ChunkWriter {
+            file: self.read_handle()?,
+            max_size: self.max_size,
+            expected: self.expected,
+            path: self.store.path(&self.expected),
+        })
+    }
+
+    /// Makes the bytes from [`Self::written`] up to `end`, which a
+    /// [`ChunkWriter`] wrote, part of the blob: reads them back (from the
+    /// page cache) through `buf` and hashes them. Later [`Self::write`]s
+    /// go on from `end`.
+    pub fn absorb(&mut self, end: u64, buf: &mut [u8]) -> Result<(), ContentError> {
+        if let Some(m) = self.max_size.filter(|&m| end > m) {
+            return Err(ContentError::TooLarge {
+                digest: self.expected,
+                expected: m,
+            });
+        }
+        let path = || self.store.path(&self.expected);
+        while self.size < end {
+            let want = buf.len().min((end - self.size) as usize);
+            let n = match std::os::unix::fs::FileExt::read_at(
+                &self.file,
+                &mut buf[..want],
+                self.size,
+            ) {
+                Ok(0) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(e),
+            }
+            .map_err(|e| io_err(STORE, "read back blob", &path(), e))?;
+            self.hasher.update(&buf[..n]);
+            self.size += n as u64;
+        }
+        io::Seek::seek(&mut self.file, io::SeekFrom::Start(self.size))
+            .map_err(|e| io_err(STORE, "seek blob", &path(), e))?;
+        Ok(())
+    }
+
     /// Checks the digest and gives the blob its name; nothing is published
     /// when the bytes do not match.
     pub fn publish(mut self) -> Result<Ingested, ContentError> {
@@ -425,6 +471,32 @@ impl IngestWriter<'_> {
             size: self.size,
             published,
         })
+    }
+}
+
+/// Writes pieces of a blob being ingested at their offsets (see
+/// [`IngestWriter::chunk_writer`]); cheap to share between threads.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    file: File,
+    max_size: Option<u64>,
+    expected: Digest,
+    path: PathBuf,
+}
+
+impl ChunkWriter {
+    /// Writes `buf` at byte `offset` of the blob; fails where it would
+    /// reach past the size announced.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), ContentError> {
+        let end = offset.saturating_add(buf.len() as u64);
+        if let Some(m) = self.max_size.filter(|&m| end > m) {
+            return Err(ContentError::TooLarge {
+                digest: self.expected,
+                expected: m,
+            });
+        }
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+            .map_err(|e| io_err(STORE, "write blob", &self.path, e).into())
     }
 }
 

@@ -28,7 +28,7 @@ use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
 use crate::oci::image::{Documents, ImageError, MAX_JSON};
 use crate::oci::reference::Reference;
-use crate::source::{BlobSource, Retry, SourceError, SourceErrorKind};
+use crate::source::{BlobSource, Ranged, Retry, SourceError, SourceErrorKind};
 
 pub use hosts::Endpoint;
 
@@ -128,6 +128,49 @@ enum Cap {
 
 const ACCEPT_ERR_BODY: u64 = 4096;
 
+/// Connections to one host kept open between requests: enough for the
+/// chunks of blobs split over connections, which ask one after another
+/// on each (`RootOptions::max_connections`, 16 by default).
+const MAX_IDLE_PER_HOST: usize = 32;
+
+/// Hosts (`host:port`) that answered a ranged request badly (ignored it,
+/// refused it, or named other bytes than asked): their blobs come over
+/// one stream for as long as this process runs, without asking again.
+static RANGES_REFUSED: Mutex<std::collections::BTreeSet<String>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+fn ranges_refused(authority: &str) -> bool {
+    RANGES_REFUSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(authority)
+}
+
+fn refuse_ranges(authority: &str) {
+    RANGES_REFUSED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(authority.to_string());
+}
+
+/// Whether a `Content-Range` value (`bytes FIRST-LAST/TOTAL`) names
+/// exactly `range` of a blob of `size` bytes (`TOTAL` may be `*`).
+fn content_range_is(value: &str, range: &std::ops::Range<u64>, size: u64) -> bool {
+    let Some(rest) = value.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((span, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((first, last)) = span.split_once('-') else {
+        return false;
+    };
+    let total_ok = total == "*" || total.parse::<u64>().ok() == Some(size);
+    first.parse::<u64>().ok() == Some(range.start)
+        && last.parse::<u64>().ok() == range.end.checked_sub(1)
+        && total_ok
+}
+
 impl Remote {
     /// A client for `reference`'s repository with the endpoints its
     /// registry's `hosts.toml` lists (or the registry itself).
@@ -147,6 +190,9 @@ impl Remote {
                 // A redirect may lead anywhere (a CDN, or another host
                 // entirely): the registry's credentials never follow it.
                 .redirect_auth_headers(ureq::RedirectAuthHeaders::Never)
+                // A blob split over connections (pipeline::fetch) asks for
+                // its chunks over as many kept-alive connections.
+                .max_idle_connections_per_host(MAX_IDLE_PER_HOST)
                 .user_agent(concat!("unlade/", env!("CARGO_PKG_VERSION")));
             if ep.base.starts_with("https://") {
                 b = b.tls_config(tls::client_config(&ep)?);
@@ -723,6 +769,7 @@ fn status_error(what: &str, code: u16, resp: ureq::Response) -> SourceError {
         kind,
         message: format!("{what}: HTTP {code}{what_now}{detail}"),
         retry_after,
+        status: Some(code),
     }
 }
 
@@ -808,8 +855,97 @@ impl BlobSource for RemoteBlobs {
         Ok(r)
     }
 
+    fn open_range(
+        &self,
+        d: &Digest,
+        range: std::ops::Range<u64>,
+        size: u64,
+        _cancel: &Cancel,
+    ) -> Result<Ranged, SourceError> {
+        let remote = &self.0;
+        if let Some((b, _)) = remote.cached(d) {
+            let part = b
+                .get(range.start as usize..range.end as usize)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default();
+            return Ok(Ranged::Part(Box::new(std::io::Cursor::new(part))));
+        }
+        // The endpoint that serves blobs when nothing is down.
+        let first = remote.endpoints.iter().map(|(e, _)| e).find(|e| e.pull);
+        if let Some(ep) = first.filter(|e| ranges_refused(&e.authority)) {
+            return Ok(Ranged::Refused(format!(
+                "{} answered a range request badly before",
+                ep.authority
+            )));
+        }
+        let path = format!("/{}/blobs/{d}", remote.reference.repository);
+        let asked = format!("bytes={}-{}", range.start, range.end.saturating_sub(1));
+        let (resp, ep) = match remote.request(Cap::Blob, "GET", &path, &[("Range", asked.clone())])
+        {
+            Ok(r) => r,
+            Err(e) if matches!(e.status, Some(416 | 501)) => {
+                let why = format!(
+                    "{}: {asked} refused: {}",
+                    first.map_or("", |e| &e.authority),
+                    e.message
+                );
+                if let Some(ep) = first {
+                    refuse_ranges(&ep.authority);
+                }
+                return Ok(Ranged::Refused(why));
+            }
+            Err(e) => return Err(e),
+        };
+        let counted = |resp: ureq::Response| -> Box<dyn Read + Send> {
+            Box::new(Counted {
+                inner: resp.into_reader(),
+                remote: remote.clone(),
+            })
+        };
+        match resp.status() {
+            206 => {
+                let cr = resp.header("Content-Range").unwrap_or("").to_string();
+                if content_range_is(&cr, &range, size) {
+                    return Ok(Ranged::Part(counted(resp)));
+                }
+                refuse_ranges(&ep.authority);
+                Ok(Ranged::Refused(format!(
+                    "{}{path}: asked {asked}, got Content-Range {cr:?}",
+                    ep.authority
+                )))
+            }
+            _ => {
+                refuse_ranges(&ep.authority);
+                Ok(Ranged::Whole(counted(resp)))
+            }
+        }
+    }
+
     fn describe(&self) -> String {
         format!("registry {}", self.0.reference.name())
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    #[test]
+    fn a_content_range_must_name_the_bytes_asked() {
+        let r = 100..200;
+        assert!(content_range_is("bytes 100-199/1000", &r, 1000));
+        assert!(content_range_is("bytes 100-199/*", &r, 1000));
+        for wrong in [
+            "bytes 100-198/1000",
+            "bytes 101-199/1000",
+            "bytes 100-199/999",
+            "bytes 100-199",
+            "100-199/1000",
+            "bytes x-199/1000",
+            "",
+        ] {
+            assert!(!content_range_is(wrong, &r, 1000), "{wrong}");
+        }
     }
 }
 
