@@ -6,12 +6,18 @@
 #   golang   base / curl, ca-certificates, wget, gnupg (buildpack-deps:curl)
 #            / git, openssh-client, procps (…:scm) / gcc, g++, make, libc6-dev, pkg-config
 #            / golang-go / config layer
+#   ml       base / an ML stack: PyTorch, the SciPy stack, OpenCV, LLVM 16, Boost, gcc
+#            (one layer of about 2.7 GB) / model weights: 4 safetensors files of 400 MB of
+#            float16 values drawn as trained weights are (normal, sigma 0.02: they compress
+#            by a few percent, as real checkpoints do) / config layer. About 4.4 GB
+#            unpacked: a pull for perf/ (issue 22), not for CI.
 # Each layer is the files of the packages new to it (dpkg-deb --fsys-tarfile, merged /usr),
 # with /var/lib/dpkg/status; the config layer adds /etc files and a whiteout. Layers are
 # packed by GNU tar (sorted, PAX, numeric owners, no atime/ctime, mtimes clamped) and
 # compressed with `pigz -6 -n`, as registries usually carry them.
 #
-# Usage: perf/build-images.sh OUTDIR     (writes OUTDIR/redis and OUTDIR/golang, tag "latest")
+# Usage: perf/build-images.sh OUTDIR     (writes OUTDIR/redis and OUTDIR/golang, tag "latest";
+#                                        IMAGES=ml for the ML-like one)
 # Env:   IMAGES="redis golang"  DEBS=/var/cache/unlade-perf-debs (download cache)
 # Needs: root (package owners are kept), apt-get, dpkg-deb, GNU tar, pigz, python3.
 set -euo pipefail
@@ -95,6 +101,60 @@ config_layer() {
   layers+=("$1")
 }
 
+# weights_layer NAME FILES MB : FILES safetensors files of MB megabytes of float16 weights
+weights_layer() {
+  local d=$work/l.$1
+  mkdir -p "$d/models/llm"
+  python3 - "$d/models/llm" "$2" "$3" <<'EOF'
+import json, math, os, random, struct, sys
+out, files, mb = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# The high byte of an IEEE float16 (sign, 5 exponent bits, 2 mantissa bits) of N(0, 0.02)
+# as a table from a uniform byte, built from the distribution's CDF, so that
+# bytes.translate draws a whole tensor at C speed; the low byte (8 mantissa bits) is
+# uniform. Such a tensor deflates by a few percent, as real checkpoints do.
+def cdf(x):
+    return 0.5 * (1 + math.erf(x / (0.02 * math.sqrt(2))))
+def magnitude(e, m):
+    return (2.0 ** (e - 15)) * (1 + m / 4) if e else (m / 4) * 2.0 ** -14
+cells = []
+for sign in (0, 1):
+    for e in range(31):
+        for m in range(4):
+            lo, hi = magnitude(e, m), (magnitude(e, m + 1) if m < 3 else magnitude(e + 1, 0))
+            p = (cdf(hi) - cdf(lo)) if sign == 0 else (cdf(-lo) - cdf(-hi))
+            cells.append((p, (sign << 7) | (e << 2) | m))
+total = sum(p for p, _ in cells)
+edges, run = [], 0.0
+for p, b in cells:
+    run += p / total
+    edges.append((run, b))
+table, j = bytearray(256), 0
+for i in range(256):
+    u = (i + 0.5) / 256
+    while j < len(edges) - 1 and edges[j][0] < u:
+        j += 1
+    table[i] = edges[j][1]
+rng = random.Random(22)
+step = 8 << 20
+for f in range(files):
+    n = mb * 1000 * 1000 // 2
+    name = "model-%05d-of-%05d.safetensors" % (f + 1, files)
+    header = json.dumps({"model.layers.%d.weight" % f: {"dtype": "F16", "shape": [n], "data_offsets": [0, 2 * n]}}).encode()
+    with open(os.path.join(out, name), "wb") as o:
+        o.write(struct.pack("<Q", len(header)) + header)
+        left = n
+        while left:
+            k = min(left, step)
+            buf = bytearray(2 * k)
+            buf[0::2] = rng.randbytes(k)
+            buf[1::2] = rng.randbytes(k).translate(table)
+            o.write(buf)
+            left -= k
+EOF
+  layer "$d" "$1"
+  layers+=("$1")
+}
+
 write_layout() { # IMAGE
   python3 - "$out/$1" "$epoch" "$work" "${layers[@]}" <<'EOF'
 import hashlib, json, os, shutil, sys, datetime
@@ -158,6 +218,10 @@ for img in $IMAGES; do
       pkg_layer scm git openssh-client procps
       pkg_layer build gcc g++ make libc6-dev pkg-config
       pkg_layer go golang-go ;;
+    ml)
+      pkg_layer stack python3-torch libtorch-dev python3-scipy python3-sklearn python3-pandas \
+        python3-opencv llvm-16-dev clang-16 libboost-all-dev gcc g++ python3-dev
+      weights_layer weights 4 400 ;;
     *) echo "unknown image $img" >&2; exit 1 ;;
   esac
   config_layer config

@@ -4,7 +4,12 @@
 #
 # Builds redis-like and golang-like images from Debian packages (perf/build-images.sh),
 # serves them from Debian's docker-registry on 127.0.0.1 (pushed with skopeo), and times:
-#   unlade-1        one `unlade pull`
+#   unlade-1        one `unlade pull` (with $UNLADE_ARGS, if set)
+#   unlade-1s       one `unlade pull --blob-connections 1`: every blob over one stream, as
+#                   before ranged fetch
+#   cri-chunked-1   cri-1 with containerd's chunked fetch (2.1+): max_concurrent_downloads
+#                   and concurrent_layer_fetch_buffer = $CHUNKED (default 16:16777216),
+#                   for the transfer service and CRI alike
 #   unlade-20proc   20 `unlade pull` processes at once on one root
 #   unlade-20lib    20 concurrent `Root::pull` calls in one process (examples/concurrent_pull.rs)
 #   ctr-1           Debian's containerd (own instance, root and socket): one `ctr images pull`
@@ -29,7 +34,8 @@
 # 2.1's transfer mode needs.
 # Every case starts on a freshly made ext4 (loop device over a sparse file, direct I/O), so
 # no case pays for the one before; registry storage and page cache are warm. Shuffled order,
-# RUNS rounds; prints medians and ratios to unlade-1 (also per round).
+# RUNS rounds; prints medians and ratios to unlade-1 (also per round), and the peak RSS
+# (VmHWM) of every process involved: the pull command, containerd, unlade's snapshotter.
 #
 # Usage: perf/pull.sh                  Env: IMAGES="redis golang" RUNS=3 N=20
 #        CASES="unlade-1 ..." (subset)  IMGDIR=/var/tmp/unlade-pull-images (built once, reused)
@@ -124,7 +130,13 @@ printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "res
 cri_config() { # SNAPSHOTTER
   local images='plugins."io.containerd.grpc.v1.cri"'
   if [[ $CTD == 2.* ]]; then images="plugins.'io.containerd.cri.v1.images'"; fi
-  if [[ $1 == unlade ]]; then
+  if [[ $1 == chunked ]]; then
+    local conns=${CHUNKED:-16:16777216}
+    printf "[plugins.'io.containerd.transfer.v1.local']\n  max_concurrent_downloads = %s\n  concurrent_layer_fetch_buffer = %s\n" \
+      "${conns%%:*}" "${conns#*:}"
+    printf '[%s]\n  snapshotter = "overlayfs"\n  max_concurrent_downloads = %s\n  concurrent_layer_fetch_buffer = %s\n' \
+      "$images" "${conns%%:*}" "${conns#*:}"
+  elif [[ $1 == unlade ]]; then
     "$bin" containerd-config --containerd-version "$CTD" --address "$work/unlade.sock" \
       --root "$fsdir/root" $([[ $CTD == 2.* ]] && echo "--pull-mode $MODE")
   else
@@ -140,12 +152,15 @@ cri_config() { # SNAPSHOTTER
 snap_pid=
 start_unlade_snapshotter() { # [ARGS...]
   "$ubin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
-    "$@" 2> "$work/unlade.log" &
+    ${UNLADE_ARGS:-} "$@" 2> "$work/unlade.log" &
   snap_pid=$!
   for _ in $(seq 100); do [[ -S $work/unlade.sock ]] && return; sleep 0.1; done
   echo "unlade snapshotter did not start: $(tail -3 "$work/unlade.log")" >&2; exit 1
 }
+# The peak resident memory of a live process, in MiB.
+hwm() { awk '/^VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status"; }
 stop_unlade_snapshotter() {
+  rss_note+=", unlade snapshotter $(hwm "$snap_pid") MiB"
   kill "$snap_pid"; wait "$snap_pid" 2>/dev/null || true; snap_pid=
   # What it mounted for active snapshots (none after a pull).
   { grep -o " $fsdir/root/containerd/mnt/[^ ]*" /proc/self/mounts || true; } | xargs -r -n1 umount -l
@@ -173,10 +188,16 @@ run_case() { # IMAGE CASE
   elif [[ $c == cri-unlade-* ]]; then
     snapper=unlade; start_unlade_snapshotter
   fi
-  [[ $c == ctr-* || $c == cri-* ]] && start_containerd "$(cri_config $snapper)"
+  [[ $c == cri-chunked-* ]] && start_containerd "$(cri_config chunked)"
+  [[ $c == ctr-* || ( $c == cri-* && $c != cri-chunked-* ) ]] && start_containerd "$(cri_config $snapper)"
+  rss_note=
   case $c in
-    unlade-1)
-      t0=$(now); "$bin" pull --plain-http "$ref" --root "$root" -q > "$work/out"; t1=$(now) ;;
+    unlade-1|unlade-1s)
+      t0=$(now)
+      /usr/bin/time -f %M -o "$work/rss" "$bin" pull --plain-http "$ref" --root "$root" -q \
+        ${UNLADE_ARGS:-} $([[ $c == unlade-1s ]] && echo --blob-connections 1) > "$work/out"
+      t1=$(now)
+      rss_note="peak RSS: unlade pull $(( $(cat "$work/rss") / 1024 )) MiB" ;;
     unlade-20proc)
       t0=$(now)
       pids=()
@@ -194,7 +215,7 @@ run_case() { # IMAGE CASE
       pids=()
       for _ in $(seq "$N"); do ctr_pull "$ref" & pids+=($!); done
       wait "${pids[@]}"; t1=$(now) ;;
-    cri-1|cri-unlade-1)
+    cri-1|cri-unlade-1|cri-chunked-1)
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
     cri-20|cri-unlade-20)
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
@@ -208,8 +229,12 @@ run_case() { # IMAGE CASE
       note+="; unlade: $(grep -o '[0-9]* applied here' "$work/unlade.log" |
         awk '{a+=$1} END {print a+0}') layers applied, $(grep -c ' for containerd: ' "$work/unlade.log" || true) pulls, $(grep -c 'falls back to containerd' "$work/unlade.log" || true) fallbacks"
     fi
+    rss_note="peak RSS: containerd $(hwm "$ctd_pid") MiB"
     stop_containerd
     if [[ $snapper == unlade ]]; then stop_unlade_snapshotter; fi
+    note+="; $rss_note"
+  elif [[ -n $rss_note ]]; then
+    note="$rss_note"
   fi
   drop_fs
   local dt; dt=$(echo "$t1 - $t0" | bc -l)

@@ -1117,7 +1117,7 @@ mod tests {
         name: &str,
         src: &Ranges,
         conns: usize,
-        budget: Option<&Permits>,
+        budget: Option<(&Permits, u64)>,
     ) -> Result<(), FetchError> {
         let (t, s) = store(name);
         let d = Digest::of(&src.data);
@@ -1134,7 +1134,7 @@ mod tests {
                 connections: conns,
                 chunk: CHUNK,
             },
-            connections: budget.map(|p| (p, 0)),
+            connections: budget,
         };
         let (r, got) = std::thread::scope(|sc| {
             let h = sc.spawn(move || {
@@ -1247,9 +1247,34 @@ mod tests {
 
         let src = Ranges::new(noise(16 * CHUNK as usize), Mode::Parts);
         let budget = Permits::new(2);
-        split_fetch("budget", &src, 8, Some(&budget)).unwrap();
+        split_fetch("budget", &src, 8, Some((&budget, 0))).unwrap();
         let most = src.most_open.load(Ordering::SeqCst);
         assert!(most <= 2, "{most} answers open at once with a budget of 2");
+    }
+
+    /// A lower layer waiting for a connection gets one between two chunks
+    /// of a higher layer's download, not after it.
+    #[test]
+    fn a_higher_layer_gives_a_connection_to_a_lower_one() {
+        let src = Ranges::new(noise(32 * CHUNK as usize), Mode::Parts);
+        let budget = Permits::new(2);
+        let got_early = std::thread::scope(|sc| {
+            let lower = sc.spawn(|| {
+                // Once the download holds both connections.
+                while src.most_open.load(Ordering::SeqCst) < 2 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let c = Cancel::new();
+                let p = budget.acquire(1, &c).expect("a permit");
+                // Chunks asked by then: all 32 if it had to wait for the end.
+                let asked = src.asked.lock().unwrap().len();
+                drop(p);
+                asked < 32
+            });
+            split_fetch("yield", &src, 2, Some((&budget, 5))).unwrap();
+            lower.join().unwrap()
+        });
+        assert!(got_early, "the lower layer waited for the whole download");
     }
 
     /// A source that trickles: `every` between bytes, then a timeout

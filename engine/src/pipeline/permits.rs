@@ -147,6 +147,34 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), vec![3, 7, 9]);
     }
 
+    /// A holder between two pieces of work hears of a lower waiter (and
+    /// only of a lower one): a connection of a higher layer gives way.
+    #[test]
+    fn a_holder_hears_of_a_lower_waiter() {
+        let permits = Arc::new(Permits::new(1));
+        let c = Cancel::new();
+        let held = permits.acquire(5, &c).unwrap();
+        assert!(!permits.wanted_below(5));
+        let higher = {
+            let (permits, c) = (permits.clone(), c.clone());
+            std::thread::spawn(move || drop(permits.acquire(9, &c)))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!permits.wanted_below(5), "a higher waiter does not count");
+        let lower = {
+            let (permits, c) = (permits.clone(), c.clone());
+            std::thread::spawn(move || permits.acquire(2, &c).map(|_| ()))
+        };
+        let t0 = std::time::Instant::now();
+        while !permits.wanted_below(5) {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(held);
+        assert!(lower.join().unwrap().is_some());
+        higher.join().unwrap();
+    }
+
     #[test]
     fn a_paused_permit_serves_a_waiter_and_comes_back() {
         let permits = Arc::new(Permits::new(1));
