@@ -20,11 +20,12 @@
 //! those threads per worker ([`RingOptions::iowq_max`]) instead of letting
 //! the kernel start one per file of a batch.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use rustix::fs::AtFlags;
 use rustix::io::Errno;
 
 use super::syscalls;
@@ -111,29 +112,34 @@ pub struct Uring {
     cqes: Vec<Completion<Chunk>>,
 }
 
-/// A job of the batch being run, between its pushes and its [`Done`].
+/// A job of the batch being run, between its pushes and its [`Done`]:
+/// what its completions need (its id, its file's state), since the ring
+/// gives back only a tag, the task's index in [`Batch::tasks`].
 enum Task {
     /// An [`Op::File`]: opening, then writing.
     File {
         id: u64,
-        dir: Arc<OwnedFd>,
         /// The extents, until the file is open.
         data: Vec<(u64, Chunk)>,
         size: u64,
         meta: Meta,
+        /// Its fd once open: the file is finished only then.
         fd: Option<Arc<OwnedFd>>,
         /// End of the last extent.
         end: u64,
-        /// Ring operations of this job in flight.
+        /// Ring writes of this job in flight.
         ops: usize,
+        /// The first error seen, reported once nothing is in flight.
         err: Option<OpError>,
     },
     /// An [`Op::Open`].
-    Open { id: u64, dir: Arc<OwnedFd> },
+    Open { id: u64 },
     /// An [`Op::Write`].
     Write {
         id: u64,
+        /// Ring writes of this job in flight.
         ops: usize,
+        /// The first error seen, reported once nothing is in flight.
         err: Option<OpError>,
     },
     /// An [`Op::Symlink`] on the ring.
@@ -147,15 +153,57 @@ enum Task {
 }
 
 impl Task {
+    /// An [`Op::File`] before its open: its extents wait for the fd.
+    fn file(id: u64, data: Vec<(u64, Chunk)>, size: u64, meta: Meta) -> Self {
+        Task::File {
+            id,
+            data,
+            size,
+            meta,
+            fd: None,
+            end: 0,
+            ops: 0,
+            err: None,
+        }
+    }
+
+    /// The job's id, while its [`Done`] is not out: a task gets one
+    /// [`Done`], and never a second.
     fn id(&self) -> Option<u64> {
         match self {
             Task::File { id, .. }
-            | Task::Open { id, .. }
+            | Task::Open { id }
             | Task::Write { id, .. }
             | Task::Symlink { id, .. }
             | Task::Hardlink { id }
             | Task::Closing { id } => Some(*id),
             Task::Over => None,
+        }
+    }
+
+    /// Whether a completion of `op` is one this task waits for: the one
+    /// place that says which operations each kind of task has on the
+    /// ring, so that a stray completion (none is expected) is dropped
+    /// rather than handled as something it is not.
+    fn expects(&self, op: Option<&ring::Op<Chunk>>) -> bool {
+        match op {
+            Some(ring::Op::OpenAt { .. }) => matches!(self, Task::File { .. } | Task::Open { .. }),
+            Some(ring::Op::Write { .. }) => matches!(self, Task::File { .. } | Task::Write { .. }),
+            Some(ring::Op::SymlinkAt { .. }) => matches!(self, Task::Symlink { .. }),
+            Some(ring::Op::LinkAt { .. }) => matches!(self, Task::Hardlink { .. }),
+            // A close's completion gives no operation back.
+            Some(ring::Op::Close(_)) => false,
+            None => matches!(self, Task::Closing { .. }),
+        }
+    }
+
+    /// The writes in flight and the first error of a task that writes (a
+    /// file, or a write to an opened one): the two things its writes, on
+    /// the ring or inline, update.
+    fn writes(&mut self) -> Option<(&mut usize, &mut Option<OpError>)> {
+        match self {
+            Task::File { ops, err, .. } | Task::Write { ops, err, .. } => Some((ops, err)),
+            _ => None,
         }
     }
 }
@@ -200,83 +248,255 @@ impl Uring {
             op
         })
     }
+}
 
-    /// Queues the writes of `data` to the file of task `t`, or does them
-    /// here if the ring fails.
-    fn push_writes(
-        &mut self,
-        t: usize,
-        tasks: &mut [Task],
-        fd: &Arc<OwnedFd>,
-        data: Vec<(u64, Chunk)>,
-    ) {
-        for (off, chunk) in data {
-            if chunk.is_empty() {
-                // Nothing to write (a write of nothing would read as
-                // "no room").
-                continue;
-            }
-            let op = ring::Op::Write {
-                file: fd.clone(),
-                buf: chunk,
-                start: 0,
-                offset: off,
-            };
-            self.write_or_inline(t, tasks, op);
+/// One [`Exec::run`] on the ring: the batch's jobs as [`Task`]s and where
+/// their [`Done`]s go. A struct so that one method ([`Batch::queue`])
+/// decides between the ring and the syscall fallback for every operation,
+/// and each kind of completion has a short handler of its own. It lends
+/// the kernel nothing itself: each operation, with the fds, names and
+/// buffers the kernel reads, moves into the [`Ring`], which keeps it until
+/// its completion gives it back (see `sys::uring`).
+struct Batch<'a> {
+    /// The ring, its tuning, and whether it broke (which outlives the
+    /// batch: a broken ring is never used again).
+    uring: &'a mut Uring,
+    /// The jobs that went to the ring, by tag.
+    tasks: Vec<Task>,
+    /// Jobs for plain syscalls, run once the ring has been started
+    /// ([`Batch::run_inline`]).
+    inline: Vec<Job>,
+    /// Where each job's [`Done`] goes.
+    done: &'a mut Vec<Done>,
+}
+
+impl<'a> Batch<'a> {
+    /// A batch of `jobs` jobs on `uring`, reporting to `done`.
+    fn new(uring: &'a mut Uring, jobs: usize, done: &'a mut Vec<Done>) -> Self {
+        Batch {
+            uring,
+            tasks: Vec::with_capacity(jobs),
+            inline: Vec::new(),
+            done,
         }
     }
 
-    /// Pushes a write of task `t`, counting it; runs it here if the ring
-    /// fails.
-    fn write_or_inline(&mut self, t: usize, tasks: &mut [Task], op: ring::Op<Chunk>) {
-        match self.push(t, op) {
-            Ok(()) => {
-                if let Task::File { ops, .. } | Task::Write { ops, .. } = &mut tasks[t] {
+    /// Takes `job` in: a create, a write to an opened file or, where
+    /// tuned so, a link goes on the ring as a task; anything the ring has
+    /// no use for, and every job once the ring broke, waits for
+    /// [`Batch::run_inline`].
+    fn add(&mut self, job: Job) {
+        if self.uring.broken {
+            self.inline.push(job);
+            return;
+        }
+        let t = self.tasks.len();
+        let links = self.uring.tuning.links;
+        let Job { id, dir, name, op } = job;
+        match op {
+            Op::File { data, size, meta } => {
+                self.tasks.push(Task::file(id, data, size, meta));
+                self.queue(t, open_op(dir, name));
+            }
+            Op::Open => {
+                self.tasks.push(Task::Open { id });
+                self.queue(t, open_op(dir, name));
+            }
+            Op::Write { file, offset, data } => {
+                self.tasks.push(Task::Write {
+                    id,
+                    ops: 0,
+                    err: None,
+                });
+                self.write(t, file, offset, data);
+                self.maybe_finish(t);
+            }
+            Op::Symlink { target, meta } if links => {
+                self.tasks.push(Task::Symlink { id, meta });
+                self.queue(t, ring::Op::SymlinkAt { target, dir, name });
+            }
+            Op::Hardlink {
+                target_dir: old_dir,
+                target_name: old_name,
+            } if links => {
+                self.tasks.push(Task::Hardlink { id });
+                let op = ring::Op::LinkAt {
+                    old_dir,
+                    old_name,
+                    dir,
+                    name,
+                };
+                self.queue(t, op);
+            }
+            op => self.inline.push(Job { id, dir, name, op }),
+        }
+    }
+
+    /// Pushes `op` of task `t` on the ring, counting a write among the
+    /// task's operations in flight; where the ring refuses it (or broke
+    /// before), runs it through [`Batch::fallback`] instead. The one place
+    /// that chooses between the two, so no operation can be lost between
+    /// them.
+    fn queue(&mut self, t: usize, op: ring::Op<Chunk>) {
+        let write = matches!(op, ring::Op::Write { .. });
+        match self.uring.push(t, op) {
+            Ok(()) if write => {
+                if let Some((ops, _)) = self.tasks[t].writes() {
                     *ops += 1;
                 }
             }
-            Err(ring::Op::Write {
+            Ok(()) => {}
+            Err(op) => self.fallback(t, op),
+        }
+    }
+
+    /// Does what the ring refused with plain syscalls, as
+    /// [`super::syscalls`] would: a create or a write here and now (what
+    /// follows it needs its result), a link with the inline jobs (as if it
+    /// had never been meant for the ring), a close by dropping the fd.
+    fn fallback(&mut self, t: usize, op: ring::Op<Chunk>) {
+        match op {
+            ring::Op::OpenAt { dir, name, .. } => {
+                let r = syscalls::create_file(dir.as_fd(), &name);
+                self.open_done(t, r);
+            }
+            ring::Op::Write {
                 file,
                 buf,
                 start,
                 offset,
-            }) => {
-                let r = syscalls::write_all_at(&file, buf.get(start..).unwrap_or(&[]), offset);
-                if let (Err(e), Task::File { err, .. } | Task::Write { err, .. }) =
-                    (r, &mut tasks[t])
-                {
-                    err.get_or_insert(e);
+            } => {
+                let rest = buf.get(start..).unwrap_or(&[]);
+                if let Err(e) = syscalls::write_all_at(&file, rest, offset) {
+                    self.note(t, e);
                 }
             }
-            Err(_) => {}
+            ring::Op::SymlinkAt { target, dir, name } => {
+                if let Task::Symlink { id, meta } = self.take(t) {
+                    let op = Op::Symlink { target, meta };
+                    self.inline.push(Job { id, dir, name, op });
+                }
+            }
+            ring::Op::LinkAt {
+                old_dir,
+                old_name,
+                dir,
+                name,
+            } => {
+                if let Some(id) = self.take(t).id() {
+                    let op = Op::Hardlink {
+                        target_dir: old_dir,
+                        target_name: old_name,
+                    };
+                    self.inline.push(Job { id, dir, name, op });
+                }
+            }
+            ring::Op::Close(fd) => {
+                drop(fd);
+                self.closed(t);
+            }
         }
     }
 
-    /// A file of task `t` is open: queue its writes, or finish it if it
-    /// has none.
-    fn opened(&mut self, t: usize, tasks: &mut [Task], fd: OwnedFd, done: &mut Vec<Done>) {
-        let fd = Arc::new(fd);
-        let data = match &mut tasks[t] {
-            Task::File {
-                data,
-                fd: slot,
-                end,
-                ..
-            } => {
-                *slot = Some(fd.clone());
-                *end = data.last().map_or(0, |(o, c)| o + c.len() as u64);
-                std::mem::take(data)
-            }
-            _ => return,
-        };
-        self.push_writes(t, tasks, &fd, data);
-        drop(fd);
-        self.maybe_finish(t, tasks, done);
+    /// Queues a write of `buf` at `offset` for task `t`. An empty one is
+    /// skipped: a write of nothing would read as "no room".
+    fn write(&mut self, t: usize, file: Arc<OwnedFd>, offset: u64, buf: Chunk) {
+        if !buf.is_empty() {
+            let op = ring::Op::Write {
+                file,
+                buf,
+                start: 0,
+                offset,
+            };
+            self.queue(t, op);
+        }
     }
 
-    /// Finishes task `t` if none of its operations is in flight.
-    fn maybe_finish(&mut self, t: usize, tasks: &mut [Task], done: &mut Vec<Done>) {
-        match &tasks[t] {
+    /// The create of task `t` is done, on the ring or inline: a file's
+    /// writes follow, an [`Op::Open`] hands its fd over.
+    fn open_done(&mut self, t: usize, r: Result<OwnedFd, OpError>) {
+        match self.tasks[t] {
+            Task::File { .. } => match r {
+                Ok(fd) => self.opened(t, fd),
+                Err(e) => self.end(t, Err(e)),
+            },
+            Task::Open { .. } => self.end(t, r.map(Some)),
+            _ => {}
+        }
+    }
+
+    /// The file of task `t` is open: queue its writes, or finish it if it
+    /// has none.
+    fn opened(&mut self, t: usize, fd: OwnedFd) {
+        let fd = Arc::new(fd);
+        let Task::File {
+            data,
+            fd: slot,
+            end,
+            ..
+        } = &mut self.tasks[t]
+        else {
+            return;
+        };
+        *slot = Some(fd.clone());
+        *end = data.last().map_or(0, |(o, c)| o + c.len() as u64);
+        for (offset, chunk) in std::mem::take(data) {
+            self.write(t, fd.clone(), offset, chunk);
+        }
+        // Dropped before finishing: once the writes are done the task
+        // holds the only reference, and a close on the ring can take it.
+        drop(fd);
+        self.maybe_finish(t);
+    }
+
+    /// A ring write of task `t` completed: a short one goes on from where
+    /// it stopped, one interrupted or refused for now is finished inline,
+    /// an error is kept for the task's [`Done`]; the task finishes after
+    /// its last write.
+    fn written(&mut self, t: usize, mut op: ring::Op<Chunk>, result: io::Result<Value>) {
+        if let Some((ops, _)) = self.tasks[t].writes() {
+            *ops -= 1;
+        }
+        let ring::Op::Write {
+            buf, start, offset, ..
+        } = &mut op
+        else {
+            return;
+        };
+        match result {
+            Ok(Value::Written(0)) => self.note(t, OpError::new("write file", Errno::NOSPC)),
+            Ok(Value::Written(n)) if *start + n < buf.len() => {
+                // A short write: go on from where it stopped.
+                *start += n;
+                *offset += n as u64;
+                self.queue(t, op);
+            }
+            Ok(_) => {}
+            // Interrupted or refused for now: the rest is written inline,
+            // with a blocking pwrite, rather than queued again (a ring
+            // that kept answering EAGAIN would otherwise loop forever).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
+                self.fallback(t, op);
+            }
+            Err(e) => self.note(t, OpError::new("write file", e)),
+        }
+        self.maybe_finish(t);
+    }
+
+    /// Keeps `e` for the [`Done`] of task `t` unless an error was kept
+    /// before: a job reports one error, the first seen.
+    fn note(&mut self, t: usize, e: OpError) {
+        if let Some((_, err)) = self.tasks[t].writes() {
+            err.get_or_insert(e);
+        }
+    }
+
+    /// Finishes task `t` once none of its operations is in flight: a
+    /// file's size and metadata are set through its fd (io_uring has no
+    /// operation for them) and it is closed; a write reports its first
+    /// error.
+    fn maybe_finish(&mut self, t: usize) {
+        match self.tasks[t] {
             Task::File {
                 ops: 0,
                 fd: Some(_),
@@ -285,39 +505,23 @@ impl Uring {
             | Task::Write { ops: 0, .. } => {}
             _ => return,
         }
-        match std::mem::replace(&mut tasks[t], Task::Over) {
+        match self.take(t) {
             Task::File {
                 id,
                 size,
                 meta,
-                fd,
+                fd: Some(fd),
                 end,
                 err,
                 ..
             } => {
-                let Some(fd) = fd else {
-                    return;
-                };
                 let r = match err {
                     Some(e) => Err(e),
                     None => finish_file(&fd, size, end, &meta),
                 };
-                if r.is_ok() && self.tuning.close {
-                    if let Ok(fd) = Arc::try_unwrap(fd) {
-                        tasks[t] = Task::Closing { id };
-                        if self.push(t, ring::Op::Close(fd)).is_ok() {
-                            return;
-                        }
-                        // Not pushed: the fd was dropped with the op.
-                        tasks[t] = Task::Over;
-                    }
-                }
-                done.push(Done {
-                    id,
-                    result: r.map(|()| None),
-                });
+                self.close(t, id, fd, r);
             }
-            Task::Write { id, err, .. } => done.push(Done {
+            Task::Write { id, err, .. } => self.done.push(Done {
                 id,
                 result: err.map_or(Ok(None), Err),
             }),
@@ -325,136 +529,168 @@ impl Uring {
         }
     }
 
-    /// Handles one completion.
-    fn complete(&mut self, c: Completion<Chunk>, tasks: &mut [Task], done: &mut Vec<Done>) {
-        let t = c.tag as usize;
-        let Some(task) = tasks.get_mut(t) else {
+    /// Closes the file of task `t`, finished with `r`: on the ring where
+    /// tuned so, if it succeeded and nothing else holds the fd (its
+    /// [`Done`] then waits for the close); else by dropping the fd, its
+    /// [`Done`] out now.
+    fn close(&mut self, t: usize, id: u64, fd: Arc<OwnedFd>, r: Result<(), OpError>) {
+        if r.is_ok() && self.uring.tuning.close {
+            if let Ok(fd) = Arc::try_unwrap(fd) {
+                self.tasks[t] = Task::Closing { id };
+                self.queue(t, ring::Op::Close(fd));
+                return;
+            }
+        }
+        self.done.push(Done {
+            id,
+            result: r.map(|()| None),
+        });
+    }
+
+    /// The file of task `t` is closed, on the ring or by dropping its fd:
+    /// the fd is released whatever close says, and its data and metadata
+    /// were set before.
+    fn closed(&mut self, t: usize) {
+        self.end(t, Ok(None));
+    }
+
+    /// The `symlinkat` of task `t` completed: an existing name is
+    /// replaced inline, then the link's metadata are set by name (a
+    /// symlink has no fd to set them through).
+    fn symlinked(
+        &mut self,
+        t: usize,
+        target: &CStr,
+        (dir, name): (&OwnedFd, &CStr),
+        result: io::Result<Value>,
+    ) {
+        let Task::Symlink { meta, .. } = &self.tasks[t] else {
             return;
         };
-        match (task, c.op) {
-            (Task::File { dir, .. }, Some(ring::Op::OpenAt { name, .. })) => {
-                let dir = dir.clone();
-                match open_result(c.result, &dir, &name) {
-                    Ok(fd) => self.opened(t, tasks, fd, done),
-                    Err(e) => fail(t, tasks, e, done),
-                }
+        let r = created(result, (dir, name), "create symlink", || {
+            rustix::fs::symlinkat(target, dir, name)
+        });
+        let r = r.and_then(|()| syscalls::set_meta_at(dir.as_fd(), name, meta, false));
+        self.end(t, r.map(|()| None));
+    }
+
+    /// The `linkat` of task `t` completed: an existing name is replaced
+    /// inline.
+    fn linked(
+        &mut self,
+        t: usize,
+        (old_dir, old_name): (&OwnedFd, &CStr),
+        (dir, name): (&OwnedFd, &CStr),
+        result: io::Result<Value>,
+    ) {
+        let r = created(result, (dir, name), "create hard link", || {
+            rustix::fs::linkat(old_dir, old_name, dir, name, AtFlags::empty())
+        });
+        self.end(t, r.map(|()| None));
+    }
+
+    /// Hands a completion to the handler of its operation, if it is one
+    /// its task waits for ([`Task::expects`]).
+    fn complete(&mut self, c: Completion<Chunk>) {
+        let t = c.tag as usize;
+        let expected = self.tasks.get(t).map(|task| task.expects(c.op.as_ref()));
+        if expected != Some(true) {
+            return;
+        }
+        match c.op {
+            Some(ring::Op::OpenAt { dir, name, .. }) => {
+                let r = open_result(c.result, &dir, &name);
+                self.open_done(t, r);
             }
-            (Task::Open { id, dir }, Some(ring::Op::OpenAt { name, .. })) => {
-                let id = *id;
-                let r = open_result(c.result, dir, &name);
-                tasks[t] = Task::Over;
-                done.push(Done {
+            Some(op @ ring::Op::Write { .. }) => self.written(t, op, c.result),
+            Some(ring::Op::SymlinkAt { target, dir, name }) => {
+                self.symlinked(t, &target, (&dir, &name), c.result);
+            }
+            Some(ring::Op::LinkAt {
+                old_dir,
+                old_name,
+                dir,
+                name,
+            }) => self.linked(t, (&old_dir, &old_name), (&dir, &name), c.result),
+            Some(ring::Op::Close(_)) | None => self.closed(t),
+        }
+    }
+
+    /// Starts the kernel on what is queued, then runs the inline jobs
+    /// while it works through the ring.
+    fn run_inline(&mut self) {
+        if !self.uring.broken && self.uring.ring.submit().is_err() {
+            self.uring.broken = true;
+        }
+        for job in std::mem::take(&mut self.inline) {
+            let id = job.id;
+            self.done.push(Done {
+                id,
+                result: syscalls::exec(job),
+            });
+        }
+    }
+
+    /// Waits until nothing is in flight, handing each completion to
+    /// [`Batch::complete`] (whose handlers may queue more: the rest of a
+    /// short write, a close).
+    fn reap(&mut self) {
+        let mut cqes = std::mem::take(&mut self.uring.cqes);
+        while self.uring.ring.in_flight() > 0 {
+            if let Err(e) = self.uring.ring.wait(&mut cqes) {
+                self.broke(e);
+                break;
+            }
+            for c in cqes.drain(..) {
+                self.complete(c);
+            }
+        }
+        self.uring.cqes = cqes;
+    }
+
+    /// `io_uring_enter` failed with `e`: what is in flight cannot be
+    /// reaped, so every task not ended fails, and the ring is not used
+    /// again (its drop waits or leaks).
+    fn broke(&mut self, e: io::Error) {
+        self.uring.broken = true;
+        let e = OpError::new("io_uring_enter", e);
+        for t in 0..self.tasks.len() {
+            let e = OpError::new(
+                e.op.clone(),
+                io::Error::new(e.err.kind(), e.err.to_string()),
+            );
+            self.end(t, Err(e));
+        }
+    }
+
+    /// Ends the batch. Every task has its [`Done`] by now (each ends with
+    /// its last completion, or in [`Batch::broke`]); one that has not
+    /// still gets one, so that no job goes unanswered.
+    fn finish(self) {
+        for task in self.tasks {
+            if let Some(id) = task.id() {
+                self.done.push(Done {
                     id,
-                    result: r.map(Some),
+                    result: Err(OpError::new(
+                        "backend",
+                        io::Error::other("io_uring job lost"),
+                    )),
                 });
             }
-            (
-                Task::File { ops, err, .. } | Task::Write { ops, err, .. },
-                Some(op @ ring::Op::Write { .. }),
-            ) => {
-                *ops -= 1;
-                let ring::Op::Write {
-                    file,
-                    buf,
-                    start,
-                    offset,
-                } = op
-                else {
-                    return;
-                };
-                match c.result {
-                    Ok(Value::Written(0)) => {
-                        err.get_or_insert(OpError::new("write file", Errno::NOSPC));
-                    }
-                    Ok(Value::Written(n)) => {
-                        if start + n < buf.len() {
-                            // A short write: go on from where it stopped.
-                            let left = ring::Op::Write {
-                                file,
-                                buf,
-                                start: start + n,
-                                offset: offset + n as u64,
-                            };
-                            self.write_or_inline(t, tasks, left);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
-                        // Interrupted or refused for now: the rest is
-                        // written here, with a blocking pwrite, rather
-                        // than queued again (a ring that kept answering
-                        // EAGAIN would otherwise loop forever).
-                        let rest = buf.get(start..).unwrap_or(&[]);
-                        if let Err(e) = syscalls::write_all_at(&file, rest, offset) {
-                            err.get_or_insert(e);
-                        }
-                    }
-                    Err(e) => {
-                        err.get_or_insert(OpError::new("write file", e));
-                    }
-                }
-                self.maybe_finish(t, tasks, done);
-            }
-            (Task::Symlink { id, meta }, Some(ring::Op::SymlinkAt { target, dir, name })) => {
-                let id = *id;
-                let r = match c.result {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        syscalls::replacing(dir.as_fd(), &name, "create symlink", || {
-                            rustix::fs::symlinkat(target.as_c_str(), &*dir, name.as_c_str())
-                        })
-                    }
-                    r => r.map(|_| ()).map_err(|e| OpError::new("create symlink", e)),
-                };
-                let r = r.and_then(|()| syscalls::set_meta_at(dir.as_fd(), &name, meta, false));
-                tasks[t] = Task::Over;
-                done.push(Done {
-                    id,
-                    result: r.map(|()| None),
-                });
-            }
-            (
-                Task::Hardlink { id },
-                Some(ring::Op::LinkAt {
-                    old_dir,
-                    old_name,
-                    dir,
-                    name,
-                }),
-            ) => {
-                let id = *id;
-                let r = match c.result {
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        syscalls::replacing(dir.as_fd(), &name, "create hard link", || {
-                            rustix::fs::linkat(
-                                &*old_dir,
-                                old_name.as_c_str(),
-                                &*dir,
-                                name.as_c_str(),
-                                rustix::fs::AtFlags::empty(),
-                            )
-                        })
-                    }
-                    r => r
-                        .map(|_| ())
-                        .map_err(|e| OpError::new("create hard link", e)),
-                };
-                tasks[t] = Task::Over;
-                done.push(Done {
-                    id,
-                    result: r.map(|()| None),
-                });
-            }
-            (Task::Closing { id }, None) => {
-                let id = *id;
-                tasks[t] = Task::Over;
-                // The fd is released whatever close says; its data and
-                // metadata were set before.
-                done.push(Done {
-                    id,
-                    result: Ok(None),
-                });
-            }
-            _ => {}
+        }
+    }
+
+    /// Task `t`, leaving [`Task::Over`] in its place, so that nothing of
+    /// it is handled twice.
+    fn take(&mut self, t: usize) -> Task {
+        std::mem::replace(&mut self.tasks[t], Task::Over)
+    }
+
+    /// Ends task `t` with `result` (nothing of it is in flight), unless
+    /// it has ended already.
+    fn end(&mut self, t: usize, result: Result<Option<OwnedFd>, OpError>) {
+        if let Some(id) = self.take(t).id() {
+            self.done.push(Done { id, result });
         }
     }
 }
@@ -476,10 +712,21 @@ fn open_result(
     }
 }
 
-/// Fails task `t` now (nothing of it is in flight).
-fn fail(t: usize, tasks: &mut [Task], e: OpError, done: &mut Vec<Done>) {
-    if let Some(id) = std::mem::replace(&mut tasks[t], Task::Over).id() {
-        done.push(Done { id, result: Err(e) });
+/// What a `symlinkat` or `linkat` on the ring returned, as the syscalls
+/// backend reports it: a name that exists already (`EEXIST`) is replaced
+/// by running `again` (the same call, inline) through
+/// [`syscalls::replacing`]; any other error names `step`.
+fn created(
+    result: io::Result<Value>,
+    (dir, name): (&OwnedFd, &CStr),
+    step: &str,
+    again: impl FnMut() -> rustix::io::Result<()>,
+) -> Result<(), OpError> {
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            syscalls::replacing(dir.as_fd(), name, step, again)
+        }
+        r => r.map(|_| ()).map_err(|e| OpError::new(step, e)),
     }
 }
 
@@ -493,168 +740,22 @@ fn finish_file(fd: &OwnedFd, size: u64, end: u64, meta: &Meta) -> Result<(), OpE
 }
 
 impl Exec for Uring {
+    /// Runs `jobs` as one [`Batch`]: each pushed on the ring or left for
+    /// syscalls, the ring started, the syscall jobs run meanwhile, then
+    /// every completion reaped.
     fn run(&mut self, jobs: Vec<Job>, done: &mut Vec<Done>) {
-        let mut tasks: Vec<Task> = Vec::with_capacity(jobs.len());
-        let mut inline = Vec::new();
+        let mut batch = Batch::new(self, jobs.len(), done);
         for job in jobs {
-            let t = tasks.len();
-            if self.broken {
-                inline.push(job);
-                continue;
-            }
-            let Job { id, dir, name, op } = job;
-            match op {
-                Op::File { data, size, meta } => {
-                    tasks.push(Task::File {
-                        id,
-                        dir: dir.clone(),
-                        data,
-                        size,
-                        meta,
-                        fd: None,
-                        end: 0,
-                        ops: 0,
-                        err: None,
-                    });
-                    let op = open_op(dir, name);
-                    if let Err(ring::Op::OpenAt { dir, name, .. }) = self.push(t, op) {
-                        match syscalls::create_file(dir.as_fd(), &name) {
-                            Ok(fd) => self.opened(t, &mut tasks, fd, done),
-                            Err(e) => fail(t, &mut tasks, e, done),
-                        }
-                    }
-                }
-                Op::Open => {
-                    tasks.push(Task::Open {
-                        id,
-                        dir: dir.clone(),
-                    });
-                    if let Err(ring::Op::OpenAt { dir, name, .. }) =
-                        self.push(t, open_op(dir, name))
-                    {
-                        tasks[t] = Task::Over;
-                        let r = syscalls::create_file(dir.as_fd(), &name);
-                        done.push(Done {
-                            id,
-                            result: r.map(Some),
-                        });
-                    }
-                }
-                Op::Write { file, offset, data } => {
-                    tasks.push(Task::Write {
-                        id,
-                        ops: 0,
-                        err: None,
-                    });
-                    if !data.is_empty() {
-                        let op = ring::Op::Write {
-                            file,
-                            buf: data,
-                            start: 0,
-                            offset,
-                        };
-                        self.write_or_inline(t, &mut tasks, op);
-                    }
-                    self.maybe_finish(t, &mut tasks, done);
-                }
-                Op::Symlink { target, meta } if self.tuning.links => {
-                    tasks.push(Task::Symlink { id, meta });
-                    let op = ring::Op::SymlinkAt { target, dir, name };
-                    if let Err(ring::Op::SymlinkAt { target, dir, name }) = self.push(t, op) {
-                        let Some(Task::Symlink { meta, .. }) =
-                            tasks.get_mut(t).map(|x| std::mem::replace(x, Task::Over))
-                        else {
-                            continue;
-                        };
-                        inline.push(Job {
-                            id,
-                            dir,
-                            name,
-                            op: Op::Symlink { target, meta },
-                        });
-                    }
-                }
-                Op::Hardlink {
-                    target_dir,
-                    target_name,
-                } if self.tuning.links => {
-                    tasks.push(Task::Hardlink { id });
-                    let op = ring::Op::LinkAt {
-                        old_dir: target_dir,
-                        old_name: target_name,
-                        dir,
-                        name,
-                    };
-                    if let Err(ring::Op::LinkAt {
-                        old_dir,
-                        old_name,
-                        dir,
-                        name,
-                    }) = self.push(t, op)
-                    {
-                        tasks[t] = Task::Over;
-                        inline.push(Job {
-                            id,
-                            dir,
-                            name,
-                            op: Op::Hardlink {
-                                target_dir: old_dir,
-                                target_name: old_name,
-                            },
-                        });
-                    }
-                }
-                op => inline.push(Job { id, dir, name, op }),
-            }
+            batch.add(job);
         }
-        // Start the kernel on the ring before the inline jobs run.
-        if !self.broken && self.ring.submit().is_err() {
-            self.broken = true;
-        }
-        for job in inline {
-            let id = job.id;
-            done.push(Done {
-                id,
-                result: syscalls::exec(job),
-            });
-        }
-        let mut cqes = std::mem::take(&mut self.cqes);
-        while self.ring.in_flight() > 0 {
-            if let Err(e) = self.ring.wait(&mut cqes) {
-                // What is in flight cannot be reaped: its jobs fail, and
-                // the ring is not used again (its drop waits or leaks).
-                self.broken = true;
-                let e = OpError::new("io_uring_enter", e);
-                for t in 0..tasks.len() {
-                    let e = OpError::new(
-                        e.op.clone(),
-                        io::Error::new(e.err.kind(), e.err.to_string()),
-                    );
-                    fail(t, &mut tasks, e, done);
-                }
-                break;
-            }
-            for c in cqes.drain(..) {
-                self.complete(c, &mut tasks, done);
-            }
-        }
-        self.cqes = cqes;
-        // Whatever did not reach `Done` above (cannot happen: every task
-        // ends with its last completion) still gets one.
-        for task in tasks {
-            if let Some(id) = task.id() {
-                done.push(Done {
-                    id,
-                    result: Err(OpError::new(
-                        "backend",
-                        io::Error::other("io_uring job lost"),
-                    )),
-                });
-            }
-        }
+        batch.run_inline();
+        batch.reap();
+        batch.finish();
     }
 }
 
+/// The create of a file's name: a new file only, never through a symlink
+/// ([`CREATE`]), readable by none but its owner until its mode is set.
 fn open_op(dir: Arc<OwnedFd>, name: CString) -> ring::Op<Chunk> {
     ring::Op::OpenAt {
         dir,
