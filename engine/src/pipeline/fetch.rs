@@ -330,6 +330,9 @@ mod split {
         hashed: u64,
         /// Why the connections stopped before the end.
         stop: Option<Stop>,
+        /// Whether the source answered a chunk with that chunk: more
+        /// connections may join.
+        ranged: bool,
     }
 
     enum Stop {
@@ -438,19 +441,17 @@ mod split {
                 chunks: BTreeMap::new(),
                 hashed: w.written(),
                 stop: None,
+                ranged: false,
             }),
             cv: Condvar::new(),
             done: Cancel::new(),
         };
         let first = f.connection(f.cancel)?;
         let r = std::thread::scope(|s| {
-            let spawned = std::thread::Builder::new()
-                .name("unlade-conn".into())
-                .spawn_scoped(s, || connection(&sh, s, first, true));
-            if spawned.is_err() {
+            if !spawn(&sh, s, first, true) {
                 sh.stop(Stop::OneStream(None));
             }
-            let r = hash_prefix(&sh, w, growing);
+            let r = hash_prefix(&sh, s, w, growing);
             sh.done.cancel();
             if let Some((p, _)) = f.connections {
                 p.wake_all();
@@ -464,25 +465,66 @@ mod split {
         r
     }
 
+    /// The apply's wait for bytes not yet downloaded that adds a
+    /// connection: a network slower than the apply adds them one after
+    /// another, one faster (a registry on the same machine or rack) none,
+    /// as they would only cost CPU there.
+    const STARVED: Duration = Duration::from_millis(20);
+
     /// The hasher: follows the contiguous prefix the connections write,
-    /// hashing it and telling the readers, until the end or a stop.
-    fn hash_prefix(
-        sh: &Shared<'_, '_>,
+    /// hashing it and telling the readers, until the end or a stop. It
+    /// also adds the connections, once the first was answered with a
+    /// range: each time the apply reading along (`growing`) waited
+    /// [`STARVED`] for bytes, or all at once when nothing reads along.
+    fn hash_prefix<'s, 'f: 's, 'a: 's>(
+        sh: &'s Shared<'f, 'a>,
+        s: &'s std::thread::Scope<'s, '_>,
         w: &mut IngestWriter<'_>,
         growing: Option<&Growing>,
     ) -> Result<End, FetchError> {
         let mut buf = vec![0u8; BUF];
+        let chunks = sh.size.div_ceil(sh.f.split.chunk.max(1));
+        let most = sh.f.split.connections.min(chunks as usize);
+        let mut running = 1;
+        // The readers' wait when connections were last added (from when
+        // the first chunk was answered: a wait for the download to start
+        // says nothing of the network).
+        let mut starved: Option<Duration> = None;
+        let starved_now = || growing.map_or(Duration::MAX, Growing::starved);
         loop {
             let (target, stop) = {
                 let mut p = sh.lock();
                 loop {
+                    if p.ranged && running < most && p.next < sh.size && p.stop.is_none() {
+                        let now = starved_now();
+                        let since = *starved.get_or_insert(now);
+                        if growing.is_none() || now.saturating_sub(since) >= STARVED {
+                            drop(p);
+                            let add = if growing.is_none() { most - running } else { 1 };
+                            for _ in 0..add {
+                                if !spawn(sh, s, None, false) {
+                                    // Fewer connections: what could start.
+                                    running = most;
+                                    break;
+                                }
+                                running += 1;
+                            }
+                            starved = Some(now);
+                            p = sh.lock();
+                        }
+                    }
                     let at = p.frontier();
                     if at > p.hashed || at >= sh.size || p.stop.is_some() || sh.stopped() {
                         break (at, p.stop.take());
                     }
+                    let wait = if p.ranged && running < most {
+                        STARVED
+                    } else {
+                        Duration::from_millis(200)
+                    };
                     p = sh
                         .cv
-                        .wait_timeout(p, Duration::from_millis(200))
+                        .wait_timeout(p, wait)
                         .map_or_else(|e| e.into_inner().0, |r| r.0);
                 }
             };
@@ -512,17 +554,12 @@ mod split {
     }
 
     /// One connection: takes chunks in order and fetches each (resuming
-    /// it where it broke), until none is left or the blob stops. The
-    /// first connection, once its first chunk is answered with that
-    /// chunk, starts the others: a source that ignores or refuses ranges
-    /// costs one request. Between two chunks a connection gives its
-    /// permit to a lower layer that waits for one.
-    fn connection<'s, 'f: 's, 'a: 's>(
-        sh: &'s Shared<'f, 'a>,
-        s: &'s std::thread::Scope<'s, '_>,
-        mut permit: Option<Permit<'s>>,
-        mut first: bool,
-    ) {
+    /// it where it broke), until none is left or the blob stops. Once
+    /// the first connection's first chunk is answered with that chunk,
+    /// others may join (see [`hash_prefix`]): a source that ignores or
+    /// refuses ranges costs one request. Between two chunks a connection
+    /// gives its permit to a lower layer that waits for one.
+    fn connection<'s>(sh: &'s Shared<'_, '_>, mut permit: Option<Permit<'s>>, mut first: bool) {
         let f = sh.f;
         if permit.is_none() {
             if let Some((p, prio)) = f.connections {
@@ -533,7 +570,7 @@ mod split {
             }
         }
         while let Some((start, end)) = sh.take() {
-            if !chunk(sh, start, end, &mut first, s) {
+            if !chunk(sh, start, end, &mut first) {
                 return;
             }
             if let Some((p, prio)) = f.connections {
@@ -548,32 +585,25 @@ mod split {
         }
     }
 
-    /// Starts the connections beside the first; those that cannot start
-    /// leave fewer.
-    fn spawn_others<'s, 'f: 's, 'a: 's>(sh: &'s Shared<'f, 'a>, s: &'s std::thread::Scope<'s, '_>) {
-        let chunks = sh.size.div_ceil(sh.f.split.chunk.max(1));
-        let n = sh.f.split.connections.min(chunks as usize);
-        for _ in 1..n {
-            let spawned = std::thread::Builder::new()
-                .name("unlade-conn".into())
-                .spawn_scoped(s, move || connection(sh, s, None, false));
-            if spawned.is_err() {
-                break;
-            }
-        }
+    /// Starts a connection (the `first`, with its permit); false if no
+    /// thread could start.
+    fn spawn<'s, 'f: 's, 'a: 's>(
+        sh: &'s Shared<'f, 'a>,
+        s: &'s std::thread::Scope<'s, '_>,
+        permit: Option<Permit<'s>>,
+        first: bool,
+    ) -> bool {
+        std::thread::Builder::new()
+            .name("unlade-conn".into())
+            .spawn_scoped(s, move || connection(sh, permit, first))
+            .is_ok()
     }
 
     /// Fetches bytes `start..end` into the blob, resuming where a stream
     /// broke, retried as the root's rule says. False when the blob
     /// stopped (this chunk's failure included: the rest goes over one
     /// stream).
-    fn chunk<'s, 'f: 's, 'a: 's>(
-        sh: &'s Shared<'f, 'a>,
-        start: u64,
-        end: u64,
-        first: &mut bool,
-        s: &'s std::thread::Scope<'s, '_>,
-    ) -> bool {
+    fn chunk(sh: &Shared<'_, '_>, start: u64, end: u64, first: &mut bool) -> bool {
         let f = sh.f;
         let mut buf = vec![0u8; BUF];
         let mut pos = start;
@@ -586,7 +616,8 @@ mod split {
             let last = match f.source.open_range(&sh.d, pos..end, sh.size, f.cancel) {
                 Ok(Ranged::Part(mut r)) => {
                     if std::mem::take(first) {
-                        spawn_others(sh, s);
+                        sh.lock().ranged = true;
+                        sh.cv.notify_all();
                     }
                     match read_part(sh, &mut *r, &mut buf, start, &mut pos, end) {
                         Ok(()) => return true,
@@ -688,6 +719,10 @@ struct GrowState {
     done: Option<PathBuf>,
     failed: Option<String>,
     cancelled: bool,
+    /// How long readers waited for bytes not written yet (ended
+    /// waits), and since when one waits now.
+    starved: Duration,
+    waiting: Option<std::time::Instant>,
 }
 
 impl Growing {
@@ -728,6 +763,13 @@ impl Growing {
     pub fn cancel(&self) {
         self.lock().cancelled = true;
         self.cv.notify_all();
+    }
+
+    /// How long readers have waited, in all, for bytes not written yet:
+    /// the apply starved by the download.
+    pub fn starved(&self) -> Duration {
+        let g = self.lock();
+        g.starved + g.waiting.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
     /// A reader from byte 0.
@@ -784,7 +826,11 @@ impl Read for GrowingReader {
                 self.done_file = Some(f);
                 return Ok(n);
             }
+            let since = std::time::Instant::now();
+            st.waiting = Some(since);
             st = self.g.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+            st.waiting = None;
+            st.starved += since.elapsed();
         }
     }
 }
@@ -995,7 +1041,9 @@ mod tests {
             Ranges {
                 data,
                 mode,
-                every: Duration::from_micros(200),
+                // Slow enough that a reader following along waits for
+                // bytes, and more connections join.
+                every: Duration::from_millis(1),
                 fail_at: None,
                 cut: 0,
                 cuts: AtomicU32::new(0),
@@ -1181,6 +1229,34 @@ mod tests {
         assert!(most > 1 && most <= 4, "{most} answers open at once");
     }
 
+    /// Connections join while the apply reading along waits for bytes:
+    /// an apply that never waits (here: one that does not read yet) has
+    /// the blob over one connection, as on a network faster than it.
+    #[test]
+    fn connections_join_only_while_the_apply_waits_for_bytes() {
+        let (t, s) = store("nowait");
+        let src = Ranges::new(noise(16 * CHUNK as usize), Mode::Parts);
+        let d = Digest::of(&src.data);
+        let g = Arc::new(Growing::new());
+        let cancel = Cancel::new();
+        let f = Fetcher {
+            store: &s,
+            source: &src,
+            retry: &FAST,
+            cancel: &cancel,
+            progress: &|_| {},
+            split: Split {
+                connections: 4,
+                chunk: CHUNK,
+            },
+            connections: None,
+        };
+        f.fetch_into(&d, src.data.len() as u64, Some(&g)).unwrap();
+        assert_eq!(src.most_open.load(Ordering::SeqCst), 1);
+        assert_eq!(src.asked.lock().unwrap().len(), 16, "still in chunks");
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+
     /// A source that ignores ranges or refuses them is read with one
     /// stream: a whole answer to the first chunk's request is that stream.
     #[test]
@@ -1206,8 +1282,14 @@ mod tests {
         src.cuts = AtomicU32::new(3);
         split_fetch("cutchunk", &src, 3, None).unwrap();
         let asked = src.asked.lock().unwrap().clone();
-        let resumed = asked.iter().filter(|(s, _)| s % CHUNK == 10_000).count();
-        assert_eq!(resumed, 3, "{asked:?}");
+        // Each answer cut after 10000 bytes is asked again from there.
+        let resumed: Vec<u64> = asked
+            .iter()
+            .map(|&(s, _)| s % CHUNK)
+            .filter(|&off| off != 0)
+            .collect();
+        assert_eq!(resumed.len(), 3, "{asked:?}");
+        assert!(resumed.iter().all(|off| off % 10_000 == 0), "{asked:?}");
         assert_eq!(asked.len(), 8 + 3);
     }
 
