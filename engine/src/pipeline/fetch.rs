@@ -471,11 +471,62 @@ mod split {
     /// as they would only cost CPU there.
     const STARVED: Duration = Duration::from_millis(20);
 
+    /// A connection delivering this much (bytes a second) outruns what an
+    /// apply takes of a typical layer (ISA-L inflates about 100 to 200 MB
+    /// of a compressed layer a second on one core): a download no apply
+    /// reads yet gets another connection only while each of its own
+    /// delivers less.
+    const FAST: f64 = 128e6;
+
+    /// When connections join a split download (see [`hash_prefix`]).
+    struct Ramp<'g> {
+        growing: Option<&'g Growing>,
+        most: usize,
+        running: usize,
+        /// When a connection last joined (or the first chunk was
+        /// answered): the readers' wait then, the time, the prefix.
+        mark: Option<(Duration, std::time::Instant, u64)>,
+    }
+
+    impl Ramp<'_> {
+        /// How many connections to add now, the prefix being at `at`:
+        /// all of them when nothing reads along; one each time the apply
+        /// reading along waited [`STARVED`] more for bytes; while it has
+        /// not started reading, one each [`STARVED`] while the blob
+        /// arrives slower than [`FAST`] a connection.
+        fn wanted(&mut self, at: u64) -> usize {
+            if self.running >= self.most {
+                return 0;
+            }
+            let now = (
+                self.growing.map_or(Duration::ZERO, Growing::starved),
+                std::time::Instant::now(),
+                at,
+            );
+            let (waited, then, from) = *self.mark.get_or_insert(now);
+            let add = match self.growing {
+                None => self.most - self.running,
+                Some(g) if g.being_read() => usize::from(now.0.saturating_sub(waited) >= STARVED),
+                Some(_) => {
+                    let dt = now.1.duration_since(then);
+                    let rate = at.saturating_sub(from) as f64 / dt.as_secs_f64().max(1e-3);
+                    usize::from(dt >= STARVED && rate < FAST * self.running as f64)
+                }
+            };
+            if add > 0 {
+                self.mark = Some(now);
+            }
+            add
+        }
+    }
+
     /// The hasher: follows the contiguous prefix the connections write,
     /// hashing it and telling the readers, until the end or a stop. It
     /// also adds the connections, once the first was answered with a
-    /// range: each time the apply reading along (`growing`) waited
-    /// [`STARVED`] for bytes, or all at once when nothing reads along.
+    /// range ([`Ramp`]): where the network is slower than the apply they
+    /// join within a fraction of a second; where it is faster (loopback,
+    /// a registry in the same rack) the blob stays on one connection,
+    /// as more would only cost CPU.
     fn hash_prefix<'s, 'f: 's, 'a: 's>(
         sh: &'s Shared<'f, 'a>,
         s: &'s std::thread::Scope<'s, '_>,
@@ -485,31 +536,28 @@ mod split {
         let mut buf = vec![0u8; BUF];
         let chunks = sh.size.div_ceil(sh.f.split.chunk.max(1));
         let most = sh.f.split.connections.min(chunks as usize);
-        let mut running = 1;
-        // The readers' wait when connections were last added (from when
-        // the first chunk was answered: a wait for the download to start
-        // says nothing of the network).
-        let mut starved: Option<Duration> = None;
-        let starved_now = || growing.map_or(Duration::MAX, Growing::starved);
+        let mut ramp = Ramp {
+            growing,
+            most,
+            running: 1,
+            mark: None,
+        };
         loop {
             let (target, stop) = {
                 let mut p = sh.lock();
                 loop {
-                    if p.ranged && running < most && p.next < sh.size && p.stop.is_none() {
-                        let now = starved_now();
-                        let since = *starved.get_or_insert(now);
-                        if growing.is_none() || now.saturating_sub(since) >= STARVED {
+                    if p.ranged && p.next < sh.size && p.stop.is_none() {
+                        let add = ramp.wanted(p.frontier());
+                        if add > 0 {
                             drop(p);
-                            let add = if growing.is_none() { most - running } else { 1 };
                             for _ in 0..add {
                                 if !spawn(sh, s, None, false) {
                                     // Fewer connections: what could start.
-                                    running = most;
+                                    ramp.running = most;
                                     break;
                                 }
-                                running += 1;
+                                ramp.running += 1;
                             }
-                            starved = Some(now);
                             p = sh.lock();
                         }
                     }
@@ -517,7 +565,7 @@ mod split {
                     if at > p.hashed || at >= sh.size || p.stop.is_some() || sh.stopped() {
                         break (at, p.stop.take());
                     }
-                    let wait = if p.ranged && running < most {
+                    let wait = if p.ranged && ramp.running < most {
                         STARVED
                     } else {
                         Duration::from_millis(200)
@@ -723,6 +771,8 @@ struct GrowState {
     /// waits), and since when one waits now.
     starved: Duration,
     waiting: Option<std::time::Instant>,
+    /// Whether a reader has asked for bytes yet.
+    read: bool,
 }
 
 impl Growing {
@@ -765,6 +815,12 @@ impl Growing {
         self.cv.notify_all();
     }
 
+    /// Whether a reader (the apply) has asked for bytes yet: one that
+    /// has not (it waits for a turn to apply) will want them all soon.
+    pub fn being_read(&self) -> bool {
+        self.lock().read
+    }
+
     /// How long readers have waited, in all, for bytes not written yet:
     /// the apply starved by the download.
     pub fn starved(&self) -> Duration {
@@ -798,6 +854,7 @@ impl Read for GrowingReader {
             return Ok(n);
         }
         let mut st = self.g.lock();
+        st.read = true;
         loop {
             if st.cancelled {
                 return Err(io::Error::other("cancelled"));
@@ -1230,8 +1287,9 @@ mod tests {
     }
 
     /// Connections join while the apply reading along waits for bytes:
-    /// an apply that never waits (here: one that does not read yet) has
-    /// the blob over one connection, as on a network faster than it.
+    /// an apply that never waits (here: one busy elsewhere after its
+    /// first byte) has the blob over one connection, as on a network
+    /// faster than it; one that has not started reading gets them all.
     #[test]
     fn connections_join_only_while_the_apply_waits_for_bytes() {
         let (t, s) = store("nowait");
@@ -1251,9 +1309,33 @@ mod tests {
             },
             connections: None,
         };
-        f.fetch_into(&d, src.data.len() as u64, Some(&g)).unwrap();
+        let done = AtomicBool::new(false);
+        let mut reader = g.reader();
+        let got = std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                let mut v = vec![0u8; 1];
+                reader.read_exact(&mut v).unwrap();
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                reader.read_to_end(&mut v).unwrap();
+                v
+            });
+            f.fetch_into(&d, src.data.len() as u64, Some(&g)).unwrap();
+            done.store(true, Ordering::SeqCst);
+            h.join().unwrap()
+        });
+        assert!(got == src.data);
         assert_eq!(src.most_open.load(Ordering::SeqCst), 1);
         assert_eq!(src.asked.lock().unwrap().len(), 16, "still in chunks");
+
+        // Not read at all yet: every connection joins.
+        let src = Ranges::new(noise(16 * CHUNK as usize), Mode::Parts);
+        let g = Growing::new();
+        let f = Fetcher { source: &src, ..f };
+        f.fetch_into(&Digest::of(&src.data), src.data.len() as u64, Some(&g))
+            .unwrap();
+        assert!(src.most_open.load(Ordering::SeqCst) > 1);
         std::fs::remove_dir_all(&t).unwrap();
     }
 
