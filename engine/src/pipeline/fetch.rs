@@ -1069,6 +1069,8 @@ mod tests {
         Whole,
         /// Refuses (HTTP 416 or 501, or a wrong `Content-Range`).
         Refused,
+        /// Answers a range with more bytes than asked.
+        Longer,
     }
 
     /// A source serving ranges of `data` as `mode` says, `every` between
@@ -1190,6 +1192,11 @@ mod tests {
             match self.mode {
                 Mode::Whole => return Ok(Ranged::Whole(self.answer(&self.data, None, None))),
                 Mode::Refused => return Ok(Ranged::Refused("no".into())),
+                Mode::Longer => {
+                    let end = (range.end as usize + 100).min(self.data.len());
+                    let bytes = &self.data[range.start as usize..end];
+                    return Ok(Ranged::Part(self.answer(bytes, None, None)));
+                }
                 Mode::Parts => {}
             }
             if self
@@ -1354,6 +1361,12 @@ mod tests {
         split_fetch("refused", &src, 4, None).unwrap();
         assert_eq!(src.asked.lock().unwrap().len(), 1);
         assert_eq!(*src.opens.lock().unwrap(), vec![0]);
+        // More bytes than asked: not one of them is written where the
+        // next chunk goes; the blob comes over one stream.
+        let src = Ranges::new(noise(5 * CHUNK as usize), Mode::Longer);
+        split_fetch("longer", &src, 4, None).unwrap();
+        assert_eq!(src.asked.lock().unwrap().len(), 1);
+        assert_eq!(*src.opens.lock().unwrap(), vec![CHUNK]);
     }
 
     /// A chunk whose stream breaks is asked again from where it broke.
