@@ -64,6 +64,15 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The library's documentation, as docs.rs would build it: no broken link,
+# no warning (a runtime embedding unlade reads these pages).
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc -p unlade --no-deps --locked -q
+# The crate as it would be published: its manifest and file list, no warning
+# (the build of the packaged crate is what the tests below do).
+echo "== cargo package"
+pkg_out=$(cargo package -p unlade --locked --no-verify --allow-dirty 2>&1) || { echo "$pkg_out"; exit 1; }
+if grep -q '^warning' <<< "$pkg_out"; then echo "$pkg_out"; exit 1; fi
 # README.md's first command and mount snippet, as written there. Before the
 # tests: a broken first command fails in minutes, not after the whole suite;
 # after clippy --locked, so Cargo.lock is known current before the README's

@@ -99,7 +99,7 @@ impl Drop for Admitted {
 }
 
 /// The interceptor that admits requests before their bodies are decoded
-/// (see [`MAX_IN_FLIGHT`]).
+/// (see `MAX_IN_FLIGHT`).
 #[derive(Clone, Default)]
 pub struct Admission(Arc<Mutex<InFlight>>);
 

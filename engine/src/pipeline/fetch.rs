@@ -23,7 +23,7 @@
 //!   the end, or a failure arrive. So a layer decodes and applies while it
 //!   downloads, and the bytes cross the network once.
 //! - Concurrent downloads are limited by the root's download
-//!   [`crate::pipeline::permits::Permits`], lowest layer first, and so are
+//!   permits (`pipeline::permits`), lowest layer first, and so are
 //!   the connections all of them use together: a connection of a higher
 //!   layer gives its permit up between two chunks when a lower layer
 //!   waits for one.
@@ -42,7 +42,7 @@ use crate::pipeline::permits::{Permit, Permits};
 use crate::source::{BlobSource, Ranged, Retry, SourceError, SourceErrorKind};
 use crate::store::content::{ChunkWriter, ContentError, ContentStore, IngestWriter, Ingested};
 
-/// Why [`fetch_into`] failed.
+/// Why [`Fetcher::fetch_into`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {

@@ -17,7 +17,7 @@
 //!   way): 20 requests for a corrupt blob fail once, not 20 times in turn.
 //! - A waiter's own cancellation frees only that waiter.
 //!
-//! Across processes sharing a root, the leader also holds a [`FileLock`]
+//! Across processes sharing a root, the leader also holds a [`crate::store::lock::FileLock`]
 //! named after the key while it works; a process that finds it held waits
 //! for the kernel to hand it over — when the holder finishes or dies —
 //! and then reads the outcome from disk (the committed snapshot or the

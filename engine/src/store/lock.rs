@@ -1,6 +1,6 @@
 //! File locks: an exclusive `flock` per flight key in the root's
 //! `locks/` directory ([`FileLock`]), and the shared/exclusive wait on
-//! `gc.lock` ([`flock_wait`]). The kernel drops a lock when its holder
+//! `gc.lock` (`flock_wait`). The kernel drops a lock when its holder
 //! dies, which is what lets another process take over from a leader
 //! killed with SIGKILL.
 
@@ -84,7 +84,7 @@ pub struct FileLock {
 
 impl FileLock {
     /// Takes the lock `name` in `dir`, waiting (cancellably, see
-    /// [`flock_wait`]) while another open file holds it.
+    /// `flock_wait`) while another open file holds it.
     pub fn acquire(dir: &OwnedFd, name: &str, cancel: &Cancel) -> Result<FileLock, LockError> {
         loop {
             if cancel.is_cancelled() {

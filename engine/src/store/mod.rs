@@ -2,7 +2,7 @@
 //! digest ([`content`]), overlay snapshots by chain ID and writable
 //! snapshots by key ([`snapshot`]), image records by name ([`images`]),
 //! and the helpers they share — private directories and temporary names
-//! ([`statedir`]), durability ([`durable`]), file locks ([`lock`]).
+//! (`statedir`), durability ([`durable`]), file locks ([`lock`]).
 //! Depends on [`crate::oci`] only.
 
 pub mod content;

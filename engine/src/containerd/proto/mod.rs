@@ -2,7 +2,14 @@
 //! generated from `engine/proto/containerd` by `engine/proto/gen`
 //! (`cd engine/proto/gen && cargo run && cargo fmt --all`) and checked in, so that building
 //! unlade needs no protobuf compiler.
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+// The comments come from containerd's .proto files as written there
+// ("<namespace>/<sequence>/<key>" reads as HTML to rustdoc).
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    rustdoc::invalid_html_tags
+)]
 
 /// `containerd.types`: the Mount message.
 pub mod types {

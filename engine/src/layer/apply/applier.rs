@@ -161,7 +161,7 @@ impl Applier {
     }
 
     /// Resolves hard links to files of the layers below through `lower`
-    /// (see [`super::lower`]).
+    /// (see the private `apply::lower`).
     pub fn with_lower(mut self, lower: Option<Arc<dyn LowerLayers>>) -> Self {
         self.lower = lower;
         self

@@ -17,7 +17,7 @@
 //!
 //! The kernel runs an `openat` with `O_CREAT`, and on most file systems a
 //! buffered write, on an io-wq worker thread, never inline: the ring bounds
-//! those threads per worker ([`RingOptions::iowq_max`]) instead of letting
+//! those threads per worker (`RingOptions::iowq_max`) instead of letting
 //! the kernel start one per file of a batch.
 
 use std::ffi::{CStr, CString};
@@ -740,7 +740,7 @@ fn finish_file(fd: &OwnedFd, size: u64, end: u64, meta: &Meta) -> Result<(), OpE
 }
 
 impl Exec for Uring {
-    /// Runs `jobs` as one [`Batch`]: each pushed on the ring or left for
+    /// Runs `jobs` as one `Batch`: each pushed on the ring or left for
     /// syscalls, the ring started, the syscall jobs run meanwhile, then
     /// every completion reaped.
     fn run(&mut self, jobs: Vec<Job>, done: &mut Vec<Done>) {
