@@ -32,6 +32,8 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 # The snapshotter tests: the real containerd (1.6) and runc.
 command -v containerd >/dev/null || need_pkgs+=(containerd)
 command -v runc    >/dev/null || need_pkgs+=(runc)
+# contrib/unlade-snapshotter.service, checked by systemd-analyze verify.
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 # The CRI pulls (perf/cri_pull.py): Debian's python3 with its grpcio.
 /usr/bin/python3 -c 'import grpc' 2>/dev/null || need_pkgs+=(python3 python3-grpcio)
 # containerd's own snapshotter conformance suite (tests/conformance): the

@@ -14,6 +14,7 @@ pub mod pull;
 pub mod signals;
 pub mod snapshots;
 pub mod snapshotter;
+pub mod systemd;
 pub mod unpack;
 
 use std::error::Error;

@@ -101,8 +101,11 @@ pub fn run(a: Args, root: &Path) -> Result {
             "unlade: serving containerd's snapshots API for {} on {}",
             dir.display(),
             sock.display()
-        )
+        );
+        super::systemd::notify("READY=1");
     }));
-    unlade::containerd::serve(root, &a.address, opts, interrupts.cancel())?;
+    let served = unlade::containerd::serve(root, &a.address, opts, interrupts.cancel());
+    super::systemd::notify("STOPPING=1");
+    served?;
     Ok(())
 }
