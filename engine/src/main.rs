@@ -21,9 +21,10 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// The unlade root. Only `pull`, `unpack` and `content ingest`
-    /// create it; the other commands need an existing one.
-    #[arg(long, global = true, default_value = cli::DEFAULT_ROOT)]
-    root: PathBuf,
+    /// create it; the other commands need an existing one [default:
+    /// /var/lib/unlade; for `snapshotter`, its config file's `root` first].
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -83,7 +84,9 @@ fn raise_nofile() {
 
 fn run(cli: Cli) -> cli::Result {
     raise_nofile();
-    let root = &cli.root;
+    let given = cli.root.as_deref();
+    let default = PathBuf::from(cli::DEFAULT_ROOT);
+    let root = given.unwrap_or(&default);
     match cli.cmd {
         Cmd::Apply(a) => cli::apply::run(a),
         Cmd::Unpack(a) => cli::unpack::run(a, root),
@@ -93,7 +96,7 @@ fn run(cli: Cli) -> cli::Result {
         Cmd::Gc(a) => cli::gc::run(a, root),
         Cmd::Snapshots(a) => cli::snapshots::run(a, root),
         Cmd::Content(a) => cli::content::run(a, root),
-        Cmd::Snapshotter(a) => cli::snapshotter::run(a, root),
+        Cmd::Snapshotter(a) => cli::snapshotter::run(a, given),
         Cmd::ContainerdConfig(a) => cli::containerd_config::run(a, root),
     }
 }
@@ -127,11 +130,11 @@ mod tests {
     #[test]
     fn root_is_global_and_the_old_values_parse() {
         let c = Cli::try_parse_from(["unlade", "images", "ls", "--root", "/r"]).unwrap();
-        assert_eq!(c.root, PathBuf::from("/r"));
+        assert_eq!(c.root, Some(PathBuf::from("/r")));
         let c = Cli::try_parse_from(["unlade", "--root", "/r", "gc"]).unwrap();
-        assert_eq!(c.root, PathBuf::from("/r"));
+        assert_eq!(c.root, Some(PathBuf::from("/r")));
         let c = Cli::try_parse_from(["unlade", "gc"]).unwrap();
-        assert_eq!(c.root, PathBuf::from(cli::DEFAULT_ROOT));
+        assert_eq!(c.root, None);
         for d in ["auto", "whole", "streaming"] {
             Cli::try_parse_from(["unlade", "apply", "l", "d", "--decode", d]).unwrap();
         }

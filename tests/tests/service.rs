@@ -76,3 +76,76 @@ fn systemd_hears_ready_once_the_socket_answers() {
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().expect("wait").success());
 }
+
+/// `--config FILE`: the daemon's settings from the file, a flag on the
+/// command line over it; a bad key stops the start with one line naming
+/// it, before anything is made.
+#[test]
+fn the_config_file_sets_what_flags_do_not() {
+    let work = tmp();
+    let from_file = work.path().join("from-file.sock");
+    let from_flag = work.path().join("from-flag.sock");
+    let root = work.path().join("root-from-file");
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = {:?}\naddress = {:?}\nmax_pulls = 3\nchunk_size = \"8M\"\n",
+            root.to_str().expect("utf8"),
+            from_file.to_str().expect("utf8")
+        ),
+    )
+    .expect("write config");
+    let serve = |extra: &[&str]| {
+        Command::new(bin())
+            .arg("snapshotter")
+            .arg("--config")
+            .arg(&config)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start unlade snapshotter")
+    };
+    let wait_for = |sock: &Path| {
+        let t0 = std::time::Instant::now();
+        while UnixStream::connect(sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{sock:?} never answered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The file's root and address.
+    let mut c = serve(&[]);
+    wait_for(&from_file);
+    assert!(root.join("containerd").is_dir(), "the file's root");
+    c.kill().expect("kill");
+    c.wait().expect("wait");
+    // A flag wins.
+    let mut c = serve(&["--address", from_flag.to_str().expect("utf8")]);
+    wait_for(&from_flag);
+    c.kill().expect("kill");
+    c.wait().expect("wait");
+
+    std::fs::write(&config, "max_pulls = 3\nmax_pull = 4\n").expect("write");
+    let out = serve(&[]).wait_with_output().expect("wait");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("unlade: error: config ")
+            && lines[0].contains("line 2")
+            && lines[0].contains("max_pull"),
+        "{err}"
+    );
+    std::fs::write(&config, "stall_timeout = 0\n").expect("write");
+    let out = serve(&[]).wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`stall_timeout` = 0"),
+        "{err}"
+    );
+}

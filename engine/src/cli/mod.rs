@@ -4,6 +4,7 @@
 //! ([`signals`]), the one-line error report ([`error_line`]).
 
 pub mod apply;
+pub mod config;
 pub mod containerd_config;
 pub mod content;
 pub mod gc;
@@ -94,33 +95,47 @@ impl ImageArgs {
 /// over them.
 #[derive(clap::Args)]
 pub struct FetchArgs {
-    /// Most connections all downloads use at once; lower layers first.
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    pub max_connections: u64,
+    /// Most connections all downloads use at once; lower layers first
+    /// [default: 16].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_connections: Option<u64>,
     /// Connections one blob is fetched over at once, each asking for a
-    /// chunk at a time (1: every blob over one stream).
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
-    pub blob_connections: u64,
+    /// chunk at a time (1: every blob over one stream) [default: 8].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub blob_connections: Option<u64>,
     /// Bytes per ranged request, with an optional K, M or G (powers of
-    /// 1024); blobs of more than two chunks are split over connections.
-    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-    pub chunk_size: u64,
+    /// 1024); blobs of more than two chunks are split over connections
+    /// [default: 16M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
 }
 
 impl FetchArgs {
-    /// These arguments applied to `opts`.
-    pub fn apply_to(&self, opts: &mut RootOptions) {
-        opts.max_connections = self.max_connections as usize;
+    /// These arguments applied to `opts`, over what the config file says
+    /// (`file`, the snapshotter's), over the defaults.
+    pub fn apply_to(&self, opts: &mut RootOptions, file: Option<&config::File>) {
+        let split = unlade::pipeline::fetch::Split::default();
+        let file = |f: fn(&config::File) -> Option<u64>| file.and_then(f);
+        opts.max_connections = self
+            .max_connections
+            .or(file(|f| f.max_connections))
+            .map_or(opts.max_connections, |n| n as usize);
         opts.split = unlade::pipeline::fetch::Split {
-            connections: self.blob_connections as usize,
-            chunk: self.chunk_size,
+            connections: self
+                .blob_connections
+                .or(file(|f| f.blob_connections))
+                .map_or(split.connections, |n| n as usize),
+            chunk: self
+                .chunk_size
+                .or(file(|f| f.chunk_size.map(|s| s.0)))
+                .unwrap_or(split.chunk),
         };
     }
 }
 
 /// A size in bytes: digits with an optional K, M or G suffix (powers of
 /// 1024), at least 4 KiB.
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => s.split_at(i),
         None => (s, ""),

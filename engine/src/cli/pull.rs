@@ -61,7 +61,7 @@ pub fn run(a: Args, root: &Path) -> Result {
         ..RootOptions::default()
     };
     a.image.apply_to(&mut opts);
-    a.fetch.apply_to(&mut opts);
+    a.fetch.apply_to(&mut opts, None);
     let stall = std::time::Duration::from_secs(a.stall_timeout);
     opts.retry.stall.window = stall;
     let retry = opts.retry;

@@ -11,16 +11,23 @@ use unlade::{PullOptions, Root, RootOptions};
 
 use super::{signals, Result};
 
+/// Every setting may also come from the config file (`--config`,
+/// [`super::config`]); a flag given here wins over it.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The config file [default: /etc/unlade/config.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The unix socket to serve on (made, with its directory; a stale
-    /// socket nobody answers on is replaced).
-    #[arg(long, default_value = unlade::containerd::config::DEFAULT_ADDRESS)]
-    address: PathBuf,
+    /// socket nobody answers on is replaced) [default:
+    /// /run/unlade/snapshotter.sock].
+    #[arg(long)]
+    address: Option<PathBuf>,
     /// Where registry `hosts.toml` files are, for the images unlade pulls
-    /// itself on CRI's labelled Prepares (containerd's certs.d layout).
-    #[arg(long, default_value = "/etc/unlade/certs.d")]
-    hosts_dir: PathBuf,
+    /// itself on CRI's labelled Prepares (containerd's certs.d layout)
+    /// [default: /etc/unlade/certs.d].
+    #[arg(long)]
+    hosts_dir: Option<PathBuf>,
     /// Plain HTTP to registries no hosts.toml describes (a local test
     /// registry).
     #[arg(long)]
@@ -29,20 +36,21 @@ pub struct Args {
     /// every layer itself, labels or not.
     #[arg(long)]
     no_fast_path: bool,
-    /// Fast-path pulls running at once (more wait without a thread).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    max_pulls: u32,
+    /// Fast-path pulls running at once (more wait without a thread)
+    /// [default: 4].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_pulls: Option<u32>,
     /// Fast-path pulls running at once from one registry host, so that a
-    /// registry that stops answering cannot take every slot.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    max_pulls_per_registry: u32,
-    /// The longest a fast-path pull may take, in seconds.
-    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
-    pull_timeout: u64,
+    /// registry that stops answering cannot take every slot [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_pulls_per_registry: Option<u32>,
+    /// The longest a fast-path pull may take, in seconds [default: 1800].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pull_timeout: Option<u64>,
     /// A registry silent for this many seconds, or a download delivering
-    /// less than 64 KiB in as long, fails the pull.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    stall_timeout: u64,
+    /// less than 64 KiB in as long, fails the pull [default: 60].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    stall_timeout: Option<u64>,
     /// Also serve CRI's image service on this socket (0600), for
     /// kubelet's `--image-service-endpoint`: every call goes on to
     /// `--cri-upstream` unchanged, and a PullImage's credentials (a pod's
@@ -57,23 +65,52 @@ pub struct Args {
     fetch: super::FetchArgs,
 }
 
-pub fn run(a: Args, root: &Path) -> Result {
+pub fn run(a: Args, root: Option<&Path>) -> Result {
+    let file = match &a.config {
+        Some(p) => super::config::load(p, true)?,
+        None => super::config::load(Path::new(super::config::DEFAULT_PATH), false)?,
+    };
+    let root = root
+        .map(Path::to_path_buf)
+        .or(file.root.clone())
+        .unwrap_or_else(|| PathBuf::from(super::DEFAULT_ROOT));
+    let address = a
+        .address
+        .or(file.address.clone())
+        .unwrap_or_else(|| PathBuf::from(unlade::containerd::config::DEFAULT_ADDRESS));
+    let hosts_dir = a
+        .hosts_dir
+        .or(file.hosts_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/etc/unlade/certs.d"));
+    let plain_http = a.plain_http || file.plain_http.unwrap_or(false);
+    let fast_path = !a.no_fast_path && file.fast_path.unwrap_or(true);
+    let max_pulls = a.max_pulls.or(file.max_pulls).unwrap_or(4);
+    let per_registry = a
+        .max_pulls_per_registry
+        .or(file.max_pulls_per_registry)
+        .unwrap_or(2);
+    let pull_timeout = a.pull_timeout.or(file.pull_timeout).unwrap_or(1800);
+    let stall_timeout = a.stall_timeout.or(file.stall_timeout).unwrap_or(60);
+    let cri = match (&a.cri_listen, &a.cri_upstream) {
+        (Some(l), Some(u)) => Some((l.clone(), u.clone())),
+        _ => file.cri_listen.clone().zip(file.cri_upstream.clone()),
+    };
     // A second server on a live socket stops here, having made nothing.
-    unlade::containerd::refuse_live(&a.address)?;
-    if let Some(l) = &a.cri_listen {
+    unlade::containerd::refuse_live(&address)?;
+    if let Some((l, _)) = &cri {
         unlade::containerd::refuse_live(l)?;
     }
-    let stall = std::time::Duration::from_secs(a.stall_timeout);
+    let stall = std::time::Duration::from_secs(stall_timeout);
     let mut opts = RootOptions::default();
-    a.fetch.apply_to(&mut opts);
+    a.fetch.apply_to(&mut opts, Some(&file));
     opts.retry.stall.window = stall;
     let retry = opts.retry;
     // Makes the root (and checks it is one) before containerd can call.
-    let root = Arc::new(Root::open(root, opts)?);
-    let fast = (!a.no_fast_path).then(|| PullOptions {
+    let root = Arc::new(Root::open(&root, opts)?);
+    let fast = fast_path.then(|| PullOptions {
         remote: RemoteOptions {
-            plain_http: a.plain_http,
-            hosts_dir: Some(a.hosts_dir.clone()),
+            plain_http,
+            hosts_dir: Some(hosts_dir),
             read_timeout: stall,
             retry,
             ..Default::default()
@@ -85,17 +122,13 @@ pub fn run(a: Args, root: &Path) -> Result {
     let interrupts = signals::watch()?;
     let mut opts = unlade::containerd::ServeOptions::new(fast);
     opts.limits = unlade::containerd::PullLimits {
-        max_pulls: a.max_pulls as usize,
-        per_registry: a.max_pulls_per_registry as usize,
-        deadline: std::time::Duration::from_secs(a.pull_timeout),
+        max_pulls: max_pulls as usize,
+        per_registry: per_registry as usize,
+        deadline: std::time::Duration::from_secs(pull_timeout),
         read_timeout: stall,
     };
-    opts.cri = a
-        .cri_listen
-        .clone()
-        .zip(a.cri_upstream.clone())
-        .map(|(listen, upstream)| unlade::containerd::CriProxy { listen, upstream });
-    let (dir, sock) = (root.dir().to_path_buf(), a.address.clone());
+    opts.cri = cri.map(|(listen, upstream)| unlade::containerd::CriProxy { listen, upstream });
+    let (dir, sock) = (root.dir().to_path_buf(), address.clone());
     opts.ready = Some(Box::new(move || {
         eprintln!(
             "unlade: serving containerd's snapshots API for {} on {}",
@@ -104,7 +137,7 @@ pub fn run(a: Args, root: &Path) -> Result {
         );
         super::systemd::notify("READY=1");
     }));
-    let served = unlade::containerd::serve(root, &a.address, opts, interrupts.cancel());
+    let served = unlade::containerd::serve(root, &address, opts, interrupts.cancel());
     super::systemd::notify("STOPPING=1");
     served?;
     Ok(())

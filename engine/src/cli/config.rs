@@ -1,0 +1,201 @@
+//! `/etc/unlade/config.toml`: every setting of `unlade snapshotter` in one
+//! file (`--config FILE` names another), so that a fleet's unit file says
+//! nothing but the command. A flag given on the command line wins over the
+//! file; the file wins over the defaults. An unknown key or a bad value is
+//! one error line naming the file, the line and the key, before anything
+//! starts. `contrib/config.toml` documents every key.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where the file is read from when `--config` names none; it may be
+/// absent.
+pub const DEFAULT_PATH: &str = "/etc/unlade/config.toml";
+
+/// The file's keys, each optional (see `contrib/config.toml`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub root: Option<PathBuf>,
+    pub address: Option<PathBuf>,
+    pub hosts_dir: Option<PathBuf>,
+    pub plain_http: Option<bool>,
+    pub fast_path: Option<bool>,
+    pub max_pulls: Option<u32>,
+    pub max_pulls_per_registry: Option<u32>,
+    pub pull_timeout: Option<u64>,
+    pub stall_timeout: Option<u64>,
+    pub cri_listen: Option<PathBuf>,
+    pub cri_upstream: Option<PathBuf>,
+    pub max_connections: Option<u64>,
+    pub blob_connections: Option<u64>,
+    pub chunk_size: Option<Size>,
+}
+
+/// A size: bytes, or a string with K, M or G (`"16M"`).
+#[derive(Debug, Clone, Copy)]
+pub struct Size(pub u64);
+
+impl<'de> serde::Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => super::parse_size(&n.to_string()),
+            Raw::Text(t) => super::parse_size(&t),
+        }
+        .map(Size)
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Why the file cannot be used: one line.
+#[derive(Debug)]
+pub struct ConfigError(String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads `path` (`explicit`: named by `--config`, so it must exist; the
+/// default place may not).
+pub fn load(path: &Path, explicit: bool) -> Result<File, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            return Ok(File::default())
+        }
+        Err(e) => return Err(ConfigError(format!("config {}: {e}", path.display()))),
+    };
+    let file: File = toml::from_str(&text).map_err(|e| {
+        let at = e.span().map(|s| {
+            let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| format!(" (`{}`)", k.trim()))
+                .unwrap_or_default();
+            format!(", line {line}{key}")
+        });
+        ConfigError(format!(
+            "config {}{}: {}",
+            path.display(),
+            at.unwrap_or_default(),
+            e.message().trim()
+        ))
+    })?;
+    file.check()
+        .map_err(|m| ConfigError(format!("config {}: {m}", path.display())))?;
+    Ok(file)
+}
+
+impl File {
+    /// The ranges the flags take, for the same keys.
+    fn check(&self) -> Result<(), String> {
+        fn within<T: PartialOrd + fmt::Display + Copy>(
+            key: &str,
+            v: Option<T>,
+            lo: T,
+            hi: T,
+        ) -> Result<(), String> {
+            match v {
+                Some(v) if v < lo || v > hi => Err(format!("`{key}` = {v}: must be {lo} to {hi}")),
+                _ => Ok(()),
+            }
+        }
+        within("max_pulls", self.max_pulls, 1, 64)?;
+        within("max_pulls_per_registry", self.max_pulls_per_registry, 1, 64)?;
+        within("pull_timeout", self.pull_timeout, 1, u64::MAX)?;
+        within("stall_timeout", self.stall_timeout, 1, 3600)?;
+        within("max_connections", self.max_connections, 1, 1024)?;
+        within("blob_connections", self.blob_connections, 1, 256)?;
+        if self.cri_listen.is_some() != self.cri_upstream.is_some() {
+            return Err("`cri_listen` and `cri_upstream` go together".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile_path::Dir, PathBuf) {
+        let d = tempfile_path::Dir::new();
+        let p = d.0.join("config.toml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    /// A private directory removed on drop.
+    mod tempfile_path {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "unlade-config-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn the_documented_example_parses_whole() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/config.toml");
+        let f = load(&example, true).unwrap();
+        assert_eq!(f.max_pulls, Some(4));
+        assert_eq!(f.chunk_size.map(|s| s.0), Some(16 << 20));
+        assert_eq!(f.root.as_deref(), Some(Path::new("/var/lib/unlade")));
+    }
+
+    #[test]
+    fn bad_keys_and_values_are_one_line_naming_the_key() {
+        let cases = [
+            ("max_pulls = 4\nmax_pull = 3\n", "line 2", "max_pull"),
+            (
+                "max_pulls = \"four\"\n",
+                "line 1 (`max_pulls`)",
+                "invalid type",
+            ),
+            ("stall_timeout = 0\n", "`stall_timeout` = 0", "1 to 3600"),
+            ("chunk_size = \"16Q\"\n", "(`chunk_size`)", "16Q"),
+            ("cri_listen = \"/run/x.sock\"\n", "cri_upstream", "together"),
+            ("root = \n", "line 1", ""),
+        ];
+        for (text, a, b) in cases {
+            let (_d, p) = write(text);
+            let e = load(&p, true).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("config {}", p.display())), "{e}");
+            assert!(e.contains(a) && e.contains(b), "{text:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_file_may_be_absent_a_named_one_not() {
+        let missing = Path::new("/nonexistent/unlade/config.toml");
+        assert!(load(missing, false).unwrap().max_pulls.is_none());
+        let e = load(missing, true).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/unlade/config.toml"), "{e}");
+    }
+}
