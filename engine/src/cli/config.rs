@@ -129,34 +129,11 @@ impl File {
 mod tests {
     use super::*;
 
-    fn write(text: &str) -> (tempfile_path::Dir, PathBuf) {
-        let d = tempfile_path::Dir::new();
-        let p = d.0.join("config.toml");
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.toml");
         std::fs::write(&p, text).unwrap();
         (d, p)
-    }
-
-    /// A private directory removed on drop.
-    mod tempfile_path {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "unlade-config-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::SeqCst)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]
