@@ -404,11 +404,16 @@ mod split {
                     p.chunks.insert(start, (end, start));
                     return Some((start, end));
                 }
-                p = self
-                    .cv
-                    .wait_timeout(p, Duration::from_millis(200))
-                    .map_or_else(|e| e.into_inner().0, |r| r.0);
+                p = self.wait(p, Duration::from_millis(200));
             }
+        }
+
+        /// Waits on the plan's condition for at most `d` (a wake-up that
+        /// also polls the caller's cancellation, which does not notify).
+        fn wait<'p>(&self, p: MutexGuard<'p, Plan>, d: Duration) -> MutexGuard<'p, Plan> {
+            self.cv
+                .wait_timeout(p, d)
+                .map_or_else(|e| e.into_inner().0, |r| r.0)
         }
 
         fn written(&self, start: u64, upto: u64) {
@@ -570,10 +575,7 @@ mod split {
                     } else {
                         Duration::from_millis(200)
                     };
-                    p = sh
-                        .cv
-                        .wait_timeout(p, wait)
-                        .map_or_else(|e| e.into_inner().0, |r| r.0);
+                    p = sh.wait(p, wait);
                 }
             };
             if sh.f.cancel.is_cancelled() {

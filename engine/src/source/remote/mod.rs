@@ -779,6 +779,16 @@ struct Counted<R> {
     remote: Arc<Remote>,
 }
 
+impl Counted<Box<dyn Read + Send + Sync + 'static>> {
+    /// A blob response's body, counted into `remote`'s statistics.
+    fn boxed(resp: ureq::Response, remote: &Arc<Remote>) -> Box<dyn Read + Send> {
+        Box::new(Counted {
+            inner: resp.into_reader(),
+            remote: remote.clone(),
+        })
+    }
+}
+
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
@@ -821,10 +831,7 @@ impl BlobSource for RemoteBlobs {
         let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
         let (resp, ep) = remote.request(Cap::Blob, "GET", &path, headers)?;
         let partial = resp.status() == 206;
-        let mut r: Box<dyn Read + Send> = Box::new(Counted {
-            inner: resp.into_reader(),
-            remote: remote.clone(),
-        });
+        let mut r = Counted::boxed(resp, remote);
         if offset > 0 && !partial {
             // The server ignored the Range: skip what we have, held to the
             // minimum-progress rule like the rest of the body.
@@ -896,17 +903,11 @@ impl BlobSource for RemoteBlobs {
             }
             Err(e) => return Err(e),
         };
-        let counted = |resp: ureq::Response| -> Box<dyn Read + Send> {
-            Box::new(Counted {
-                inner: resp.into_reader(),
-                remote: remote.clone(),
-            })
-        };
         match resp.status() {
             206 => {
                 let cr = resp.header("Content-Range").unwrap_or("").to_string();
                 if content_range_is(&cr, &range, size) {
-                    return Ok(Ranged::Part(counted(resp)));
+                    return Ok(Ranged::Part(Counted::boxed(resp, remote)));
                 }
                 refuse_ranges(&ep.authority);
                 Ok(Ranged::Refused(format!(
@@ -916,7 +917,7 @@ impl BlobSource for RemoteBlobs {
             }
             _ => {
                 refuse_ranges(&ep.authority);
-                Ok(Ranged::Whole(counted(resp)))
+                Ok(Ranged::Whole(Counted::boxed(resp, remote)))
             }
         }
     }
