@@ -540,6 +540,25 @@ fn closed_range_start(range: Option<&String>) -> Option<u64> {
     a.parse().ok()
 }
 
+/// Reads a client's requests and answers none, until it hangs up: a
+/// registry that took the request and went silent.
+fn hold_until_hung_up(client: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+}
+
+/// An injected error answer with `code`, with `Retry-After: 0` if
+/// `retry_now` (so the client's back-off, not the server, paces it).
+fn answer_status(client: &mut TcpStream, code: u16, retry_now: bool) {
+    let retry = if retry_now { "Retry-After: 0\r\n" } else { "" };
+    let _ = client.write_all(
+        format!(
+            "HTTP/1.1 {code} Injected\r\n{retry}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+}
+
 /// A `Content-Range: bytes A-B/T` header line with A and B one more.
 fn shifted_content_range(line: &[u8]) -> Vec<u8> {
     let text = String::from_utf8_lossy(line);
@@ -686,14 +705,12 @@ impl Proxy {
                             .is_some_and(|a| a.contains(text.as_str())) =>
                     {
                         drop(faults);
-                        let mut buf = [0u8; 4096];
-                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        hold_until_hung_up(&mut client);
                         return;
                     }
                     Fault::Hang(text) if path.contains(text.as_str()) => {
                         drop(faults);
-                        let mut buf = [0u8; 4096];
-                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        hold_until_hung_up(&mut client);
                         return;
                     }
                     Fault::Endless(text) if method == "GET" && path.contains(text.as_str()) => {
@@ -730,10 +747,7 @@ impl Proxy {
                     {
                         let code = *code;
                         drop(faults);
-                        let _ = client.write_all(
-                            format!("HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .as_bytes(),
-                        );
+                        answer_status(&mut client, code, false);
                         return;
                     }
                     Fault::FailRange(text, at, code)
@@ -743,10 +757,7 @@ impl Proxy {
                     {
                         let code = *code;
                         drop(faults);
-                        let _ = client.write_all(
-                            format!("HTTP/1.1 {code} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .as_bytes(),
-                        );
+                        answer_status(&mut client, code, true);
                         return;
                     }
                     Fault::HangRange(text, at)
@@ -756,8 +767,7 @@ impl Proxy {
                     {
                         faults.remove(i);
                         drop(faults);
-                        let mut buf = [0u8; 4096];
-                        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
+                        hold_until_hung_up(&mut client);
                         return;
                     }
                     Fault::Trickle(text, every)
@@ -771,10 +781,7 @@ impl Proxy {
                         if *n == 0 {
                             faults.remove(i);
                         }
-                        let _ = client.write_all(
-                            format!("HTTP/1.1 {code} Injected\r\nRetry-After: 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                                .as_bytes(),
-                        );
+                        answer_status(&mut client, code, true);
                         return;
                     }
                     Fault::CutAfter(text, n) if method == "GET" && path.contains(text.as_str()) => {
