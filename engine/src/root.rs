@@ -100,6 +100,14 @@ impl Root {
         self.0.stats()
     }
 
+    /// The root's counters and per-layer stage histograms (bytes fetched
+    /// and written, deduplication joins, retries, range fallbacks; see
+    /// [`crate::pipeline::metrics`]), to register in a Prometheus registry
+    /// with [`Stats::register`].
+    pub fn metrics(&self) -> &Stats {
+        &self.0.parts().stats
+    }
+
     /// Unpacks `image` (resolved from `source`) into committed snapshots
     /// and records it as `name`. Safe to call from many threads and many
     /// processes at once for the same or overlapping images: each layer is

@@ -930,6 +930,11 @@ impl Registry {
 /// The layer digests, bottom first, of the demo image as the registry
 /// holds it (skopeo's push writes its own manifest).
 pub fn demo_layers(reg: &Registry) -> Vec<String> {
+    demo_layer_blobs(reg).into_iter().map(|l| l.0).collect()
+}
+
+/// The demo image's layer blobs in `reg`, bottom first: (digest, size).
+pub fn demo_layer_blobs(reg: &Registry) -> Vec<(String, u64)> {
     let out = sh(Command::new("skopeo")
         .args(["inspect", "--raw", "--tls-verify=false"])
         .arg(format!("docker://{}/demo:latest", reg.addr)));
@@ -938,7 +943,12 @@ pub fn demo_layers(reg: &Registry) -> Vec<String> {
         .as_array()
         .expect("layers")
         .iter()
-        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_string(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
         .collect()
 }
 

@@ -237,19 +237,18 @@ fn pulls_logged(c: &Containerd) -> Vec<(usize, usize)> {
     c.unlade
         .log()
         .lines()
-        .filter(|l| l.contains(" for containerd: "))
+        .filter(|l| l.contains("pulled for containerd"))
         .map(|l| {
-            let num = |after: &str| -> usize {
-                let i = l.find(after).expect(after);
-                l[..i]
-                    .rsplit(' ')
+            let num = |key: &str| -> usize {
+                let at = l.find(&format!(" {key}=")).expect(key) + key.len() + 2;
+                l[at..]
+                    .split(' ')
                     .next()
                     .expect("n")
-                    .trim()
                     .parse()
                     .expect("number")
             };
-            (num(" applied here"), num(" by another"))
+            (num("applied"), num("by_another"))
         })
         .collect()
 }

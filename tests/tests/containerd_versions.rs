@@ -360,7 +360,9 @@ fn each_version(version: Version) {
     assert_eq!(mode.permissions().mode() & 0o777, 0o600, "{version:?}");
     let log = c.unlade.log();
     assert!(
-        log.contains(&format!("pulled {reference}")),
+        log.lines()
+            .any(|l| l.contains("pulled for containerd")
+                && l.contains(&format!("image={reference}"))),
         "{version:?}: {log}"
     );
     assert!(!log.contains(PASSWORD), "{version:?}: {log}");

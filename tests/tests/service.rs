@@ -90,7 +90,8 @@ fn the_config_file_sets_what_flags_do_not() {
     std::fs::write(
         &config,
         format!(
-            "root = {:?}\naddress = {:?}\nmax_pulls = 3\nchunk_size = \"8M\"\n",
+            "root = {:?}\naddress = {:?}\nmax_pulls = 3\nchunk_size = \"8M\"\n\
+             metrics_address = \"127.0.0.1:0\"\nlog_format = \"json\"\nlog_level = \"info\"\n",
             root.to_str().expect("utf8"),
             from_file.to_str().expect("utf8")
         ),
@@ -117,12 +118,26 @@ fn the_config_file_sets_what_flags_do_not() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
-    // The file's root and address.
+    // The file's root, address, metrics and log format.
     let mut c = serve(&[]);
     wait_for(&from_file);
     assert!(root.join("containerd").is_dir(), "the file's root");
     c.kill().expect("kill");
-    c.wait().expect("wait");
+    let out = c.wait_with_output().expect("wait");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "serving metrics"
+                && e["fields"]["address"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("127.0.0.1:"))),
+        "{log}"
+    );
     // A flag wins.
     let mut c = serve(&["--address", from_flag.to_str().expect("utf8")]);
     wait_for(&from_flag);

@@ -30,6 +30,9 @@ pub struct File {
     pub max_connections: Option<u64>,
     pub blob_connections: Option<u64>,
     pub chunk_size: Option<Size>,
+    pub metrics_address: Option<std::net::SocketAddr>,
+    pub log_format: Option<super::logging::LogFormat>,
+    pub log_level: Option<String>,
 }
 
 /// A size: bytes, or a string with K, M or G (`"16M"`).
@@ -118,6 +121,9 @@ impl File {
         within("stall_timeout", self.stall_timeout, 1, 3600)?;
         within("max_connections", self.max_connections, 1, 1024)?;
         within("blob_connections", self.blob_connections, 1, 256)?;
+        if let Some(l) = &self.log_level {
+            super::logging::parse_filter(l).map_err(|e| format!("`log_level`: {e}"))?;
+        }
         if self.cri_listen.is_some() != self.cri_upstream.is_some() {
             return Err("`cri_listen` and `cri_upstream` go together".into());
         }
@@ -143,6 +149,8 @@ mod tests {
         assert_eq!(f.max_pulls, Some(4));
         assert_eq!(f.chunk_size.map(|s| s.0), Some(16 << 20));
         assert_eq!(f.root.as_deref(), Some(Path::new("/var/lib/unlade")));
+        assert_eq!(f.log_format, Some(super::super::logging::LogFormat::Text));
+        assert_eq!(f.log_level.as_deref(), Some("info"));
     }
 
     #[test]
@@ -158,6 +166,13 @@ mod tests {
             ("chunk_size = \"16Q\"\n", "(`chunk_size`)", "16Q"),
             ("cri_listen = \"/run/x.sock\"\n", "cri_upstream", "together"),
             ("root = \n", "line 1", ""),
+            ("log_format = \"xml\"\n", "(`log_format`)", "xml"),
+            ("log_level = \"loud\"\n", "`log_level`", "loud"),
+            (
+                "metrics_address = \"localhost\"\n",
+                "(`metrics_address`)",
+                "",
+            ),
         ];
         for (text, a, b) in cases {
             let (_d, p) = write(text);

@@ -9,6 +9,7 @@ pub mod containerd_config;
 pub mod content;
 pub mod gc;
 pub mod images;
+pub mod logging;
 pub mod mounts;
 pub mod progress;
 pub mod pull;

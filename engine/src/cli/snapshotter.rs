@@ -9,6 +9,7 @@ use std::sync::Arc;
 use unlade::source::remote::RemoteOptions;
 use unlade::{PullOptions, Root, RootOptions};
 
+use super::logging::{self, parse_filter, LogFormat};
 use super::{signals, Result};
 
 /// Every setting may also come from the config file (`--config`,
@@ -63,6 +64,18 @@ pub struct Args {
     cri_upstream: Option<PathBuf>,
     #[command(flatten)]
     fetch: super::FetchArgs,
+    /// Serve Prometheus metrics on this address (`GET /metrics`), such as
+    /// 127.0.0.1:9837 [default: none].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// How log lines on stderr are written [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Which events are logged: a level (error, warn, info, debug,
+    /// trace, off) or a list of module=level with a default level
+    /// (`info,unlade::containerd=debug`) [default: info].
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
 }
 
 pub fn run(a: Args, root: Option<&Path>) -> Result {
@@ -70,6 +83,18 @@ pub fn run(a: Args, root: Option<&Path>) -> Result {
         Some(p) => super::config::load(p, true)?,
         None => super::config::load(Path::new(super::config::DEFAULT_PATH), false)?,
     };
+    let filter = parse_filter(
+        a.log_level
+            .as_deref()
+            .or(file.log_level.as_deref())
+            .unwrap_or("info"),
+    )
+    .map_err(|e| format!("--log-level: {e}"))?;
+    logging::init(
+        a.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+        filter,
+    );
+    let metrics = a.metrics_address.or(file.metrics_address);
     let root = root
         .map(Path::to_path_buf)
         .or(file.root.clone())
@@ -128,12 +153,13 @@ pub fn run(a: Args, root: Option<&Path>) -> Result {
         read_timeout: stall,
     };
     opts.cri = cri.map(|(listen, upstream)| unlade::containerd::CriProxy { listen, upstream });
+    opts.metrics = metrics;
     let (dir, sock) = (root.dir().to_path_buf(), address.clone());
     opts.ready = Some(Box::new(move || {
-        eprintln!(
-            "unlade: serving containerd's snapshots API for {} on {}",
-            dir.display(),
-            sock.display()
+        tracing::info!(
+            root = %dir.display(),
+            address = %sock.display(),
+            "serving containerd's snapshots API"
         );
         super::systemd::notify("READY=1");
     }));

@@ -30,6 +30,7 @@ use bytes::{Buf, BufMut, Bytes};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Request, Response, Status};
 
+use crate::containerd::metrics::Metrics;
 use crate::oci::reference::Reference;
 use crate::source::remote::auth::{auth_key_host, decode_auth, Credentials, Keyring, Lent, Secret};
 
@@ -163,10 +164,11 @@ fn lend(keys: &Arc<Keyring>, body: &[u8]) -> Option<Lent> {
 struct Upstream {
     channel: tonic::transport::Channel,
     keys: Arc<Keyring>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    fn new(socket: PathBuf, keys: Arc<Keyring>) -> Upstream {
+    fn new(socket: PathBuf, keys: Arc<Keyring>, metrics: Arc<Metrics>) -> Upstream {
         // The URI is not used to connect: the connector dials the socket.
         let endpoint = tonic::transport::Endpoint::from_static("http://containerd.sock")
             .connect_timeout(std::time::Duration::from_secs(10));
@@ -177,12 +179,27 @@ impl Upstream {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
             }
         }));
-        Upstream { channel, keys }
+        Upstream {
+            channel,
+            keys,
+            metrics,
+        }
     }
 
     /// Forwards one call, `method` its path; a PullImage's credentials are
     /// lent while it runs.
     async fn forward(&self, path: String, req: Request<Bytes>) -> Result<Response<Bytes>, Status> {
+        let r = self.forward_inner(&path, req).await;
+        let code = r.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        self.metrics.cri_call(&path, code);
+        r
+    }
+
+    async fn forward_inner(
+        &self,
+        path: &str,
+        req: Request<Bytes>,
+    ) -> Result<Response<Bytes>, Status> {
         let lent = path
             .ends_with("/PullImage")
             .then(|| lend(&self.keys, req.get_ref()))
@@ -307,8 +324,12 @@ impl<A: Api> tower::Service<http::Request<tonic::body::Body>> for Forward<A> {
 
 /// The proxy's two services (both CRI versions) forwarding to containerd
 /// at `upstream`, lending PullImage's credentials to `keys`.
-pub(crate) fn services(upstream: PathBuf, keys: Arc<Keyring>) -> (Forward<V1>, Forward<V1Alpha2>) {
-    let up = Upstream::new(upstream, keys);
+pub(crate) fn services(
+    upstream: PathBuf,
+    keys: Arc<Keyring>,
+    metrics: Arc<Metrics>,
+) -> (Forward<V1>, Forward<V1Alpha2>) {
+    let up = Upstream::new(upstream, keys, metrics);
     (
         Forward {
             up: up.clone(),

@@ -29,6 +29,7 @@ mod cri;
 mod fair;
 pub mod fast;
 pub mod filter;
+pub mod metrics;
 mod mount;
 pub mod proto;
 pub mod service;
@@ -76,6 +77,15 @@ pub enum ServeError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The metrics address could not be listened on.
+    #[error("listen for metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How [`serve`] runs, beyond its root and socket.
@@ -93,6 +103,9 @@ pub struct ServeOptions {
     pub ready: Option<Box<dyn FnOnce() + Send>>,
     /// The CRI image service proxy to serve beside, if any.
     pub cri: Option<CriProxy>,
+    /// Where to serve Prometheus metrics (`GET /metrics`, see
+    /// [`metrics`]), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// The CRI image service proxy (kubelet's `--image-service-endpoint`):
@@ -152,7 +165,7 @@ fn accept_loop(
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    eprintln!("unlade: accept: {e}; trying again in 100 ms");
+                    tracing::error!(error = %e, "accept failed; trying again in 100 ms");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
                 // A client that went away while it was accepted.
@@ -320,7 +333,8 @@ pub fn serve(
         f.remote.keyring = Some(keys.clone());
         f
     });
-    let service = Service::new(store, fast, opts.limits);
+    let metrics = Arc::new(metrics::Metrics::new(store.clone()));
+    let service = Service::new(store, fast, opts.limits, metrics.clone());
     let ioe = |op, source| ServeError::Io {
         op,
         path: socket.to_path_buf(),
@@ -335,6 +349,18 @@ pub fn serve(
         None => None,
     };
     let cri_socket = cri.as_ref().map(|(c, _, ours)| (c.clone(), ours.clone()));
+    let metrics_listener = match opts.metrics {
+        Some(addr) => {
+            let l = metrics::bind(addr).map_err(|source| ServeError::Metrics { addr, source })?;
+            // The port bound, where the address asked for any (`:0`).
+            let at = l
+                .local_addr()
+                .map_or_else(|_| addr.to_string(), |a| a.to_string());
+            tracing::info!(address = %at, "serving metrics");
+            Some(l)
+        }
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(16)
@@ -383,7 +409,7 @@ pub fn serve(
                 path: c.listen.clone(),
                 source: e,
             })?;
-            let (v1, v1alpha2) = cri::services(c.upstream.clone(), keys.clone());
+            let (v1, v1alpha2) = cri::services(c.upstream.clone(), keys.clone(), metrics.clone());
             let mut graceful = stopping.clone();
             let proxy = tonic::transport::Server::builder()
                 .max_concurrent_streams(64)
@@ -404,6 +430,10 @@ pub fn serve(
                 }
             });
         }
+        // Dropped with the runtime when the server stops.
+        if let Some(l) = metrics_listener {
+            tokio::spawn(metrics::serve(l, metrics.clone()));
+        }
         if let Some(ready) = ready {
             ready();
         }
@@ -420,9 +450,9 @@ pub fn serve(
                 service.shutdown();
                 tokio::time::sleep(STOP_GRACE).await;
             } => {
-                eprintln!(
-                    "unlade: stopped with calls still in flight after {} s",
-                    STOP_GRACE.as_secs()
+                tracing::warn!(
+                    grace_seconds = STOP_GRACE.as_secs(),
+                    "stopped with calls still in flight"
                 );
                 Ok(())
             }

@@ -18,6 +18,7 @@ use crate::containerd::conn::ConnInfo;
 use crate::containerd::fair::FairPool;
 use crate::containerd::fast::{Ask, FastPath, Outcome, PullLimits};
 use crate::containerd::filter::Filter;
+use crate::containerd::metrics::Metrics;
 use crate::containerd::proto::services::snapshots::v1 as pb;
 use crate::containerd::proto::types;
 use crate::containerd::store::{CtrError, CtrStore, Kind, LabelUpdate, Record};
@@ -61,6 +62,7 @@ pub struct Service {
     store: Arc<CtrStore>,
     pool: FairPool,
     fast: Option<Arc<FastPath>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Service {
@@ -154,12 +156,14 @@ impl Service {
         store: Arc<CtrStore>,
         fast: Option<PullOptions>,
         limits: PullLimits,
+        metrics: Arc<Metrics>,
     ) -> Service {
         let pool = FairPool::new(STORE_THREADS, QUEUED_PER_CLIENT);
         Service {
             fast: fast.map(|o| Arc::new(FastPath::new(store.clone(), pool.clone(), o, limits))),
             store,
             pool,
+            metrics,
         }
     }
 
@@ -211,14 +215,19 @@ impl Service {
             .and_then(|f| Some((f, Ask::of(&labels)?)));
         let mut fell_back = None;
         if let Some((fast, ask)) = ask {
-            match fast
+            let outcome = fast
                 .prepare(client, &ask, &r.key, &r.parent, &labels)
                 .await
-                .map_err(|e| status(&e))?
-            {
+                .map_err(|e| {
+                    let s = status(&e);
+                    self.metrics.prepare_failed(s.code());
+                    s
+                })?;
+            self.metrics.prepared(&outcome);
+            match outcome {
                 Outcome::Adopted(stats) => {
                     if let Some(s) = stats {
-                        eprintln!("unlade: {s}");
+                        s.log();
                     }
                     return Err(Status::already_exists(format!(
                         "snapshot {:?} already exists",
@@ -226,12 +235,15 @@ impl Service {
                     )));
                 }
                 Outcome::NameTaken => {}
-                Outcome::FallBack(why) => {
-                    eprintln!(
-                        "unlade: {} layer {} (chain {}): falls back to containerd: {why}",
-                        ask.image(),
-                        ask.layer.map_or_else(|| "?".into(), |d| d.to_string()),
-                        ask.chain
+                Outcome::FallBack(f) => {
+                    tracing::warn!(
+                        image = %ask.image(),
+                        layer = %ask.layer.map_or_else(|| "?".into(), |d| d.to_string()),
+                        chain = %ask.chain,
+                        reason = f.reason,
+                        error = f.error.unwrap_or("none"),
+                        why = %f.why,
+                        "falls back to containerd"
                     );
                     fell_back = Some(ask.image());
                 }

@@ -152,6 +152,15 @@ impl From<crate::containerd::fair::Refused> for CtrError {
 }
 
 impl CtrError {
+    /// One word for what failed ([`RootError::kind`] for unlade's pull;
+    /// `local` for the store's own files).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CtrError::Root { source, .. } => source.kind(),
+            _ => "local",
+        }
+    }
+
     /// Whether this says the image has no layer of the chain a fast-path
     /// Prepare named: the labels were wrong, and the Prepare is left to
     /// containerd.
@@ -545,9 +554,10 @@ impl CtrStore {
     fn report_unreadable(&self, h: &str, e: &CtrError) {
         let mut seen = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() < 10_000 && seen.insert(h.to_string()) {
-            eprintln!(
-                "unlade: snapshot directory {h} left out of listings: {}",
-                crate::report::error_chain(e)
+            tracing::warn!(
+                directory = h,
+                error = %crate::report::error_chain(e),
+                "snapshot directory left out of listings"
             );
         }
     }
@@ -996,9 +1006,10 @@ impl CtrStore {
                             return Err(CtrError::NotFound(key.to_string()));
                         }
                     }
-                    eprintln!(
-                        "unlade: removing snapshot {key:?}, whose record does not read: {}",
-                        crate::report::error_chain(&e)
+                    tracing::warn!(
+                        snapshot = key,
+                        error = %crate::report::error_chain(&e),
+                        "removing a snapshot whose record does not read"
                     );
                     None
                 }

@@ -177,6 +177,48 @@ impl RootError {
         }
     }
 
+    /// What kind of failure this is, as one word for a metric's label or
+    /// a log field (never the message, whose digests and paths would make
+    /// a label per failure): the registry's answer where one caused it
+    /// (`not_found`, `denied`, `unavailable`, `stalled`, `source`), else
+    /// `content` (a blob or layer that is wrong), `image` (its documents),
+    /// `cancelled`, or `local` (this machine: files, locks, threads).
+    pub fn kind(&self) -> &'static str {
+        use crate::source::{SourceError, SourceErrorKind as S};
+        let source = |e: &SourceError| match e.kind {
+            S::NotFound => "not_found",
+            S::Denied => "denied",
+            S::Transient => "unavailable",
+            S::Stalled => "stalled",
+            S::Fatal => "source",
+        };
+        match self {
+            RootError::Source(e)
+            | RootError::Fetch(crate::pipeline::fetch::FetchError::Source { source: e, .. }) => {
+                source(e)
+            }
+            RootError::Shared(e) => e.kind(),
+            RootError::Layer { source, .. } => source.kind(),
+            RootError::MissingBlob { .. } => "not_found",
+            RootError::Cancelled => "cancelled",
+            _ if self.content_fault().is_some() => "content",
+            _ => {
+                // A registry error further down (a document's fetch).
+                let mut e = std::error::Error::source(self);
+                while let Some(x) = e {
+                    if let Some(s) = x.downcast_ref::<SourceError>() {
+                        return source(s);
+                    }
+                    e = x.source();
+                }
+                match self {
+                    RootError::Image(_) | RootError::NotInImage { .. } => "image",
+                    _ => "local",
+                }
+            }
+        }
+    }
+
     pub(crate) fn lock(path: PathBuf, e: LockError) -> RootError {
         match e {
             LockError::Cancelled => RootError::Cancelled,

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use crate::cancel::Cancel;
 use crate::oci::digest::Digest;
+use crate::pipeline::metrics::{RangeFallback, Stats};
 use crate::pipeline::permits::{Permit, Permits};
 use crate::source::{BlobSource, Ranged, Retry, SourceError, SourceErrorKind};
 use crate::store::content::{ChunkWriter, ContentError, ContentStore, IngestWriter, Ingested};
@@ -122,6 +123,8 @@ pub struct Fetcher<'a> {
     /// The root's connection budget, and this blob's place in it (its
     /// layer: lower first); `None`: unbounded.
     pub(crate) connections: Option<(&'a Permits, u64)>,
+    /// Where the bytes fetched, retries and range fallbacks are counted.
+    pub stats: Option<&'a Stats>,
 }
 
 /// Bytes copied from a mapped local blob between two progress reports
@@ -132,6 +135,20 @@ const MAP_STEP: usize = 4 << 20;
 const BUF: usize = 256 << 10;
 
 impl Fetcher<'_> {
+    /// Counts `n` bytes read from the source.
+    fn fetched(&self, n: usize) {
+        if let Some(s) = self.stats {
+            s.bytes_fetched.inc_by(n as u64);
+        }
+    }
+
+    /// Counts a failed attempt about to be tried again.
+    fn retrying(&self) {
+        if let Some(s) = self.stats {
+            s.fetch_retries.inc();
+        }
+    }
+
     /// Copies blob `d` (of `size` bytes) into the store, resuming from
     /// what was written when the stream breaks, and publishes it if its
     /// digest matches. `growing` (if given) is fed the file and the
@@ -198,6 +215,7 @@ impl Fetcher<'_> {
                     return Err(FetchError::Cancelled);
                 }
                 w.write(chunk)?;
+                self.fetched(chunk.len());
                 map.release_before((i + 1) * MAP_STEP);
                 (self.progress)(w.written());
             }
@@ -250,6 +268,7 @@ impl Fetcher<'_> {
                             Ok(0) => break 'attempts,
                             Ok(n) => {
                                 w.write(&buf[..n])?;
+                                self.fetched(n);
                                 failures = 0;
                                 if let Some(g) = growing {
                                     g.advance(w.written());
@@ -272,6 +291,7 @@ impl Fetcher<'_> {
                     source: last,
                 });
             }
+            self.retrying();
             if !self.retry.wait(failures, last.retry_after, cancel) {
                 return Err(FetchError::Cancelled);
             }
@@ -336,7 +356,7 @@ mod split {
     }
 
     enum Stop {
-        OneStream(Option<Box<dyn Read + Send>>),
+        OneStream(RangeFallback, Option<Box<dyn Read + Send>>),
         Failed(ContentError),
     }
 
@@ -454,7 +474,7 @@ mod split {
         let first = f.connection(f.cancel)?;
         let r = std::thread::scope(|s| {
             if !spawn(&sh, s, first, true) {
-                sh.stop(Stop::OneStream(None));
+                sh.stop(Stop::OneStream(RangeFallback::NoThread, None));
             }
             let r = hash_prefix(&sh, s, w, growing);
             sh.done.cancel();
@@ -596,7 +616,12 @@ mod split {
             }
             match stop {
                 Some(Stop::Failed(e)) => return Err(e.into()),
-                Some(Stop::OneStream(whole)) => return Ok(End::OneStream(whole)),
+                Some(Stop::OneStream(why, whole)) => {
+                    if let Some(st) = sh.f.stats {
+                        st.range_fallback(why);
+                    }
+                    return Ok(End::OneStream(whole));
+                }
                 None if target >= sh.size => return Ok(End::Done),
                 None => {}
             }
@@ -681,11 +706,11 @@ mod split {
                 }
                 Ok(Ranged::Whole(r)) => {
                     let whole = (start == 0 && pos == 0).then_some(r);
-                    sh.stop(Stop::OneStream(whole));
+                    sh.stop(Stop::OneStream(RangeFallback::Ignored, whole));
                     return false;
                 }
                 Ok(Ranged::Refused(_)) => {
-                    sh.stop(Stop::OneStream(None));
+                    sh.stop(Stop::OneStream(RangeFallback::Refused, None));
                     return false;
                 }
                 Err(e) => {
@@ -698,9 +723,10 @@ mod split {
             {
                 // A chunk that keeps failing: the rest of the blob over
                 // one stream, which tries again and names the failure.
-                sh.stop(Stop::OneStream(None));
+                sh.stop(Stop::OneStream(RangeFallback::Failed, None));
                 return false;
             }
+            f.retrying();
         }
     }
 
@@ -734,7 +760,7 @@ mod split {
                     ))))
                 }
                 Ok(n) if *pos + n as u64 > end => {
-                    sh.stop(Stop::OneStream(None));
+                    sh.stop(Stop::OneStream(RangeFallback::Longer, None));
                     return Err(None);
                 }
                 Ok(n) => {
@@ -742,6 +768,7 @@ mod split {
                         sh.stop(Stop::Failed(e));
                         return Err(None);
                     }
+                    f.fetched(n);
                     *pos += n as u64;
                     sh.written(start, *pos);
                 }
@@ -981,6 +1008,7 @@ mod tests {
             progress: &|_| {},
             split: Split::default(),
             connections: None,
+            stats: None,
         }
     }
 
@@ -1249,6 +1277,7 @@ mod tests {
                 chunk: CHUNK,
             },
             connections: budget,
+            stats: None,
         };
         let (r, got) = std::thread::scope(|sc| {
             let h = sc.spawn(move || {
@@ -1317,6 +1346,7 @@ mod tests {
                 chunk: CHUNK,
             },
             connections: None,
+            stats: None,
         };
         let done = AtomicBool::new(false);
         let mut reader = g.reader();
@@ -1526,6 +1556,7 @@ mod tests {
                 progress: &|_| {},
                 split: Split::default(),
                 connections: None,
+                stats: None,
             }
             .fetch_into(&Digest::of(b"never"), 1 << 20, None)
         };

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fetch;
 pub mod flight;
 pub mod gc;
+pub mod metrics;
 pub(crate) mod permits;
 pub mod pull;
 pub mod task;
@@ -16,7 +17,6 @@ pub mod unpack;
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{self as rfs, Mode, OFlags};
@@ -81,24 +81,7 @@ impl Default for RootOptions {
     }
 }
 
-/// Counters of the work a root did in this process: what the tests of
-/// duplicate suppression count.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Layers applied into a snapshot (by this process).
-    pub layers_applied: AtomicU64,
-    /// Layer blobs copied into the content store (by this process).
-    pub blobs_ingested: AtomicU64,
-}
-
-/// A copy of [`Stats`] at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    /// See [`Stats::layers_applied`].
-    pub layers_applied: u64,
-    /// See [`Stats::blobs_ingested`].
-    pub blobs_ingested: u64,
-}
+pub use metrics::{Stats, StatsSnapshot};
 
 /// The parts of an open root that the pipeline works with: the stores,
 /// the flights and limits of this process, and its options. The public
@@ -192,10 +175,7 @@ impl Context {
 
     /// What this process did so far.
     pub(crate) fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            layers_applied: self.0.stats.layers_applied.load(Ordering::Relaxed),
-            blobs_ingested: self.0.stats.blobs_ingested.load(Ordering::Relaxed),
-        }
+        self.0.stats.snapshot()
     }
 
     /// Takes `ROOT/gc.lock`: exclusive for gc, shared for whatever creates

@@ -64,14 +64,31 @@ pub struct Pulled {
 }
 
 impl Pulled {
+    /// Seconds per layer stage, summed over the layers this pull did.
+    fn stages_json(&self) -> serde_json::Value {
+        use crate::pipeline::metrics::Stage;
+        Stage::ALL
+            .iter()
+            .map(|s| {
+                (
+                    s.name().to_string(),
+                    serde_json::json!(self.unpacked.stages.get(*s).as_secs_f64()),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// The pull as one JSON object, what `unlade pull --json` prints and
     /// scripts parse: `name`, `resolved`, `manifest`, `config`,
     /// `platform`, `layers` (see [`Unpacked::layers_json`]), `top_chain`,
     /// `requests`, `bytes_fetched`, `layers_applied` and `blobs_fetched`
     /// (from `stats`, the root's counters after the pull: what this
     /// process applied and fetched) and `seconds` (`resolve`,
-    /// `fetch_and_unpack`, and `total`, the caller's wall time, which
-    /// includes opening the root). In the library so that the keys are
+    /// `fetch_and_unpack`, `total`, the caller's wall time, which
+    /// includes opening the root, and `layer_stages`: `fetch`, `decode`,
+    /// `apply` and `commit` summed over the layers this pull did, which
+    /// overlap in time). In the library so that the keys are
     /// defined once, next to the fields they report.
     pub fn summary_json(
         &self,
@@ -94,6 +111,7 @@ impl Pulled {
                 "resolve": self.resolve_time.as_secs_f64(),
                 "fetch_and_unpack": self.unpack_time.as_secs_f64(),
                 "total": total.as_secs_f64(),
+                "layer_stages": self.stages_json(),
             },
         })
     }
@@ -254,6 +272,14 @@ mod tests {
                 already: 1,
                 roles: vec![(chains[1], Role::Waited), (chains[2], Role::TookOver)],
                 warnings: vec![],
+                stages: {
+                    let mut t = crate::pipeline::metrics::StageTimes::default();
+                    t.add(
+                        crate::pipeline::metrics::Stage::Apply,
+                        Duration::from_millis(1500),
+                    );
+                    t
+                },
             },
             requests: 7,
             bytes_fetched: 42,
@@ -278,6 +304,8 @@ mod tests {
         assert_eq!(j["seconds"]["resolve"], 0.25);
         assert_eq!(j["seconds"]["fetch_and_unpack"], 2.0);
         assert_eq!(j["seconds"]["total"], 3.0);
+        assert_eq!(j["seconds"]["layer_stages"]["apply"], 1.5);
+        assert_eq!(j["seconds"]["layer_stages"]["fetch"], 0.0);
         let done: Vec<&str> = j["layers"]
             .as_array()
             .unwrap()

@@ -32,6 +32,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crate::cancel::Cancel;
 use crate::layer::apply::{apply_layer, ApplyOptions, LayerInput, LowerLayers};
@@ -40,6 +41,7 @@ use crate::oci::image::{Image, Layer, LayerKind};
 use crate::pipeline::error::RootError;
 use crate::pipeline::fetch::{FetchError, Growing};
 use crate::pipeline::flight::{FlightError, Key, Role};
+use crate::pipeline::metrics::{Stage, StageTimes};
 use crate::pipeline::Context;
 use crate::store::durable::Durability;
 use crate::store::images::{ImageRecord, LayerRecord};
@@ -85,6 +87,9 @@ pub struct Unpacked {
     /// What the layers this call applied did otherwise than they asked
     /// (see [`crate::ApplyReport::warnings`]), each line naming its layer.
     pub warnings: Vec<String>,
+    /// The time each stage took, summed over the layers this call did
+    /// itself (not those it waited for): fetch, decode, apply, commit.
+    pub stages: StageTimes,
 }
 
 impl Unpacked {
@@ -141,6 +146,8 @@ struct Job {
     growing: Mutex<Vec<std::sync::Weak<Growing>>>,
     /// Warnings of the layers this job applied.
     warnings: Mutex<Vec<String>>,
+    /// The stage times of the layers this job did itself.
+    stages: Mutex<StageTimes>,
 }
 
 impl Job {
@@ -155,6 +162,16 @@ impl Job {
         for g in list.iter().filter_map(|w| w.upgrade()) {
             g.cancel();
         }
+    }
+
+    /// Records that one layer's `stage` took `d`: in the root's metrics
+    /// and in this job's own sums.
+    fn timed(&self, stage: Stage, d: std::time::Duration) {
+        self.root.0.stats.observe(stage, d);
+        self.stages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(stage, d);
     }
 
     fn report(&self, i: usize, e: ProgressEvent) {
@@ -233,6 +250,7 @@ impl Context {
             progress,
             growing: Mutex::new(Vec::new()),
             warnings: Mutex::new(Vec::new()),
+            stages: Mutex::new(StageTimes::default()),
         });
         if let Some(p) = &job.progress {
             p.start(image);
@@ -370,12 +388,14 @@ impl Context {
             .images
             .put(&record, self.0.opts.durability != Durability::None)?;
         let warnings = std::mem::take(&mut *job.warnings.lock().unwrap_or_else(|p| p.into_inner()));
+        let stages = *job.stages.lock().unwrap_or_else(|p| p.into_inner());
         Ok(Unpacked {
             top_chain: chain_ids.last().copied(),
             chain_ids,
             already,
             roles,
             warnings,
+            stages,
         })
     }
 
@@ -457,7 +477,11 @@ fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<RootError>> {
         .run(Key::Snapshot(layer.chain_id), &job.cancel, adopt, || {
             lead_layer(job, i).map_err(Arc::new)
         });
-    flown(r).map(|((), role)| role)
+    let r = flown(r).map(|((), role)| role);
+    if let Ok(Role::Waited) = r {
+        root.stats.joined("layer");
+    }
+    r
 }
 
 /// The leader's work for layer `i`: apply into a fresh active snapshot,
@@ -485,14 +509,17 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
     let _lock = root.file_lock(&Key::Snapshot(layer.chain_id).lock_name(), &job.cancel)?;
     if root.0.snapshots.stat(&layer.chain_id).is_ok() {
         // Another process committed it while we waited for its lock.
+        root.0.stats.joined("layer");
         return Ok(());
     }
     let parent = i.checked_sub(1).map(|p| job.image.layers[p].chain_id);
     let active = root.0.snapshots.prepare_on(parent)?;
     let durability = root.0.opts.durability;
+    let mut synced = std::time::Duration::ZERO;
     let applied = (|| {
         apply_blob(job, i, active.fs())?;
         // Outside the apply permit: overlaps the next layers' applies.
+        let t = Instant::now();
         match durability {
             Durability::None => {}
             Durability::Syncfs => root.0.snapshots.sync_active(&active)?,
@@ -509,6 +536,7 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
                 })?;
             }
         }
+        synced = t.elapsed();
         if let Some(p) = i.checked_sub(1) {
             ensure_layer(job, p).map_err(unshare)?;
         }
@@ -516,11 +544,13 @@ fn lead_layer_inner(job: &Arc<Job>, i: usize) -> Result<(), RootError> {
     })();
     match applied {
         Ok(()) => {
+            let t = Instant::now();
             root.0.snapshots.commit(active, &layer.chain_id)?;
             if durability != Durability::None {
                 root.0.snapshots.sync_commits()?;
             }
-            root.0.stats.layers_applied.fetch_add(1, Ordering::Relaxed);
+            job.timed(Stage::Commit, synced + t.elapsed());
+            root.0.stats.layers_applied.inc();
             Ok(())
         }
         Err(e) => {
@@ -610,9 +640,15 @@ fn apply_blob(job: &Arc<Job>, i: usize, dest: PathBuf) -> Result<(), RootError> 
                 (None, Some(g)) => LayerInput::Reader(Box::new(g.reader())),
                 (None, None) => unreachable!("a blob is local or downloaded"),
             };
+            let t = Instant::now();
             let r = apply_layer(input, &dest, &opts)
                 .map_err(|e| RootError::Apply(e.blob(layer.digest)));
             drop(permit);
+            if let Ok(report) = &r {
+                job.timed(Stage::Apply, t.elapsed());
+                job.timed(Stage::Decode, report.decode_time);
+                root.0.stats.bytes_written.inc_by(report.counts.bytes);
+            }
             r
         });
         let ingested = match ing {
@@ -703,7 +739,11 @@ fn ensure_blob(
         .run(Key::Blob(layer.digest), &job.cancel, adopt, || {
             fetch_blob(job, i, growing, copied).map_err(Arc::new)
         });
-    let r = flown(r).map(|_| ());
+    let r = flown(r).map(|((), role)| {
+        if role == Role::Waited {
+            root.0.stats.joined("blob");
+        }
+    });
     match (&r, growing) {
         (Ok(()), Some(g)) => g.finish_at(root.0.content.path(&layer.digest)),
         (Err(e), Some(g)) => g.fail(crate::report::error_chain(&**e)),
@@ -733,6 +773,8 @@ fn fetch_blob(
         .root
         .file_lock(&Key::Blob(layer.digest).lock_name(), &job.cancel)?;
     if root.content.contains(&layer.digest) {
+        // Another process stored it while we waited for its lock.
+        root.stats.joined("blob");
         return Ok(());
     }
     let progress = |n: u64| job.report(i, ProgressEvent::Fetching(n));
@@ -749,11 +791,14 @@ fn fetch_blob(
         progress: &progress,
         split: root.opts.split,
         connections: Some((&root.connections, i as u64)),
+        stats: Some(&root.stats),
     };
+    let t = Instant::now();
     match fetcher.fetch_into(&layer.digest, layer.size, growing) {
         Ok(_) => {
+            job.timed(Stage::Fetch, t.elapsed());
             copied.store(true, Ordering::Relaxed);
-            root.stats.blobs_ingested.fetch_add(1, Ordering::Relaxed);
+            root.stats.blobs_ingested.inc();
             Ok(())
         }
         Err(FetchError::Source { digest, source }) => {

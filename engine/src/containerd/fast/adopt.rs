@@ -14,6 +14,7 @@ use crate::containerd::fast::Ask;
 use crate::containerd::store::{
     holder, now_ns, CtrError, CtrStore, Kind, Locked, Record, PULL_RECORD,
 };
+use crate::pipeline::metrics::{Stage, StageTimes};
 use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
 use crate::store::statedir::private_name;
@@ -75,22 +76,32 @@ pub struct PullStats {
     pub bytes: u64,
     /// How long it took.
     pub seconds: f64,
+    /// Of which resolving the reference (documents included).
+    pub resolve_seconds: f64,
+    /// The per-layer stages of the layers this pull did itself, summed.
+    pub stages: StageTimes,
 }
 
-impl std::fmt::Display for PullStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "pulled {} for containerd: {} layers, {} present, {} applied here, {} by another; \
-             {} bytes fetched; {:.2} s",
-            self.image,
-            self.layers,
-            self.present,
-            self.applied,
-            self.by_another,
-            self.bytes,
-            self.seconds
-        )
+impl PullStats {
+    /// The pull's one summary event (`info`): image, layers, who did
+    /// them, bytes, and seconds per stage.
+    pub fn log(&self) {
+        let s = |st| self.stages.get(st).as_secs_f64();
+        tracing::info!(
+            image = %self.image,
+            layers = self.layers,
+            present = self.present,
+            applied = self.applied,
+            by_another = self.by_another,
+            bytes_fetched = self.bytes,
+            seconds = self.seconds,
+            resolve_seconds = self.resolve_seconds,
+            fetch_seconds = s(Stage::Fetch),
+            decode_seconds = s(Stage::Decode),
+            apply_seconds = s(Stage::Apply),
+            commit_seconds = s(Stage::Commit),
+            "pulled for containerd"
+        );
     }
 }
 
@@ -205,6 +216,8 @@ pub(crate) fn pull(
         by_another: count(crate::pipeline::flight::Role::Waited),
         bytes: pulled.bytes_fetched,
         seconds: t.elapsed().as_secs_f64(),
+        resolve_seconds: pulled.resolve_time.as_secs_f64(),
+        stages: pulled.unpacked.stages,
     })
 }
 

@@ -114,7 +114,53 @@ pub enum Outcome {
     /// The fast path cannot make this layer: a plain Prepare marked as
     /// fallen back (see the module docs), and containerd fetches and
     /// applies the layer and those above it.
-    FallBack(String),
+    FallBack(FellBack),
+}
+
+/// Why a Prepare fell back to containerd: a word for metrics and log
+/// fields, and the full line.
+#[derive(Debug, Clone)]
+pub struct FellBack {
+    /// `pull_failed` (its [`Self::error`] says how), `deadline`,
+    /// `shutdown`, `abandoned` (no Prepare waited), `below_fell_back`
+    /// (a layer below this one fell back), or `unlade` (unlade's own
+    /// files or holds).
+    pub reason: &'static str,
+    /// For `pull_failed`: [`crate::RootError::kind`] of the failure.
+    pub error: Option<&'static str>,
+    /// The whole reason, one line.
+    pub why: String,
+}
+
+impl FellBack {
+    /// Unlade's own trouble (its store, its holds).
+    fn own(why: String) -> FellBack {
+        FellBack {
+            reason: "unlade",
+            error: None,
+            why,
+        }
+    }
+
+    fn pull(f: &PullFailure) -> FellBack {
+        let (reason, error) = match f {
+            PullFailure::Failed(e) => ("pull_failed", Some(e.kind())),
+            PullFailure::Deadline(_) => ("deadline", None),
+            PullFailure::Shutdown => ("shutdown", None),
+            PullFailure::Abandoned => ("abandoned", None),
+        };
+        FellBack {
+            reason,
+            error,
+            why: f.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for FellBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// The fast path of one server: its pulls, and the store's threads its
@@ -187,13 +233,15 @@ impl FastPath {
         // failed pull, containerd gone (this future dropped), a finish
         // that never ran.
         let pending = match begun {
-            Err(why) => return Ok(Outcome::FallBack(why)),
+            Err(why) => return Ok(Outcome::FallBack(FellBack::own(why))),
             Ok(adopt::Begun::Made) => return Ok(Outcome::Adopted(None)),
             Ok(adopt::Begun::NameTaken) => return Ok(Outcome::NameTaken),
             Ok(adopt::Begun::BelowFellBack) => {
-                return Ok(Outcome::FallBack(
-                    "the layer below fell back to containerd".into(),
-                ))
+                return Ok(Outcome::FallBack(FellBack {
+                    reason: "below_fell_back",
+                    error: None,
+                    why: "the layer below fell back to containerd".into(),
+                }))
             }
             Ok(adopt::Begun::Pending(p)) => p,
         };
@@ -211,7 +259,7 @@ impl FastPath {
                         .await
                         .unwrap_or(false);
                     if !made {
-                        return Ok(Outcome::FallBack(f.to_string()));
+                        return Ok(Outcome::FallBack(FellBack::pull(&f)));
                     }
                 }
             }
@@ -223,7 +271,7 @@ impl FastPath {
             .map(Ok)
             .or_else(fall_back_unless_answer)?;
         Ok(match finished {
-            Err(why) => Outcome::FallBack(why),
+            Err(why) => Outcome::FallBack(FellBack::own(why)),
             Ok(adopt::Begun::Made) => Outcome::Adopted(stats),
             Ok(_) => Outcome::NameTaken,
         })

@@ -272,10 +272,7 @@ impl Pulls {
             _ = job.abandoned.notified() => PullFailure::Abandoned,
             _ = stop.wait_for(|s| *s) => PullFailure::Shutdown,
         };
-        eprintln!(
-            "unlade: pull of {} for containerd stopped: {ended}",
-            ask.reference
-        );
+        tracing::warn!(image = %ask.reference, why = %ended, "pull for containerd stopped");
         task.cancel();
         tx.send_replace(Some(Err(ended)));
         if tokio::time::timeout(self.limits.read_timeout, &mut task)

@@ -92,6 +92,10 @@ pub struct ApplyReport {
     pub compression: Compression,
     /// Whether it was decoded into one buffer (else streamed).
     pub whole_buffer: bool,
+    /// The decompression's time: CPU time of the streaming decoder's
+    /// thread, or the whole-buffer inflate's. Decoding overlaps the apply,
+    /// so this is part of the apply's wall time, not added to it.
+    pub decode_time: std::time::Duration,
     /// Size of the uncompressed tar stream, trailing bytes included: the
     /// bytes the diff ID hashes.
     pub uncompressed_bytes: u64,
@@ -197,8 +201,15 @@ fn from_file(f: File, w: Writer<'_>, opts: &ApplyOptions) -> Result<ApplyReport,
     match comp {
         Compression::Plain if strategy != DecodeStrategy::Streaming => whole(map, comp, w, opts),
         Compression::Gzip if strategy.gzip_whole() => {
+            let t = std::time::Instant::now();
             match decode::gunzip_whole(&map, opts.decode.memory_cap) {
-                Some(buf) => whole(Arc::new(buf), comp, w, opts),
+                Some(buf) => {
+                    let inflated = t.elapsed();
+                    whole(Arc::new(buf), comp, w, opts).map(|mut r| {
+                        r.decode_time = inflated;
+                        r
+                    })
+                }
                 None => streaming(&map[..], comp, w, opts),
             }
         }
@@ -309,11 +320,22 @@ fn whole<B: Bytes + 'static>(
             diff_id,
             compression: comp,
             whole_buffer: true,
+            decode_time: std::time::Duration::ZERO,
             uncompressed_bytes: len as u64,
             counts,
             warnings,
         })
     })
+}
+
+/// The CPU time the calling thread has used: a streaming decoder's work,
+/// without its waits for input or for room in the channels.
+fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// Decodes, hashes and applies on three threads connected by bounded
@@ -335,13 +357,14 @@ fn streaming(
                 let r = decode::stream(input, comp, |b| {
                     htx.as_ref().is_none_or(|h| h.send(b.clone()).is_ok()) && tx.send(Ok(b)).is_ok()
                 });
-                match r {
+                let complete = match r {
                     Ok(complete) => complete,
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         false
                     }
-                }
+                };
+                (complete, thread_cpu_time())
             })
             .map_err(|e| ApplyError::fs("start a thread to decode the layer", e))?;
         let hasher = match known {
@@ -356,7 +379,7 @@ fn streaming(
         let done = drive(StreamSource::new(rx), applier(w, opts));
         let panicked =
             |what: &str| ApplyError::fs(what.to_string(), io::Error::other("thread panicked"));
-        let complete = decoder.join().map_err(|_| panicked("decode layer"))?;
+        let (complete, decode_time) = decoder.join().map_err(|_| panicked("decode layer"))?;
         let diff_id = match (hasher, known) {
             (Some(h), _) => h.join().map_err(|_| panicked("hash layer"))?,
             (None, Some(d)) => d,
@@ -373,6 +396,7 @@ fn streaming(
             diff_id,
             compression: comp,
             whole_buffer: false,
+            decode_time,
             uncompressed_bytes: src_len,
             counts,
             warnings,

@@ -1,0 +1,254 @@
+//! What an operator sees of `unlade snapshotter` on a node, against the
+//! real containerd (sid's 2.1, CRI pulling through the transfer service):
+//!
+//! - its Prometheus metrics (`--metrics-address 127.0.0.1:0`), scraped
+//!   after a CRI pull through unlade's CRI proxy, agree with the pull: the
+//!   bytes fetched are the layer blobs' sizes, one fast-path pull, every
+//!   layer applied, fetched and timed per stage once, one forwarded
+//!   PullImage answered OK; after a pull from a registry unlade cannot
+//!   reach, one pull fell back, with its reason;
+//! - its logs as JSON (`--log-format json`): one object a line, the pull's
+//!   one summary event with the same numbers, the fallback's event with
+//!   its reason;
+//! - the metrics endpoint holds up to a hostile scraper: a silent
+//!   connection does not keep others from scraping, a request head past
+//!   the limit is refused, any other path is 404.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
+use unlade_tests::registry::{demo_layer_blobs, demo_registry, Proxy};
+use unlade_tests::*;
+
+/// The server's log as JSON objects, one a line; every line must be one.
+fn events(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line: {l:?}: {e}")))
+        .collect()
+}
+
+/// The events whose message is `message`.
+fn named(log: &str, message: &str) -> Vec<serde_json::Value> {
+    events(log)
+        .into_iter()
+        .filter(|e| e["fields"]["message"] == message)
+        .collect()
+}
+
+/// One HTTP/1.1 request `head` to `addr`; the whole answer.
+fn http(addr: &str, head: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics address");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(head.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A scrape of `/metrics`: sample lines (no comments) by series.
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let answer = http(
+        addr,
+        "GET /metrics HTTP/1.1\r\nHost: unlade\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("content-type: text/plain"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).expect("a body");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').expect("series value");
+            (k.to_string(), v.parse().expect("a number"))
+        })
+        .collect()
+}
+
+fn value(m: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
+    *m.get(series)
+        .unwrap_or_else(|| panic!("no {series} in {m:#?}"))
+}
+
+#[test]
+fn metrics_and_logs_tell_what_a_pull_did() {
+    let version = Version::V2_1Transfer;
+    let (reg, proxy) = demo_registry();
+    let t = tmp();
+    // Another image (its own layers), at an address of the same registry
+    // that only containerd reaches (its hosts.toml says plain HTTP;
+    // unlade tries HTTPS): a fallback.
+    let other = t.path().join("other");
+    image_layout(&other, &[("latest", &[&many_files(50, 512, 9, MT_GZ)])]);
+    reg.push(&other, "latest", "other:latest");
+    let far = Proxy::start(&reg.addr);
+    let root = t.path().join("root");
+    let hosts = t.path().join("unlade-hosts");
+    write_plain_http_hosts(&hosts, &proxy.addr);
+    let c = Containerd::start_version(
+        version,
+        &root,
+        &Options {
+            server_args: vec![
+                "--hosts-dir".into(),
+                hosts.to_str().expect("utf8").into(),
+                "--metrics-address".into(),
+                "127.0.0.1:0".into(),
+                "--log-format".into(),
+                "json".into(),
+            ],
+            plain_http: vec![proxy.addr.clone(), far.addr.clone()],
+            containerd_root: None,
+            cri_proxy: true,
+        },
+    );
+    let t0 = std::time::Instant::now();
+    let serving = loop {
+        let found = named(&c.unlade.log(), "serving metrics");
+        if !found.is_empty() || t0.elapsed() > Duration::from_secs(30) {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(serving.len(), 1, "{}", c.unlade.log());
+    let addr = serving[0]["fields"]["address"]
+        .as_str()
+        .expect("address")
+        .to_string();
+    assert!(
+        addr.starts_with("127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+
+    // Before any pull: nothing fetched, the store read.
+    let m = scrape(&addr);
+    assert_eq!(value(&m, "unlade_fetched_bytes_total"), 0.0);
+    assert!(value(&m, "unlade_root_filesystem_bytes{state=\"size\"}") > 0.0);
+
+    // A CRI pull through unlade's proxy, as kubelet would send it.
+    let reference = format!("{}/demo:latest", proxy.addr);
+    let out = c.cri_pull_on(&c.cri_proxy(), &reference, None);
+    assert!(out.status.success(), "{out:?}\n{}", c.unlade.log());
+    let layers = demo_layer_blobs(&reg);
+    let n = layers.len() as f64;
+    let blob_bytes: u64 = layers.iter().map(|l| l.1).sum();
+
+    let m = scrape(&addr);
+    assert_eq!(
+        value(&m, "unlade_fetched_bytes_total"),
+        blob_bytes as f64,
+        "{m:#?}"
+    );
+    assert_eq!(value(&m, "unlade_blobs_fetched_total"), n);
+    assert_eq!(value(&m, "unlade_layers_applied_total"), n);
+    assert!(value(&m, "unlade_written_bytes_total") > 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "unlade_fast_path_pulls_total{outcome=\"fast_path\",reason=\"none\",error=\"none\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "unlade_fast_path_prepares_total{outcome=\"adopted\"}"),
+        n
+    );
+    for stage in ["fetch", "decode", "apply", "commit"] {
+        assert_eq!(
+            value(
+                &m,
+                &format!("unlade_layer_stage_seconds_count{{stage=\"{stage}\"}}")
+            ),
+            n,
+            "{stage}"
+        );
+    }
+    assert!(value(&m, "unlade_layer_stage_seconds_sum{stage=\"apply\"}") > 0.0);
+    assert_eq!(
+        value(
+            &m,
+            "unlade_cri_calls_total{method=\"PullImage\",code=\"OK\"}"
+        ),
+        1.0
+    );
+    assert_eq!(value(&m, "unlade_committed_layers"), n);
+    assert_eq!(value(&m, "unlade_snapshots{kind=\"committed\"}"), n);
+    assert!(value(&m, "unlade_content_bytes") >= blob_bytes as f64);
+    assert!(!m
+        .keys()
+        .any(|k| k.starts_with("unlade_range_fallbacks_total")));
+
+    // The pull's one summary event says the same.
+    let log = c.unlade.log();
+    let pulled = named(&log, "pulled for containerd");
+    assert_eq!(pulled.len(), 1, "{log}");
+    let f = &pulled[0]["fields"];
+    assert_eq!(pulled[0]["level"], "INFO");
+    // The reference, pinned to the manifest CRI asked for.
+    assert!(
+        f["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with(&format!("{reference}@sha256:"))),
+        "{f}"
+    );
+    assert_eq!(f["layers"], layers.len());
+    assert_eq!(f["applied"], layers.len());
+    assert_eq!(f["by_another"], 0);
+    assert_eq!(f["bytes_fetched"], blob_bytes);
+    for k in [
+        "seconds",
+        "resolve_seconds",
+        "fetch_seconds",
+        "apply_seconds",
+    ] {
+        assert!(f[k].as_f64().is_some_and(|s| s > 0.0), "{k}: {f}");
+    }
+
+    // A registry unlade cannot reach: containerd pulls, one fallback.
+    let unreachable = format!("{}/other:latest", far.addr);
+    let out = c.cri_pull_on(&c.sock, &unreachable, None);
+    assert!(out.status.success(), "{out:?}\n{}", c.unlade.log());
+    let m = scrape(&addr);
+    let fell: Vec<(&String, &f64)> = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with(
+                "unlade_fast_path_pulls_total{outcome=\"fallback\",reason=\"pull_failed\"",
+            )
+        })
+        .collect();
+    assert_eq!(fell.len(), 1, "{m:#?}");
+    assert_eq!(*fell[0].1, 1.0);
+    assert!(!fell[0].0.contains("error=\"none\""), "{}", fell[0].0);
+    let log = c.unlade.log();
+    let back = named(&log, "falls back to containerd");
+    assert!(!back.is_empty(), "{log}");
+    assert_eq!(back[0]["level"], "WARN");
+    assert_eq!(back[0]["fields"]["reason"], "pull_failed");
+    assert!(
+        back[0]["fields"]["image"]
+            .as_str()
+            .is_some_and(|i| i.starts_with(&unreachable)),
+        "{}",
+        back[0]
+    );
+
+    // A scraper that connects and says nothing holds one connection, not
+    // the endpoint; a huge request head is refused; another path is 404.
+    let _silent = TcpStream::connect(&addr).expect("connect");
+    assert!(scrape(&addr).contains_key("unlade_fetched_bytes_total"));
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nHost: unlade\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(64 << 10)
+    );
+    let answer = http(&addr, &huge);
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let answer = http(
+        &addr,
+        "GET /other HTTP/1.1\r\nHost: unlade\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    // Every line of the log was one JSON object.
+    assert!(events(&c.unlade.log()).len() >= 4);
+}
