@@ -23,6 +23,10 @@
 #                   as its proxy plugin, configured as `unlade containerd-config` prints for
 #                   the version, so unlade pulls each image itself (the fast path); its root
 #                   on the same fresh ext4
+#   cri-unlade-keep-1, cri-unlade-discard-1
+#                   cri-unlade-1 with --blobs keep or discard (cri-unlade-1 hands the layer
+#                   blobs to containerd's content store, the default); each notes when the
+#                   blobs settled after the pull's answer and the blob bytes each store holds
 #   cri-unlade-proxy-1
 #                   cri-unlade-1 through unlade's CRI proxy (--cri-listen): what the proxy
 #                   costs a pull
@@ -152,6 +156,7 @@ cri_config() { # SNAPSHOTTER
 snap_pid=
 start_unlade_snapshotter() { # [ARGS...]
   "$ubin" snapshotter --root "$fsdir/root" --address "$work/unlade.sock" --hosts-dir "$work/certs.d" \
+    --containerd-address "$work/ctd/sock" --log-level info,unlade::containerd::handoff=debug \
     ${UNLADE_ARGS:-} "$@" 2> "$work/unlade.log" &
   snap_pid=$!
   for _ in $(seq 100); do [[ -S $work/unlade.sock ]] && return; sleep 0.1; done
@@ -185,6 +190,8 @@ run_case() { # IMAGE CASE
   if [[ $c == cri-unlade-proxy-* ]]; then
     snapper=unlade
     start_unlade_snapshotter --cri-listen "$work/cri.sock" --cri-upstream "$work/ctd/sock"
+  elif [[ $c == cri-unlade-keep-* || $c == cri-unlade-discard-* ]]; then
+    snapper=unlade; start_unlade_snapshotter --blobs "$(echo "$c" | cut -d- -f3)"
   elif [[ $c == cri-unlade-* ]]; then
     snapper=unlade; start_unlade_snapshotter
   fi
@@ -215,7 +222,7 @@ run_case() { # IMAGE CASE
       pids=()
       for _ in $(seq "$N"); do ctr_pull "$ref" & pids+=($!); done
       wait "${pids[@]}"; t1=$(now) ;;
-    cri-1|cri-unlade-1|cri-chunked-1)
+    cri-1|cri-unlade-1|cri-chunked-1|cri-unlade-keep-1|cri-unlade-discard-1)
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" 1 > "$work/out"; t1=$(now) ;;
     cri-20|cri-unlade-20)
       t0=$(now); $PY perf/cri_pull.py "$work/ctd/sock" "$ref" "$N" > "$work/out"; t1=$(now) ;;
@@ -226,9 +233,22 @@ run_case() { # IMAGE CASE
     note="containerd: $(ctr -a "$work/ctd/sock" -n "$([[ $c == cri-* ]] && echo k8s.io || echo perf)" \
       snapshots --snapshotter $snapper ls | tail -n +2 | wc -l) snapshots"
     if [[ $snapper == unlade ]]; then
-      note+="; unlade: $(grep -o '[0-9]* applied here' "$work/unlade.log" |
-        awk '{a+=$1} END {print a+0}') layers applied, $(grep -c ' for containerd: ' "$work/unlade.log" || true) pulls, $(grep -c 'falls back to containerd' "$work/unlade.log" || true) fallbacks"
+      note+="; unlade: $(grep -o ' applied=[0-9]*' "$work/unlade.log" |
+        awk -F= '{a+=$2} END {print a+0}') layers applied, $(grep -c 'pulled for containerd' "$work/unlade.log" || true) pulls, $(grep -c 'falls back to containerd' "$work/unlade.log" || true) fallbacks"
+      # The blobs after the pull's answer: handed to containerd (or discarded), each
+      # layer once; how long that took past the answer, and the blob bytes each store
+      # then holds.
+      if [[ $c != cri-unlade-keep-* ]]; then
+        local want; want=$(grep -o ' layers=[0-9]*' "$work/unlade.log" | awk -F= '{a+=$2} END {print a+0}')
+        for _ in $(seq 1200); do
+          (( $(grep -c 'blob hand-off\|not handed to containerd' "$work/unlade.log" || true) >= want )) && break
+          sleep 0.05
+        done
+        note+="; blobs settled $(echo "$(now) - $t1" | bc -l | xargs printf '%.2f') s after the answer"
+      fi
+      note+="; blob bytes: unlade $(du -sb "$root/content/blobs" | cut -f1)"
     fi
+    note+=", containerd $(du -sb "$fsdir/containerd/io.containerd.content.v1.content/blobs" 2>/dev/null | cut -f1)"
     rss_note="peak RSS: containerd $(hwm "$ctd_pid") MiB"
     stop_containerd
     if [[ $snapper == unlade ]]; then stop_unlade_snapshotter; fi

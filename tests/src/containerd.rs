@@ -298,8 +298,10 @@ impl Containerd {
         let dir = tmp();
         let d = dir.path();
         let usock = d.join("unlade.sock");
-        let unlade = Server::start_with(root, &usock, args);
         let sock = d.join("containerd.sock");
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--containerd-address", sock.to_str().expect("UTF-8")]);
+        let unlade = Server::start_with(root, &usock, &args);
         let cri = if extra.contains("io.containerd.grpc.v1.cri") {
             String::new()
         } else {
@@ -338,8 +340,12 @@ impl Containerd {
         let usock = d.join("unlade.sock");
         let sock = d.join("containerd.sock");
         let mut args: Vec<&str> = opts.server_args.iter().map(String::as_str).collect();
-        // The proxy dials containerd's socket when a call first comes.
+        // The proxy dials containerd's socket when a call first comes, and
+        // so does the blob hand-off.
         let (proxy, upstream) = (d.join("cri-proxy.sock"), sock.clone());
+        if !args.contains(&"--containerd-address") {
+            args.extend_from_slice(&["--containerd-address", upstream.to_str().expect("UTF-8")]);
+        }
         if opts.cri_proxy {
             args.extend_from_slice(&[
                 "--cri-listen",
@@ -435,6 +441,29 @@ impl Containerd {
             || c.log(),
         );
         c
+    }
+
+    /// Waits (30 s at most) until `ctr -n NS images check` says image
+    /// `reference` is complete: every blob in containerd's content store.
+    pub fn wait_complete(&self, ns: &str, reference: &str) {
+        let t = std::time::Instant::now();
+        loop {
+            let out = self.ctr_ok(&["-n", ns, "images", "check"]);
+            let line = out
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(reference))
+                .unwrap_or("")
+                .to_string();
+            if line.contains(" complete (") {
+                return;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(30),
+                "{reference} still not complete in {ns}:\n{out}\nunlade:\n{}",
+                tail(&self.unlade.log(), 30)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// containerd's log.

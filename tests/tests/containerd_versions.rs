@@ -6,7 +6,9 @@
 //!
 //! - `ctr images import` and `ctr run` of the demo image into `unlade`;
 //! - a CRI pull done by unlade's fast path: unlade fetches every layer
-//!   blob once, containerd none; on 2.1 also `ctr images pull
+//!   blob once, containerd none; the blobs are then handed to containerd's
+//!   content store (`ctr images check` says complete, `ctr images export`
+//!   writes them) and unlade keeps none; on 2.1 also `ctr images pull
 //!   --snapshotter unlade`, which goes through the transfer service;
 //! - ImageFsInfo names unlade's root (on 1.6 because unlade runs with its
 //!   root at the one path 1.6 reports);
@@ -178,6 +180,45 @@ fn each_version(version: Version) {
         );
     }
     assert_eq!(committed(&root), layers.len(), "{version:?}");
+    // The hand-off: every layer blob goes into containerd's content store
+    // (after the pull was answered), so `ctr images check` says complete
+    // and export works; unlade keeps no second copy.
+    c.wait_complete("k8s.io", &reference);
+    let kept = |l: &String| {
+        root.join("content/blobs/sha256")
+            .join(l.trim_start_matches("sha256:"))
+            .exists()
+    };
+    let t1 = Instant::now();
+    while layers.iter().any(kept) {
+        assert!(
+            t1.elapsed().as_secs() < 30,
+            "{version:?}: unlade kept a handed-off blob\n{}",
+            c.unlade.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // containerd's garbage collection keeps them: the image's manifest
+    // references them (a lease deleted with --sync runs a collection).
+    let lease = k8s(&["leases", "create"]);
+    k8s(&["leases", "delete", "--sync", lease.trim()]);
+    c.wait_complete("k8s.io", &reference);
+    let tarball = t.path().join("export.tar");
+    k8s(&[
+        "images",
+        "export",
+        tarball.to_str().expect("utf8"),
+        &reference,
+    ]);
+    let listed = sh(Command::new("tar").arg("-tf").arg(&tarball));
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for l in &layers {
+        let name = format!("blobs/sha256/{}", l.trim_start_matches("sha256:"));
+        assert!(
+            listed.lines().any(|x| x == name),
+            "{version:?}: {name} not exported:\n{listed}"
+        );
+    }
     let out = k8s(&[
         "run",
         "--rm",

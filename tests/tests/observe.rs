@@ -10,12 +10,18 @@
 //! - its logs as JSON (`--log-format json`): one object a line, the pull's
 //!   one summary event with the same numbers, the fallback's event with
 //!   its reason;
+//! - `--blobs discard`: the layer blobs go nowhere once containerd adopted
+//!   their snapshots (unlade's store keeps none, containerd's has none);
+//! - a containerd socket that refuses the hand-off or never answers it
+//!   costs the hand-off only: pulls are answered as before, unlade keeps
+//!   the blobs, the failures are counted and logged;
 //! - the metrics endpoint holds up to a hostile scraper: a silent
 //!   connection does not keep others from scraping, a request head past
 //!   the limit is refused, any other path is 404.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
@@ -71,6 +77,48 @@ fn value(m: &std::collections::BTreeMap<String, f64>, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {series} in {m:#?}"))
 }
 
+/// containerd `version` with unlade on `root` as its snapshotter, unlade
+/// reaching the registries `plain` over plain HTTP by a hosts.toml in
+/// `dir` (containerd too) and started with `args`.
+fn start(
+    version: Version,
+    dir: &Path,
+    root: &Path,
+    plain: &[&Proxy],
+    args: &[&str],
+    cri_proxy: bool,
+) -> Containerd {
+    let hosts = dir.join(format!("unlade-hosts-{}", plain[0].addr.replace(':', "_")));
+    write_plain_http_hosts(&hosts, &plain[0].addr);
+    let mut server_args = vec![
+        "--hosts-dir".to_string(),
+        hosts.to_str().expect("utf8").into(),
+    ];
+    server_args.extend(args.iter().map(|a| a.to_string()));
+    Containerd::start_version(
+        version,
+        root,
+        &Options {
+            server_args,
+            plain_http: plain.iter().map(|p| p.addr.clone()).collect(),
+            containerd_root: None,
+            cri_proxy,
+        },
+    )
+}
+
+/// The layer blobs of `layers` that unlade's store at `root` holds.
+fn kept(root: &Path, layers: &[(String, u64)]) -> usize {
+    layers
+        .iter()
+        .filter(|l| {
+            root.join("content/blobs/sha256")
+                .join(l.0.trim_start_matches("sha256:"))
+                .exists()
+        })
+        .count()
+}
+
 #[test]
 fn metrics_and_logs_tell_what_a_pull_did() {
     let version = Version::V2_1Transfer;
@@ -84,24 +132,13 @@ fn metrics_and_logs_tell_what_a_pull_did() {
     reg.push(&other, "latest", "other:latest");
     let far = Proxy::start(&reg.addr);
     let root = t.path().join("root");
-    let hosts = t.path().join("unlade-hosts");
-    write_plain_http_hosts(&hosts, &proxy.addr);
-    let c = Containerd::start_version(
+    let c = start(
         version,
+        t.path(),
         &root,
-        &Options {
-            server_args: vec![
-                "--hosts-dir".into(),
-                hosts.to_str().expect("utf8").into(),
-                "--metrics-address".into(),
-                "127.0.0.1:0".into(),
-                "--log-format".into(),
-                "json".into(),
-            ],
-            plain_http: vec![proxy.addr.clone(), far.addr.clone()],
-            containerd_root: None,
-            cri_proxy: true,
-        },
+        &[&proxy, &far],
+        &["--metrics-address", "127.0.0.1:0", "--log-format", "json"],
+        true,
     );
     let t0 = std::time::Instant::now();
     let serving = loop {
@@ -174,10 +211,31 @@ fn metrics_and_logs_tell_what_a_pull_did() {
     );
     assert_eq!(value(&m, "unlade_committed_layers"), n);
     assert_eq!(value(&m, "unlade_snapshots{kind=\"committed\"}"), n);
-    assert!(value(&m, "unlade_content_bytes") >= blob_bytes as f64);
     assert!(!m
         .keys()
         .any(|k| k.starts_with("unlade_range_fallbacks_total")));
+
+    // The blobs go to containerd after the pull was answered: counted.
+    let t0 = std::time::Instant::now();
+    let m = loop {
+        let m = scrape(&addr);
+        if m.get("unlade_blob_handoffs_total{result=\"handed_off\"}") == Some(&n)
+            || t0.elapsed() > Duration::from_secs(30)
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        value(&m, "unlade_blob_handoffs_total{result=\"handed_off\"}"),
+        n,
+        "{m:#?}"
+    );
+    assert_eq!(
+        value(&m, "unlade_handed_off_bytes_total"),
+        blob_bytes as f64
+    );
+    assert!(value(&m, "unlade_content_bytes") < blob_bytes as f64);
 
     // The pull's one summary event says the same.
     let log = c.unlade.log();
@@ -251,4 +309,143 @@ fn metrics_and_logs_tell_what_a_pull_did() {
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     // Every line of the log was one JSON object.
     assert!(events(&c.unlade.log()).len() >= 4);
+}
+
+/// `--blobs discard` (containerd's `discard_unpacked_layers`): once
+/// containerd adopted the snapshots, unlade removes the layer blobs and
+/// hands them to no one; the image runs, `ctr images check` calls it
+/// incomplete.
+#[test]
+fn discarded_blobs_go_nowhere() {
+    let (reg, proxy) = demo_registry();
+    let t = tmp();
+    let root = t.path().join("root");
+    let c = start(
+        Version::V1_6,
+        t.path(),
+        &root,
+        &[&proxy],
+        &["--blobs", "discard"],
+        false,
+    );
+    let reference = format!("{}/demo:latest", proxy.addr);
+    c.cri_pull_ok(&reference, 1);
+    let layers = demo_layer_blobs(&reg);
+    let t0 = std::time::Instant::now();
+    while kept(&root, &layers) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", c.unlade.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let check = c.ctr_ok(&["-n", "k8s.io", "images", "check"]);
+    let line = check
+        .lines()
+        .find(|l| l.starts_with(&reference))
+        .unwrap_or_else(|| panic!("{reference} not in\n{check}"));
+    assert!(line.contains("incomplete"), "{check}");
+    let content = c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]);
+    for l in &layers {
+        assert!(!content.lines().any(|d| d == l.0), "{}: {content}", l.0);
+    }
+    let out = c.ctr_ok(&[
+        "-n",
+        "k8s.io",
+        "run",
+        "--rm",
+        "--snapshotter",
+        "unlade",
+        &reference,
+        "discarded",
+        "hello",
+    ]);
+    assert_eq!(out.trim(), "Hello, world!");
+}
+
+/// The hand-off's containerd is gone (no socket), then silent (a socket
+/// that accepts and never answers): the CRI pull is answered as quickly as
+/// ever, the blobs stay in unlade's store, and a refused hand-off is
+/// counted and logged; the server stops at once all the same.
+#[test]
+fn a_containerd_gone_or_silent_costs_the_hand_off_only() {
+    let (reg, proxy) = demo_registry();
+    let t = tmp();
+    let layers = demo_layer_blobs(&reg);
+    let silent = t.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).expect("bind");
+    // Accepts, and holds every connection without a byte.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    for (case, socket) in [
+        ("gone", t.path().join("no-containerd.sock")),
+        ("silent", silent.clone()),
+    ] {
+        let root = t.path().join(format!("root-{case}"));
+        let mut c = start(
+            Version::V1_6,
+            t.path(),
+            &root,
+            &[&proxy],
+            &[
+                "--containerd-address",
+                socket.to_str().expect("utf8"),
+                "--metrics-address",
+                "127.0.0.1:0",
+            ],
+            false,
+        );
+        let reference = format!("{}/demo:latest", proxy.addr);
+        let t0 = std::time::Instant::now();
+        c.cri_pull_ok(&reference, 1);
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{case}: the pull waited for the hand-off"
+        );
+        if case == "gone" {
+            // Refused at once: counted, logged, the blobs kept.
+            let addr = c
+                .unlade
+                .log()
+                .lines()
+                .find_map(|l| {
+                    l.split_once("serving metrics address=")
+                        .map(|(_, a)| a.trim().to_string())
+                })
+                .expect("the metrics address");
+            let t1 = std::time::Instant::now();
+            let failed = "unlade_blob_handoffs_total{result=\"failed\"}";
+            while scrape(&addr).get(failed) != Some(&(layers.len() as f64)) {
+                assert!(
+                    t1.elapsed() < Duration::from_secs(30),
+                    "{:#?}\n{}",
+                    scrape(&addr),
+                    c.unlade.log()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let log = c.unlade.log();
+            assert_eq!(
+                log.lines()
+                    .filter(|l| l.contains("blob not handed to containerd; unlade keeps it"))
+                    .count(),
+                layers.len(),
+                "{log}"
+            );
+        }
+        assert_eq!(
+            kept(&root, &layers),
+            layers.len(),
+            "{case}: {}",
+            c.unlade.log()
+        );
+        let t2 = std::time::Instant::now();
+        let st = c.unlade.terminate();
+        assert!(st.success(), "{case}: {st:?}");
+        assert!(
+            t2.elapsed() < Duration::from_secs(10),
+            "{case}: stopping waited for the hand-off"
+        );
+    }
 }

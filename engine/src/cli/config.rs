@@ -33,6 +33,8 @@ pub struct File {
     pub metrics_address: Option<std::net::SocketAddr>,
     pub log_format: Option<super::logging::LogFormat>,
     pub log_level: Option<String>,
+    pub blobs: Option<unlade::containerd::Blobs>,
+    pub containerd_address: Option<PathBuf>,
 }
 
 /// A size: bytes, or a string with K, M or G (`"16M"`).
@@ -151,6 +153,7 @@ mod tests {
         assert_eq!(f.root.as_deref(), Some(Path::new("/var/lib/unlade")));
         assert_eq!(f.log_format, Some(super::super::logging::LogFormat::Text));
         assert_eq!(f.log_level.as_deref(), Some("info"));
+        assert_eq!(f.blobs, Some(unlade::containerd::Blobs::HandOff));
     }
 
     #[test]
@@ -168,6 +171,7 @@ mod tests {
             ("root = \n", "line 1", ""),
             ("log_format = \"xml\"\n", "(`log_format`)", "xml"),
             ("log_level = \"loud\"\n", "`log_level`", "loud"),
+            ("blobs = \"share\"\n", "(`blobs`)", "share"),
             (
                 "metrics_address = \"localhost\"\n",
                 "(`metrics_address`)",

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use unlade::containerd::Blobs;
 use unlade::source::remote::RemoteOptions;
 use unlade::{PullOptions, Root, RootOptions};
 
@@ -76,6 +77,16 @@ pub struct Args {
     /// (`info,unlade::containerd=debug`) [default: info].
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// What becomes of a fast-path layer's blob once containerd adopted
+    /// its snapshot: handed to containerd's content store (so that `ctr
+    /// images check` and export work, and a P2P mirror serves it), kept
+    /// in unlade's store, or discarded [default: hand-off].
+    #[arg(long, value_enum)]
+    blobs: Option<Blobs>,
+    /// containerd's socket, where blobs are handed off [default:
+    /// --cri-upstream if given, else /run/containerd/containerd.sock].
+    #[arg(long, value_name = "SOCKET")]
+    containerd_address: Option<PathBuf>,
 }
 
 pub fn run(a: Args, root: Option<&Path>) -> Result {
@@ -120,6 +131,11 @@ pub fn run(a: Args, root: Option<&Path>) -> Result {
         (Some(l), Some(u)) => Some((l.clone(), u.clone())),
         _ => file.cri_listen.clone().zip(file.cri_upstream.clone()),
     };
+    let containerd = a
+        .containerd_address
+        .or(file.containerd_address.clone())
+        .or(cri.as_ref().map(|c| c.1.clone()))
+        .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
     // A second server on a live socket stops here, having made nothing.
     unlade::containerd::refuse_live(&address)?;
     if let Some((l, _)) = &cri {
@@ -154,6 +170,8 @@ pub fn run(a: Args, root: Option<&Path>) -> Result {
     };
     opts.cri = cri.map(|(listen, upstream)| unlade::containerd::CriProxy { listen, upstream });
     opts.metrics = metrics;
+    opts.blobs = a.blobs.or(file.blobs).unwrap_or(Blobs::HandOff);
+    opts.containerd = containerd;
     let (dir, sock) = (root.dir().to_path_buf(), address.clone());
     opts.ready = Some(Box::new(move || {
         tracing::info!(

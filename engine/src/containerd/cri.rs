@@ -169,16 +169,7 @@ struct Upstream {
 
 impl Upstream {
     fn new(socket: PathBuf, keys: Arc<Keyring>, metrics: Arc<Metrics>) -> Upstream {
-        // The URI is not used to connect: the connector dials the socket.
-        let endpoint = tonic::transport::Endpoint::from_static("http://containerd.sock")
-            .connect_timeout(std::time::Duration::from_secs(10));
-        let channel = endpoint.connect_with_connector_lazy(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }));
+        let channel = crate::containerd::client::channel(socket);
         Upstream {
             channel,
             keys,

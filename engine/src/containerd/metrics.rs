@@ -43,6 +43,8 @@ pub struct Metrics {
     pulls: Family<Labels<3>, Counter>,
     prepares: Family<Labels<1>, Counter>,
     cri: Family<Labels<2>, Counter>,
+    handoffs: Family<Labels<1>, Counter>,
+    handed_off: Counter,
     snapshots: Family<Labels<1>, Gauge>,
     layers: Gauge,
     content: Gauge,
@@ -68,6 +70,8 @@ impl Metrics {
             pulls: Family::default(),
             prepares: Family::default(),
             cri: Family::default(),
+            handoffs: Family::default(),
+            handed_off: Counter::default(),
             snapshots: Family::default(),
             layers: Gauge::default(),
             content: Gauge::default(),
@@ -92,6 +96,19 @@ impl Metrics {
             "cri_calls",
             "CRI image service calls the proxy forwarded to containerd, by method and gRPC code",
             m.cri.clone(),
+        );
+        registry.register(
+            "blob_handoffs",
+            "Fast-path layer blobs after containerd adopted their snapshots, by result: \
+             handed_off (into containerd's content store), present (containerd had it), \
+             discarded, absent (unlade had none), failed (unlade keeps it), dropped (queue full)",
+            m.handoffs.clone(),
+        );
+        registry.register_with_unit(
+            "handed_off",
+            "Blob bytes written into containerd's content store",
+            Unit::Bytes,
+            m.handed_off.clone(),
         );
         registry.register(
             "snapshots",
@@ -161,6 +178,12 @@ impl Metrics {
                 ("error", code_name(code)),
             ])
             .inc();
+    }
+
+    /// Counts one blob hand-off's `result` and the `bytes` it wrote.
+    pub(crate) fn handoff(&self, result: &'static str, bytes: u64) {
+        self.handoffs.get_or_create(&[("result", result)]).inc();
+        self.handed_off.inc_by(bytes);
     }
 
     /// Counts one CRI call forwarded: `path` the call's method path,

@@ -23,12 +23,14 @@
 //!   and lends a PullImage's credentials to the fast path while it runs.
 //! - [`serve`]: the server loop the `unlade snapshotter` command runs.
 
+mod client;
 pub mod config;
 mod conn;
 mod cri;
 mod fair;
 pub mod fast;
 pub mod filter;
+pub mod handoff;
 pub mod metrics;
 mod mount;
 pub mod proto;
@@ -44,6 +46,7 @@ use crate::pipeline::pull::PullOptions;
 use crate::root::Root;
 
 pub use fast::PullLimits;
+pub use handoff::Blobs;
 pub use service::Service;
 pub use store::{CtrError, CtrStore};
 
@@ -106,6 +109,11 @@ pub struct ServeOptions {
     /// Where to serve Prometheus metrics (`GET /metrics`, see
     /// [`metrics`]), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// What becomes of a fast-path layer's blob once containerd adopted
+    /// its snapshot ([`handoff`]); [`Blobs::Keep`] unless set.
+    pub blobs: Blobs,
+    /// containerd's socket, where blobs are handed off.
+    pub containerd: PathBuf,
 }
 
 /// The CRI image service proxy (kubelet's `--image-service-endpoint`):
@@ -334,7 +342,17 @@ pub fn serve(
         f
     });
     let metrics = Arc::new(metrics::Metrics::new(store.clone()));
-    let service = Service::new(store, fast, opts.limits, metrics.clone());
+    let handoff = handoff::HandOff::new(
+        opts.blobs,
+        opts.containerd.clone(),
+        store.root().clone(),
+        metrics.clone(),
+    );
+    let (handoff, handoff_worker) = match handoff {
+        Some((h, w)) => (Some(Arc::new(h)), Some(w)),
+        None => (None, None),
+    };
+    let service = Service::new(store, fast, opts.limits, metrics.clone(), handoff);
     let ioe = |op, source| ServeError::Io {
         op,
         path: socket.to_path_buf(),
@@ -431,6 +449,9 @@ pub fn serve(
             });
         }
         // Dropped with the runtime when the server stops.
+        if let Some(w) = handoff_worker {
+            tokio::spawn(w.run());
+        }
         if let Some(l) = metrics_listener {
             tokio::spawn(metrics::serve(l, metrics.clone()));
         }

@@ -18,6 +18,7 @@ use crate::containerd::conn::ConnInfo;
 use crate::containerd::fair::FairPool;
 use crate::containerd::fast::{Ask, FastPath, Outcome, PullLimits};
 use crate::containerd::filter::Filter;
+use crate::containerd::handoff::HandOff;
 use crate::containerd::metrics::Metrics;
 use crate::containerd::proto::services::snapshots::v1 as pb;
 use crate::containerd::proto::types;
@@ -63,6 +64,7 @@ pub struct Service {
     pool: FairPool,
     fast: Option<Arc<FastPath>>,
     metrics: Arc<Metrics>,
+    handoff: Option<Arc<HandOff>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -157,6 +159,7 @@ impl Service {
         fast: Option<PullOptions>,
         limits: PullLimits,
         metrics: Arc<Metrics>,
+        handoff: Option<Arc<HandOff>>,
     ) -> Service {
         let pool = FairPool::new(STORE_THREADS, QUEUED_PER_CLIENT);
         Service {
@@ -164,6 +167,7 @@ impl Service {
             store,
             pool,
             metrics,
+            handoff,
         }
     }
 
@@ -228,6 +232,11 @@ impl Service {
                 Outcome::Adopted(stats) => {
                     if let Some(s) = stats {
                         s.log();
+                    }
+                    // containerd has the layer: its blob can go where
+                    // containerd looks for it.
+                    if let (Some(h), Some(layer)) = (&self.handoff, ask.layer) {
+                        h.offer(&r.key, layer);
                     }
                     return Err(Status::already_exists(format!(
                         "snapshot {:?} already exists",
