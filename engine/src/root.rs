@@ -223,6 +223,27 @@ impl Root {
         Ok(self.0.parts().content.remove(digest)?)
     }
 
+    /// Removes the blobs `digests` from the content store once nothing is
+    /// being made in the root by any process (no unpack, writable snapshot
+    /// or mount under way): it takes `gc.lock` exclusively, as gc does, so
+    /// that no pull beside it is about to read a blob it removes. Waits
+    /// for that until `cancel` trips ([`RootError::Cancelled`]). Returns
+    /// how many of them were there.
+    pub fn remove_blobs_when_idle(
+        &self,
+        digests: &[Digest],
+        cancel: &Cancel,
+    ) -> Result<usize, RootError> {
+        let _gc = self.0.gc_lock(true, cancel)?;
+        let mut removed = 0;
+        for d in digests {
+            if self.0.parts().content.remove(d)? {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// [`Root::unpack`] on its own thread: a [`Task`] to `.await` or
     /// [`Task::wait`] for; dropping it cancels the unpack.
     pub fn unpack_task(

@@ -262,6 +262,9 @@ fn each_version(version: Version) {
             "{version:?}: {listed}"
         );
         assert!(on_disk(&root) <= before, "{version:?}");
+        // The blobs handed to `k8s.io` are committed into this namespace
+        // too (containerd shares content): complete here as well.
+        c.wait_complete("default", &reference);
         let out = c.ctr_ok(&[
             "run",
             "--rm",

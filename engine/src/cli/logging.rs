@@ -32,7 +32,8 @@ pub fn parse_filter(s: &str) -> Result<tracing_subscriber::filter::Targets, Stri
             )),
         }
     };
-    let mut t = Targets::new();
+    // Events of modules no directive names: info, unless a bare level says.
+    let mut t = Targets::new().with_default(LevelFilter::INFO);
     for d in s.split(',').filter(|d| !d.trim().is_empty()) {
         t = match d.split_once('=') {
             Some((target, l)) if !target.trim().is_empty() => {
@@ -70,6 +71,11 @@ mod tests {
     fn filters_parse_levels_and_directives_and_name_a_bad_one() {
         assert!(parse_filter("info").is_ok());
         assert!(parse_filter("warn,unlade::containerd=debug").is_ok());
+        // A module's level alone leaves the others at info, not off.
+        let t = parse_filter("unlade::containerd=debug").unwrap();
+        assert!(t.would_enable("unlade::containerd::service", &tracing::Level::DEBUG));
+        assert!(t.would_enable("unlade::cli", &tracing::Level::INFO));
+        assert!(!t.would_enable("unlade::cli", &tracing::Level::DEBUG));
         let e = parse_filter("loud").unwrap_err();
         assert!(e.contains("\"loud\""), "{e}");
     }

@@ -6,29 +6,39 @@
 //! serve. Once containerd has adopted a layer's snapshot, what becomes of
 //! its blob is [`Blobs`]:
 //!
-//! - [`Blobs::HandOff`] (the daemon's default): written into containerd's
+//! - [`Blobs::HandOff`] (the daemon's default): given to containerd's
 //!   content store through its content API, in the namespace of the
-//!   Prepare (the first part of its key), then removed from unlade's. Each
-//!   blob is written under a lease of its own (expiring after
-//!   [`LEASE_EXPIRY`] should unlade die midway) that is deleted once the
-//!   blob is committed: from then on the image's manifest, whose
-//!   `containerd.io/gc.ref.content.l.<i>` labels containerd set when it
-//!   fetched it, keeps the blob exactly as long as the image, as after
-//!   containerd's own pull. A node holds each blob once; when unlade needs
-//!   it again it fetches it.
-//! - [`Blobs::Discard`]: removed from unlade's store, handed to no one
+//!   Prepare (the first part of its key), then removed from unlade's. Only
+//!   a blob that the image's manifest in containerd's store references
+//!   (the `containerd.io/gc.ref.content.l.<i>` labels containerd set when
+//!   it fetched the manifest; the Prepare's labels name the manifest and
+//!   the layer) is given: that reference then keeps it exactly as long as
+//!   the image, as after containerd's own pull. A manifest without such
+//!   labels (containerd's `discard_unpacked_layers`) means containerd keeps
+//!   no layer blobs: unlade keeps none either. Each write runs under a
+//!   lease of its own, deleted once the blob is committed or the write
+//!   failed (and expiring after [`LEASE_EXPIRY`] should unlade stop
+//!   midway), so nothing half-written outlives it. A blob containerd
+//!   already has (in another namespace too: its store shares content) is
+//!   not written again, only committed into the namespace; one unlade
+//!   handed off earlier and no longer has is shared the same way. A node
+//!   holds each blob once; when unlade needs it again it fetches it.
+//! - [`Blobs::Discard`]: removed from unlade's store, given to no one
 //!   (containerd's `discard_unpacked_layers`): the least disk, and export
 //!   and check fail as before.
 //! - [`Blobs::Keep`]: kept in unlade's store until `unlade gc`.
 //!
-//! The work runs on one task after the Prepare was answered, one blob at a
-//! time from a bounded queue (a full queue drops the offer, the blob stays
-//! in unlade's store), each step bounded by [`STEP_TIMEOUT`]: the hand-off
-//! never delays a pull, and a containerd that does not answer delays only
-//! the hand-off. A blob is removed from unlade only after containerd
-//! committed it (or already had it); a failed hand-off leaves it where it
-//! was, and a half-written ingest in containerd belongs to the lease, which
-//! containerd's garbage collection removes once it expires.
+//! The work runs on one task, queued as the Prepare is answered, one blob
+//! at a time from a bounded queue (a full queue drops the offer: the blob
+//! stays in unlade's store), each call and message bounded by
+//! [`STEP_TIMEOUT`]: the hand-off never delays a pull, and a containerd that
+//! does not answer delays only the hand-off. A blob leaves unlade's store
+//! only after containerd committed it, already had it, or keeps no layer
+//! blobs, and only while no unpack runs in the root
+//! ([`Root::remove_blobs_when_idle`]), since a pull beside it may be about
+//! to read it: removals wait on a task of their own, so that a long pull
+//! holds them, not the hand-offs. A failed hand-off leaves the blob where
+//! it was.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,6 +47,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tonic::metadata::MetadataValue;
 
+use crate::cancel::Cancel;
 use crate::containerd::metrics::Metrics;
 use crate::containerd::proto::services::content::v1 as content;
 use crate::containerd::proto::services::leases::v1 as leases;
@@ -44,17 +55,18 @@ use crate::oci::digest::Digest;
 use crate::root::Root;
 
 /// What becomes of a fast-path layer's blob once containerd adopted its
-/// snapshot (see the module docs).
+/// snapshot (see the module docs). The library's default is `Keep`;
+/// `unlade snapshotter`'s is `HandOff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Blobs {
-    /// Handed to containerd's content store, then removed from unlade's.
-    #[default]
+    /// Given to containerd's content store, then removed from unlade's.
     HandOff,
     /// Kept in unlade's content store (until `unlade gc`).
+    #[default]
     Keep,
-    /// Removed from unlade's content store, handed to no one.
+    /// Removed from unlade's content store, given to no one.
     Discard,
 }
 
@@ -66,13 +78,20 @@ pub const LEASE_EXPIRY: Duration = Duration::from_secs(3600);
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Hand-offs waiting; more are dropped (their blobs stay in unlade's store).
 const QUEUE: usize = 1024;
+/// Removals waiting for the root to be idle; more are dropped (the blobs
+/// stay until `unlade gc`).
+const REMOVALS: usize = 4096;
 /// Bytes a write message carries (containerd takes messages of 16 MiB).
 const CHUNK: usize = 1 << 20;
+/// The label prefix by which a manifest references its layers.
+const LAYER_REF: &str = "containerd.io/gc.ref.content.l.";
 
 /// One layer's blob to hand off.
 struct Job {
     namespace: String,
     digest: Digest,
+    /// The image's manifest, whose labels must reference the layer.
+    manifest: Option<Digest>,
 }
 
 /// The queue of hand-offs of one server.
@@ -90,30 +109,48 @@ pub(crate) struct Worker {
     /// containerd's socket, dialled once the worker runs.
     containerd: PathBuf,
     metrics: Arc<Metrics>,
+    /// The server's stop: ends a removal's wait for the root.
+    stop: Cancel,
 }
 
 /// How one hand-off ended: the `result` label of
 /// `unlade_blob_handoffs_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Done {
-    /// Written into containerd's store, removed from unlade's.
+    /// Written into containerd's store.
     HandedOff(u64),
-    /// containerd had it already; removed from unlade's.
+    /// containerd had it (in this namespace, or shared from another).
     Present,
+    /// The manifest in containerd's store references no layer blob
+    /// (`discard_unpacked_layers`): containerd keeps none, nor does unlade.
+    Unreferenced,
     /// Removed from unlade's store ([`Blobs::Discard`]).
     Discarded,
-    /// unlade's store did not have it (handed off or removed before).
+    /// Neither unlade's store nor containerd's had it.
     Absent,
+}
+
+impl Done {
+    fn result(self) -> (&'static str, u64) {
+        match self {
+            Done::HandedOff(n) => ("handed_off", n),
+            Done::Present => ("present", 0),
+            Done::Unreferenced => ("unreferenced", 0),
+            Done::Discarded => ("discarded", 0),
+            Done::Absent => ("absent", 0),
+        }
+    }
 }
 
 impl HandOff {
     /// The queue, and the worker to run on the server's runtime; `None`
-    /// for [`Blobs::Keep`].
+    /// for [`Blobs::Keep`]. `stop` is the server's.
     pub(crate) fn new(
         blobs: Blobs,
         containerd: PathBuf,
         root: Arc<Root>,
         metrics: Arc<Metrics>,
+        stop: Cancel,
     ) -> Option<(HandOff, Worker)> {
         if blobs == Blobs::Keep {
             return None;
@@ -130,20 +167,22 @@ impl HandOff {
                 root,
                 containerd,
                 metrics,
+                stop,
             },
         ))
     }
 
-    /// Offers the blob `digest` of a layer whose snapshot containerd
-    /// adopted on a Prepare of `key` (containerd's backend key,
-    /// `<namespace>/<sequence>/<name>`).
-    pub(crate) fn offer(&self, key: &str, digest: Digest) {
+    /// Offers the blob `digest` of a layer of the image whose manifest is
+    /// `manifest`, once containerd adopted its snapshot on a Prepare of
+    /// `key` (containerd's backend key, `<namespace>/<sequence>/<name>`).
+    pub(crate) fn offer(&self, key: &str, digest: Digest, manifest: Option<Digest>) {
         let Some(namespace) = namespace_of(key) else {
             return;
         };
         let job = Job {
             namespace: namespace.to_string(),
             digest,
+            manifest,
         };
         if self.tx.try_send(job).is_err() {
             self.metrics.handoff("dropped", 0);
@@ -167,33 +206,51 @@ fn namespace_of(key: &str) -> Option<&str> {
 /// A failed step, one line.
 type Failed = String;
 
+/// `f` within [`STEP_TIMEOUT`], or a line saying which step took too long.
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> Result<T, Failed> {
+    tokio::time::timeout(STEP_TIMEOUT, f).await.map_err(|_| {
+        format!(
+            "containerd's content store: {what} took over {} s",
+            STEP_TIMEOUT.as_secs()
+        )
+    })
+}
+
+/// A call's refusal, one line.
+fn refused(what: &str, s: tonic::Status) -> Failed {
+    format!("containerd's content store: {what}: {}", s.message())
+}
+
 impl Worker {
     /// Hands off what is offered, one blob at a time, until the queue's
     /// sender is dropped or the task is.
     pub(crate) async fn run(mut self) {
         // Made here: the channel needs the runtime.
         let channel = crate::containerd::client::channel(self.containerd.clone());
+        let (removals, pending) = tokio::sync::mpsc::channel(REMOVALS);
+        tokio::spawn(remove_when_idle(
+            self.root.clone(),
+            pending,
+            self.stop.clone(),
+        ));
         while let Some(job) = self.rx.recv().await {
             let t = std::time::Instant::now();
             match self.one(&job, &channel).await {
                 Ok(done) => {
-                    let (result, bytes) = match done {
-                        Done::HandedOff(n) => ("handed_off", n),
-                        Done::Present => ("present", 0),
-                        Done::Discarded => ("discarded", 0),
-                        Done::Absent => ("absent", 0),
-                    };
+                    let (result, bytes) = done.result();
                     self.metrics.handoff(result, bytes);
                     if done != Done::Absent {
-                        tracing::debug!(
-                            namespace = %job.namespace,
-                            digest = %job.digest,
-                            result,
-                            bytes,
-                            seconds = t.elapsed().as_secs_f64(),
-                            "blob hand-off"
-                        );
+                        // Only now is unlade's copy not needed.
+                        let _ = removals.try_send(job.digest);
                     }
+                    tracing::debug!(
+                        namespace = %job.namespace,
+                        digest = %job.digest,
+                        result,
+                        bytes,
+                        seconds = t.elapsed().as_secs_f64(),
+                        "blob hand-off"
+                    );
                 }
                 Err(why) => {
                     self.metrics.handoff("failed", 0);
@@ -209,30 +266,19 @@ impl Worker {
     }
 
     async fn one(&self, job: &Job, channel: &tonic::transport::Channel) -> Result<Done, Failed> {
-        let root = self.root.clone();
         let d = job.digest;
-        let path = root.content().path(&d);
+        let path = self.root.content().path(&d);
         let file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Done::Absent),
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(format!("open {}: {e}", path.display())),
         };
-        let done = match self.blobs {
-            Blobs::Discard => Done::Discarded,
-            Blobs::Keep => return Ok(Done::Absent),
-            Blobs::HandOff => self.write(job, file, channel).await?,
-        };
-        // Only now is unlade's copy not needed.
-        let removed = tokio::task::spawn_blocking(move || root.remove_blob(&d))
-            .await
-            .map_err(|e| format!("remove {d} from unlade's store: {e}"))?;
-        removed.map_err(|e| {
-            format!(
-                "remove {d} from unlade's store: {}",
-                crate::report::error_chain(&e)
-            )
-        })?;
-        Ok(done)
+        match self.blobs {
+            Blobs::Keep => Ok(Done::Absent),
+            Blobs::Discard if file.is_some() => Ok(Done::Discarded),
+            Blobs::Discard => Ok(Done::Absent),
+            Blobs::HandOff => self.give(job, file, channel).await,
+        }
     }
 
     /// A request carrying the namespace (and lease) containerd reads.
@@ -253,25 +299,49 @@ impl Worker {
         Ok(r)
     }
 
-    /// Writes the blob in `file` into containerd's store, unless it is
-    /// there already.
-    async fn write(
+    /// Gives the blob (in `file`, if unlade still has it) to containerd's
+    /// store, if the image's manifest there references it.
+    async fn give(
         &self,
         job: &Job,
-        file: tokio::fs::File,
+        file: Option<tokio::fs::File>,
         channel: &tonic::transport::Channel,
     ) -> Result<Done, Failed> {
         let ns = job.namespace.as_str();
         let d = job.digest.to_string();
         let mut store = content::content_client::ContentClient::new(channel.clone())
             .max_decoding_message_size(1 << 20);
-        let info = store
-            .info(self.request(content::InfoRequest { digest: d.clone() }, ns, None)?)
-            .await;
-        match info {
-            Ok(_) => return Ok(Done::Present),
-            Err(s) if s.code() == tonic::Code::NotFound => {}
-            Err(s) => return Err(format!("containerd's content store: {}", s.message())),
+        let Some(manifest) = job.manifest else {
+            return Err("the Prepare named no manifest to check the layer against".into());
+        };
+        let info = |digest: String| {
+            let mut store = store.clone();
+            let req = self.request(content::InfoRequest { digest }, ns, None);
+            async move {
+                match step("Info", store.info(req?)).await? {
+                    Ok(r) => Ok(r.into_inner().info),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                    Err(s) => Err(refused("Info", s)),
+                }
+            }
+        };
+        let Some(m) = info(manifest.to_string()).await? else {
+            return Err(format!("containerd has no manifest {manifest} in {ns}"));
+        };
+        let layers: Vec<&String> = m
+            .labels
+            .iter()
+            .filter(|(k, _)| k.starts_with(LAYER_REF))
+            .map(|(_, v)| v)
+            .collect();
+        if layers.is_empty() {
+            return Ok(Done::Unreferenced);
+        }
+        if !layers.iter().any(|v| **v == d) {
+            return Err(format!("manifest {manifest} does not reference {d}"));
+        }
+        if info(d.clone()).await?.is_some() {
+            return Ok(Done::Present);
         }
         let mut lessor = leases::leases_client::LeasesClient::new(channel.clone());
         let id = format!(
@@ -279,75 +349,65 @@ impl Worker {
             &job.digest.hex()[..12],
             crate::store::statedir::private_name()
         );
-        let expires = std::time::SystemTime::now() + LEASE_EXPIRY;
-        let expires = prost_types::Timestamp::from(expires);
+        let expires = prost_types::Timestamp::from(std::time::SystemTime::now() + LEASE_EXPIRY);
         let expires = prost_types::Timestamp {
             seconds: expires.seconds,
             nanos: 0,
         };
-        lessor
-            .create(self.request(
-                leases::CreateRequest {
-                    id: id.clone(),
-                    labels: [("containerd.io/gc.expire".to_string(), expires.to_string())].into(),
-                },
-                ns,
-                None,
-            )?)
-            .await
-            .map_err(|s| format!("create a lease in containerd: {}", s.message()))?;
+        let create = self.request(
+            leases::CreateRequest {
+                id: id.clone(),
+                labels: [("containerd.io/gc.expire".to_string(), expires.to_string())].into(),
+            },
+            ns,
+            None,
+        )?;
+        step("creating a lease", lessor.create(create))
+            .await?
+            .map_err(|s| refused("creating a lease", s))?;
         let written = self.stream(&mut store, ns, &id, &d, file).await;
         // The lease goes either way: a committed blob is the image's now,
-        // a half-written ingest is containerd's to collect.
-        let _ = lessor
-            .delete(self.request(leases::DeleteRequest { id, sync: false }, ns, None)?)
-            .await;
+        // a half-written ingest goes with it.
+        let delete = self.request(leases::DeleteRequest { id, sync: false }, ns, None)?;
+        let _ = step("deleting a lease", lessor.delete(delete)).await;
         written
     }
 
-    /// The Write stream: the blob in messages of [`CHUNK`] bytes, each
-    /// answered before the next is sent, the last one committing.
+    /// The Write stream: a Stat first (containerd may have the blob from
+    /// another namespace: then a Commit without data shares it into this
+    /// one), else the blob in messages of [`CHUNK`] bytes, each answered
+    /// before the next is sent, the last one committing.
     async fn stream(
         &self,
         store: &mut content::content_client::ContentClient<tonic::transport::Channel>,
         ns: &str,
         lease: &str,
         d: &str,
-        mut file: tokio::fs::File,
+        file: Option<tokio::fs::File>,
     ) -> Result<Done, Failed> {
         use content::{WriteAction, WriteContentRequest};
-        let late = |what: &str| {
-            format!(
-                "containerd's content store: {what} took over {} s",
-                STEP_TIMEOUT.as_secs()
-            )
-        };
-        let refused = |s: tonic::Status| format!("containerd's content store: {}", s.message());
-        let total = file
-            .metadata()
-            .await
-            .map_err(|e| format!("stat {d}: {e}"))?
-            .len();
-        if i64::try_from(total).is_err() {
-            return Err(format!("{d}: too large"));
-        }
         let ingest = format!("unlade-{lease}");
-        let mut buf = vec![0u8; CHUNK];
-        let mut offset = 0u64;
-        let mut w = Chunks {
-            file: &mut file,
-            buf: &mut buf,
-            total,
-            ingest: &ingest,
-            digest: d,
-        };
+        let message =
+            |action: WriteAction, offset: u64, total: u64, data: Vec<u8>| WriteContentRequest {
+                action: action as i32,
+                r#ref: ingest.clone(),
+                total: total as i64,
+                expected: d.to_string(),
+                offset: offset as i64,
+                data,
+                labels: Default::default(),
+            };
         let (tx, rx) = tokio::sync::mpsc::channel::<WriteContentRequest>(1);
-        let (first, mut end) = w.next(offset).await?;
-        let mut committing = first.action == WriteAction::Commit as i32;
+        let send = |m| {
+            let tx = tx.clone();
+            async move {
+                tx.send(m)
+                    .await
+                    .map_err(|_| "containerd's content store ended the write".to_string())
+            }
+        };
         // Queued before the call, which may wait for it.
-        tx.send(first)
-            .await
-            .map_err(|_| "the write ended before it started".to_string())?;
+        send(message(WriteAction::Stat, 0, 0, Vec::new())).await?;
         let mut req = self.request(
             tokio_stream::wrappers::ReceiverStream::new(rx),
             ns,
@@ -356,83 +416,110 @@ impl Worker {
         // The stream lasts as long as the blob takes; each step is bounded
         // here instead.
         req.set_timeout(Duration::from_secs(24 * 3600));
-        let mut answers = match tokio::time::timeout(STEP_TIMEOUT, store.write(req)).await {
-            Err(_) => return Err(late("starting a write")),
-            Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => return Ok(Done::Present),
-            Ok(Err(s)) => return Err(refused(s)),
-            Ok(Ok(r)) => r.into_inner(),
+        let mut answers = match step("starting a write", store.write(req)).await? {
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(Done::Present),
+            Err(s) => return Err(refused("Write", s)),
+            Ok(r) => r.into_inner(),
         };
-        loop {
-            let answer = match tokio::time::timeout(STEP_TIMEOUT, answers.message()).await {
-                Err(_) => return Err(late("a write")),
-                Ok(Err(s)) if s.code() == tonic::Code::AlreadyExists => return Ok(Done::Present),
-                Ok(Err(s)) => return Err(refused(s)),
-                Ok(Ok(None)) => return Err("containerd's content store ended the write".into()),
-                Ok(Ok(Some(a))) => a,
+        let Some(stat) = answer(&mut answers).await? else {
+            return Ok(Done::Present);
+        };
+        // A fresh ingest (its ref is new) starts at 0, unless containerd
+        // has the blob whole from another namespace: then committing
+        // without data shares it into this one.
+        if stat.offset > 0 {
+            let have = stat.offset as u64;
+            send(message(WriteAction::Commit, have, have, Vec::new())).await?;
+            return match answer(&mut answers).await? {
+                None => Ok(Done::Present),
+                Some(a) if a.digest == d => Ok(Done::Present),
+                Some(a) => Err(format!("containerd committed {} for {d}", a.digest)),
             };
-            if u64::try_from(answer.offset).ok() != Some(end) {
+        }
+        let Some(mut file) = file else {
+            return Ok(Done::Absent);
+        };
+        let total = file
+            .metadata()
+            .await
+            .map_err(|e| format!("stat {d}: {e}"))?
+            .len();
+        if i64::try_from(total).is_err() {
+            return Err(format!("{d}: too large"));
+        }
+        let mut buf = vec![0u8; CHUNK];
+        let mut offset = 0u64;
+        loop {
+            let n = step("reading the blob", read_full(&mut file, &mut buf))
+                .await?
+                .map_err(|e| format!("read {d}: {e}"))?;
+            let end = offset + n as u64;
+            if n == 0 && end < total {
+                return Err(format!("{d}: ended at {end} of {total} bytes"));
+            }
+            let last = end >= total;
+            let action = if last {
+                WriteAction::Commit
+            } else {
+                WriteAction::Write
+            };
+            send(message(action, offset, total, buf[..n].to_vec())).await?;
+            let Some(a) = answer(&mut answers).await? else {
+                return Ok(Done::Present);
+            };
+            if u64::try_from(a.offset).ok() != Some(end) {
                 return Err(format!(
                     "containerd's content store is at byte {} of {d}, not {end}",
-                    answer.offset
+                    a.offset
                 ));
             }
-            if committing {
-                if answer.digest != d {
-                    return Err(format!("containerd committed {} for {d}", answer.digest));
+            if last {
+                if a.digest != d {
+                    return Err(format!("containerd committed {} for {d}", a.digest));
                 }
                 return Ok(Done::HandedOff(total));
             }
             offset = end;
-            let (m, e) = w.next(offset).await?;
-            committing = m.action == WriteAction::Commit as i32;
-            end = e;
-            tx.send(m)
-                .await
-                .map_err(|_| "containerd's content store ended the write".to_string())?;
         }
     }
 }
 
-/// The messages of one Write stream, read from the blob's file.
-struct Chunks<'a> {
-    file: &'a mut tokio::fs::File,
-    buf: &'a mut [u8],
-    total: u64,
-    ingest: &'a str,
-    digest: &'a str,
+/// Removes the blobs `pending` sends from the root's store, each batch once
+/// no unpack runs in the root, until the server stops.
+async fn remove_when_idle(
+    root: Arc<Root>,
+    mut pending: tokio::sync::mpsc::Receiver<Digest>,
+    stop: Cancel,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while let Ok(d) = pending.try_recv() {
+            batch.push(d);
+        }
+        let (root, stop) = (root.clone(), stop.clone());
+        let removed =
+            tokio::task::spawn_blocking(move || root.remove_blobs_when_idle(&batch, &stop)).await;
+        match removed {
+            Ok(Ok(_)) => {}
+            Ok(Err(crate::root::RootError::Cancelled)) | Err(_) => return,
+            Ok(Err(e)) => tracing::warn!(
+                error = %crate::report::error_chain(&e),
+                "handed-off blobs not removed from unlade's store"
+            ),
+        }
+    }
 }
 
-impl Chunks<'_> {
-    /// The message at `offset`: the next chunk, or the commit with the
-    /// last; and the offset after it.
-    async fn next(&mut self, offset: u64) -> Result<(content::WriteContentRequest, u64), Failed> {
-        use content::WriteAction;
-        let d = self.digest;
-        let n = tokio::time::timeout(STEP_TIMEOUT, read_full(self.file, self.buf))
-            .await
-            .map_err(|_| format!("reading {d} took over {} s", STEP_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("read {d}: {e}"))?;
-        let end = offset + n as u64;
-        if n == 0 && end < self.total {
-            return Err(format!("{d}: ended at {end} of {} bytes", self.total));
-        }
-        let action = if end >= self.total {
-            WriteAction::Commit
-        } else {
-            WriteAction::Write
-        };
-        Ok((
-            content::WriteContentRequest {
-                action: action as i32,
-                r#ref: self.ingest.to_string(),
-                total: self.total as i64,
-                expected: d.to_string(),
-                offset: offset as i64,
-                data: self.buf[..n].to_vec(),
-                labels: Default::default(),
-            },
-            end,
-        ))
+/// The answer to the last message of a Write stream; `None` when
+/// containerd says it has the blob already.
+async fn answer(
+    answers: &mut tonic::Streaming<content::WriteContentResponse>,
+) -> Result<Option<content::WriteContentResponse>, Failed> {
+    match step("a write", answers.message()).await? {
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(None),
+        Err(s) => Err(refused("Write", s)),
+        Ok(None) => Err("containerd's content store ended the write".into()),
+        Ok(Some(a)) => Ok(Some(a)),
     }
 }
 

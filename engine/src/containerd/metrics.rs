@@ -50,8 +50,9 @@ pub struct Metrics {
     content: Gauge,
     filesystem: Family<Labels<1>, Gauge>,
     store: Arc<CtrStore>,
-    /// One scrape reads the store at a time.
-    scrape: std::sync::Mutex<()>,
+    /// One scrape reads the store at a time: taken (without a thread)
+    /// before a render is started, held until it ends.
+    scrape: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -77,7 +78,7 @@ impl Metrics {
             content: Gauge::default(),
             filesystem: Family::default(),
             store,
-            scrape: std::sync::Mutex::new(()),
+            scrape: Arc::new(tokio::sync::Mutex::new(())),
         };
         registry.register(
             "fast_path_pulls",
@@ -101,7 +102,8 @@ impl Metrics {
             "blob_handoffs",
             "Fast-path layer blobs after containerd adopted their snapshots, by result: \
              handed_off (into containerd's content store), present (containerd had it), \
-             discarded, absent (unlade had none), failed (unlade keeps it), dropped (queue full)",
+             unreferenced (containerd keeps no layer blobs: removed), discarded, \
+             absent (neither had it), failed (unlade keeps it), dropped (queue full)",
             m.handoffs.clone(),
         );
         registry.register_with_unit(
@@ -149,10 +151,16 @@ impl Metrics {
                 }),
             ),
             Outcome::NameTaken => ("name_taken", None),
-            Outcome::FallBack(FellBack { reason, error, .. }) => (
+            Outcome::FallBack(FellBack {
+                reason,
+                error,
+                first,
+                ..
+            }) => (
                 "fallback",
-                // The layers above one that fell back follow it: one pull.
-                (*reason != "below_fell_back").then(|| {
+                // One pull however many Prepares waited for it, and the
+                // layers above one that fell back follow it.
+                (*first && *reason != "below_fell_back").then(|| {
                     [
                         ("outcome", "fallback"),
                         ("reason", reason),
@@ -203,7 +211,6 @@ impl Metrics {
     /// Reads the store's state into the gauges and encodes every metric
     /// in Prometheus's text format. Blocking: reads directories.
     pub fn render(&self) -> String {
-        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         if let Ok(records) = self.store.list() {
             for kind in ["active", "committed", "view"] {
                 let n = records.iter().filter(|r| r.kind.as_str() == kind).count();
@@ -315,9 +322,16 @@ pub(crate) async fn serve(listener: std::net::TcpListener, metrics: Arc<Metrics>
                     };
                     let r = match (req.method(), req.uri().path()) {
                         (&Method::GET, "/metrics") => {
-                            let text = tokio::task::spawn_blocking(move || metrics.render())
-                                .await
-                                .unwrap_or_default();
+                            // Waited for here, where a scraper that leaves
+                            // stops waiting: renders never queue up.
+                            let one = metrics.scrape.clone().lock_owned().await;
+                            let text = tokio::task::spawn_blocking(move || {
+                                let text = metrics.render();
+                                drop(one);
+                                text
+                            })
+                            .await
+                            .unwrap_or_default();
                             let mut r = answer(StatusCode::OK, text);
                             r.headers_mut().insert(
                                 hyper::header::CONTENT_TYPE,

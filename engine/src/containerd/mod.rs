@@ -110,7 +110,8 @@ pub struct ServeOptions {
     /// [`metrics`]), if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     /// What becomes of a fast-path layer's blob once containerd adopted
-    /// its snapshot ([`handoff`]); [`Blobs::Keep`] unless set.
+    /// its snapshot ([`handoff`]); [`Blobs::Keep`] unless set (`unlade
+    /// snapshotter` sets `HandOff`).
     pub blobs: Blobs,
     /// containerd's socket, where blobs are handed off.
     pub containerd: PathBuf,
@@ -347,6 +348,7 @@ pub fn serve(
         opts.containerd.clone(),
         store.root().clone(),
         metrics.clone(),
+        cancel.clone(),
     );
     let (handoff, handoff_worker) = match handoff {
         Some((h, w)) => (Some(Arc::new(h)), Some(w)),

@@ -236,7 +236,7 @@ impl Service {
                     // containerd has the layer: its blob can go where
                     // containerd looks for it.
                     if let (Some(h), Some(layer)) = (&self.handoff, ask.layer) {
-                        h.offer(&r.key, layer);
+                        h.offer(&r.key, layer, ask.manifest);
                     }
                     return Err(Status::already_exists(format!(
                         "snapshot {:?} already exists",

@@ -292,6 +292,11 @@ impl Context {
                 } else {
                     ensure_layer(&job, i)
                 };
+                // Counted here, not where a layer waits for its parent:
+                // that is most often this unpack's own worker.
+                if let Ok(Role::Waited) = r {
+                    self.0.stats.joined("layer");
+                }
                 match &r {
                     Ok(role) => job.report(i, ProgressEvent::Committed(*role)),
                     Err(_) => job.stop(),
@@ -477,11 +482,7 @@ fn ensure_layer(job: &Arc<Job>, i: usize) -> Result<Role, Arc<RootError>> {
         .run(Key::Snapshot(layer.chain_id), &job.cancel, adopt, || {
             lead_layer(job, i).map_err(Arc::new)
         });
-    let r = flown(r).map(|((), role)| role);
-    if let Ok(Role::Waited) = r {
-        root.stats.joined("layer");
-    }
-    r
+    flown(r).map(|((), role)| role)
 }
 
 /// The leader's work for layer `i`: apply into a fresh active snapshot,

@@ -65,8 +65,11 @@ pub struct Ask {
     /// The image, pinned to the manifest containerd resolved when CRI said
     /// which.
     pub reference: Reference,
-    /// The layer's blob, when CRI said which (for the log).
+    /// The layer's blob, when CRI said which (for the log, and the blob
+    /// hand-off, which checks it against the manifest).
     pub layer: Option<Digest>,
+    /// The image's manifest, when CRI said which.
+    pub manifest: Option<Digest>,
 }
 
 impl Ask {
@@ -92,6 +95,7 @@ impl Ask {
             chain,
             reference,
             layer: labels.get(CRI_LAYER_DIGEST).and_then(|d| d.parse().ok()),
+            manifest: labels.get(CRI_MANIFEST_DIGEST).and_then(|d| d.parse().ok()),
         })
     }
 
@@ -130,6 +134,9 @@ pub struct FellBack {
     pub error: Option<&'static str>,
     /// The whole reason, one line.
     pub why: String,
+    /// Whether this Prepare's own pull fell back (the one a pull's
+    /// fallback is counted for), not one it waited for with others.
+    pub first: bool,
 }
 
 impl FellBack {
@@ -139,10 +146,12 @@ impl FellBack {
             reason: "unlade",
             error: None,
             why,
+            first: true,
         }
     }
 
-    fn pull(f: &PullFailure) -> FellBack {
+    /// A pull's failure; `first`: this Prepare started the pull.
+    fn pull(f: &PullFailure, first: bool) -> FellBack {
         let (reason, error) = match f {
             PullFailure::Failed(e) => ("pull_failed", Some(e.kind())),
             PullFailure::Deadline(_) => ("deadline", None),
@@ -153,6 +162,7 @@ impl FellBack {
             reason,
             error,
             why: f.to_string(),
+            first,
         }
     }
 }
@@ -241,6 +251,7 @@ impl FastPath {
                     reason: "below_fell_back",
                     error: None,
                     why: "the layer below fell back to containerd".into(),
+                    first: false,
                 }))
             }
             Ok(adopt::Begun::Pending(p)) => p,
@@ -249,7 +260,7 @@ impl FastPath {
         if pending.needs_pull {
             match self.pulls.pull(ask).await {
                 Ok(s) => stats = s,
-                Err(f) => {
+                Err((f, started)) => {
                     // A pull that failed above this layer may have made it.
                     let chain = ask.chain;
                     let made = self
@@ -259,7 +270,7 @@ impl FastPath {
                         .await
                         .unwrap_or(false);
                     if !made {
-                        return Ok(Outcome::FallBack(FellBack::pull(&f)));
+                        return Ok(Outcome::FallBack(FellBack::pull(&f, started)));
                     }
                 }
             }

@@ -187,7 +187,7 @@ impl Pulls {
     pub(crate) async fn pull(
         self: &Arc<Self>,
         ask: &Ask,
-    ) -> Result<Option<PullStats>, PullFailure> {
+    ) -> Result<Option<PullStats>, (PullFailure, bool)> {
         let key = format!("{}\n{}", ask.reference, ask.chain);
         let mut started = false;
         let job = {
@@ -221,7 +221,9 @@ impl Pulls {
             Err(_) => Err(PullFailure::Abandoned),
         };
         drop(waiting);
-        outcome.map(|s| started.then_some(s))
+        outcome
+            .map(|s| started.then_some(s))
+            .map_err(|f| (f, started))
     }
 
     /// Runs one job: its slots, its thread, its deadline.
