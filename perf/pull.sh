@@ -240,8 +240,11 @@ run_case() { # IMAGE CASE
       # then holds.
       if [[ $c != cri-unlade-keep-* ]]; then
         local want; want=$(grep -o ' layers=[0-9]*' "$work/unlade.log" | awk -F= '{a+=$2} END {print a+0}')
+        # Every layer's hand-off ended and unlade's copies are gone (its store then holds
+        # only manifests and configs, well under 1 MiB).
         for _ in $(seq 1200); do
-          (( $(grep -c 'blob hand-off\|not handed to containerd' "$work/unlade.log" || true) >= want )) && break
+          (( $(grep -c 'blob hand-off\|not handed to containerd' "$work/unlade.log" || true) >= want )) &&
+            (( $(du -sb "$root/content/blobs" | cut -f1) < 1048576 )) && break
           sleep 0.05
         done
         note+="; blobs settled $(echo "$(now) - $t1" | bc -l | xargs printf '%.2f') s after the answer"
