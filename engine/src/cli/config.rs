@@ -8,6 +8,22 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The values each bounded setting takes, written once for its flag (clap's
+/// `value_parser!(..).range(..)`) and its key in the file ([`File::check`]).
+pub mod range {
+    use std::ops::RangeInclusive;
+    /// `max_pulls`, `max_pulls_per_registry`.
+    pub const PULLS: RangeInclusive<u64> = 1..=64;
+    /// `pull_timeout`, seconds.
+    pub const PULL_TIMEOUT: std::ops::RangeFrom<u64> = 1..;
+    /// `stall_timeout`, seconds.
+    pub const STALL_TIMEOUT: RangeInclusive<u64> = 1..=3600;
+    /// `max_connections`.
+    pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1024;
+    /// `blob_connections`.
+    pub const BLOB_CONNECTIONS: RangeInclusive<u64> = 1..=256;
+}
+
 /// Where the file is read from when `--config` names none; it may be
 /// absent.
 pub const DEFAULT_PATH: &str = "/etc/unlade/config.toml";
@@ -21,8 +37,8 @@ pub struct File {
     pub hosts_dir: Option<PathBuf>,
     pub plain_http: Option<bool>,
     pub fast_path: Option<bool>,
-    pub max_pulls: Option<u32>,
-    pub max_pulls_per_registry: Option<u32>,
+    pub max_pulls: Option<u64>,
+    pub max_pulls_per_registry: Option<u64>,
     pub pull_timeout: Option<u64>,
     pub stall_timeout: Option<u64>,
     pub cri_listen: Option<PathBuf>,
@@ -106,23 +122,34 @@ pub fn load(path: &Path, explicit: bool) -> Result<File, ConfigError> {
 impl File {
     /// The ranges the flags take, for the same keys.
     fn check(&self) -> Result<(), String> {
-        fn within<T: PartialOrd + fmt::Display + Copy>(
+        fn within(
             key: &str,
-            v: Option<T>,
-            lo: T,
-            hi: T,
+            v: Option<u64>,
+            r: impl std::ops::RangeBounds<u64> + fmt::Debug,
         ) -> Result<(), String> {
             match v {
-                Some(v) if v < lo || v > hi => Err(format!("`{key}` = {v}: must be {lo} to {hi}")),
+                Some(v) if !r.contains(&v) => Err(format!("`{key}` = {v}: must be in {r:?}")),
                 _ => Ok(()),
             }
         }
-        within("max_pulls", self.max_pulls, 1, 64)?;
-        within("max_pulls_per_registry", self.max_pulls_per_registry, 1, 64)?;
-        within("pull_timeout", self.pull_timeout, 1, u64::MAX)?;
-        within("stall_timeout", self.stall_timeout, 1, 3600)?;
-        within("max_connections", self.max_connections, 1, 1024)?;
-        within("blob_connections", self.blob_connections, 1, 256)?;
+        within("max_pulls", self.max_pulls, range::PULLS)?;
+        within(
+            "max_pulls_per_registry",
+            self.max_pulls_per_registry,
+            range::PULLS,
+        )?;
+        within("pull_timeout", self.pull_timeout, range::PULL_TIMEOUT)?;
+        within("stall_timeout", self.stall_timeout, range::STALL_TIMEOUT)?;
+        within(
+            "max_connections",
+            self.max_connections,
+            range::MAX_CONNECTIONS,
+        )?;
+        within(
+            "blob_connections",
+            self.blob_connections,
+            range::BLOB_CONNECTIONS,
+        )?;
         if let Some(l) = &self.log_level {
             super::logging::parse_filter(l).map_err(|e| format!("`log_level`: {e}"))?;
         }
@@ -165,7 +192,7 @@ mod tests {
                 "line 1 (`max_pulls`)",
                 "invalid type",
             ),
-            ("stall_timeout = 0\n", "`stall_timeout` = 0", "1 to 3600"),
+            ("stall_timeout = 0\n", "`stall_timeout` = 0", "1..=3600"),
             ("chunk_size = \"16Q\"\n", "(`chunk_size`)", "16Q"),
             ("cri_listen = \"/run/x.sock\"\n", "cri_upstream", "together"),
             ("root = \n", "line 1", ""),

@@ -98,11 +98,11 @@ impl ImageArgs {
 pub struct FetchArgs {
     /// Most connections all downloads use at once; lower layers first
     /// [default: 16].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(config::range::MAX_CONNECTIONS))]
     pub max_connections: Option<u64>,
     /// Connections one blob is fetched over at once, each asking for a
     /// chunk at a time (1: every blob over one stream) [default: 8].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=256))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(config::range::BLOB_CONNECTIONS))]
     pub blob_connections: Option<u64>,
     /// Bytes per ranged request, with an optional K, M or G (powers of
     /// 1024); blobs of more than two chunks are split over connections

@@ -31,7 +31,7 @@ pub struct Args {
     /// A registry silent for this many seconds, or a download delivering
     /// less than 64 KiB in as long, is a stall: tried once more, then
     /// given up (a split blob's chunk goes on over one stream).
-    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(super::config::range::STALL_TIMEOUT))]
     stall_timeout: u64,
     /// Directory of per-registry `hosts.toml` files (containerd's
     /// format: mirrors, plain HTTP, CA).

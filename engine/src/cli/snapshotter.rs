@@ -40,18 +40,18 @@ pub struct Args {
     no_fast_path: bool,
     /// Fast-path pulls running at once (more wait without a thread)
     /// [default: 4].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
-    max_pulls: Option<u32>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(super::config::range::PULLS))]
+    max_pulls: Option<u64>,
     /// Fast-path pulls running at once from one registry host, so that a
     /// registry that stops answering cannot take every slot [default: 2].
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
-    max_pulls_per_registry: Option<u32>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(super::config::range::PULLS))]
+    max_pulls_per_registry: Option<u64>,
     /// The longest a fast-path pull may take, in seconds [default: 1800].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(super::config::range::PULL_TIMEOUT))]
     pull_timeout: Option<u64>,
     /// A registry silent for this many seconds, or a download delivering
     /// less than 64 KiB in as long, fails the pull [default: 60].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(super::config::range::STALL_TIMEOUT))]
     stall_timeout: Option<u64>,
     /// Also serve CRI's image service on this socket (0600), for
     /// kubelet's `--image-service-endpoint`: every call goes on to
