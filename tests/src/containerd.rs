@@ -11,7 +11,6 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::{bin, tmp};
 
@@ -129,16 +128,8 @@ impl Drop for Server {
     }
 }
 
-fn wait_for(mut ready: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let t = Instant::now();
-    while !ready() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "did not start in 30 s:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for(ready: impl FnMut() -> bool, log: impl Fn() -> String) {
+    crate::wait_until(ready, || format!("it did not start:\n{}", log()));
 }
 
 /// containerd's CRI configuration for pulls from a plain-HTTP registry at
@@ -446,24 +437,22 @@ impl Containerd {
     /// Waits (30 s at most) until `ctr -n NS images check` says image
     /// `reference` is complete: every blob in containerd's content store.
     pub fn wait_complete(&self, ns: &str, reference: &str) {
-        let t = std::time::Instant::now();
-        loop {
-            let out = self.ctr_ok(&["-n", ns, "images", "check"]);
-            let line = out
-                .lines()
-                .find(|l| l.split_whitespace().next() == Some(reference))
-                .unwrap_or("")
-                .to_string();
-            if line.contains(" complete (") {
-                return;
-            }
-            assert!(
-                t.elapsed() < std::time::Duration::from_secs(30),
-                "{reference} still not complete in {ns}:\n{out}\nunlade:\n{}",
-                tail(&self.unlade.log(), 30)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let check = || self.ctr_ok(&["-n", ns, "images", "check"]);
+        crate::wait_until(
+            || {
+                check()
+                    .lines()
+                    .find(|l| l.split_whitespace().next() == Some(reference))
+                    .is_some_and(|l| l.contains(" complete ("))
+            },
+            || {
+                format!(
+                    "{reference} complete in {ns}:\n{}\nunlade:\n{}",
+                    check(),
+                    tail(&self.unlade.log(), 30)
+                )
+            },
+        );
     }
 
     /// containerd's log.
@@ -604,18 +593,31 @@ impl Containerd {
     /// Waits (up to 30 s) for containerd's asynchronous garbage collection
     /// to leave `n` snapshots in unlade root `root`.
     pub fn wait_on_disk(&self, root: &Path, n: usize) {
-        let t = Instant::now();
-        while on_disk(root) != n {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{:?}: {} snapshots on disk after 30 s, not {n}\n{}",
-                self.version,
-                on_disk(root),
-                self.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_until(
+            || on_disk(root) == n,
+            || {
+                format!(
+                    "{:?}: {} snapshots on disk, not {n}\n{}",
+                    self.version,
+                    on_disk(root),
+                    self.ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "unlade", "ls"])
+                )
+            },
+        );
     }
+}
+
+/// How many of the blobs `digests` unlade root `root` keeps in its
+/// content store.
+pub fn blobs_kept<'a>(root: &Path, digests: impl IntoIterator<Item = &'a str>) -> usize {
+    digests
+        .into_iter()
+        .filter(|d| {
+            root.join("content/blobs/sha256")
+                .join(d.trim_start_matches("sha256:"))
+                .exists()
+        })
+        .count()
 }
 
 /// The directories of containerd's snapshots in unlade root `root`.

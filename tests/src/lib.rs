@@ -68,6 +68,21 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Polls `ready` every 50 ms until it holds; fails after 30 s with what
+/// `report` says then. What the tests wait for happens asynchronously
+/// (a server starting, a garbage collection, a hand-off after an answer).
+pub fn wait_until(mut ready: impl FnMut() -> bool, report: impl Fn() -> String) {
+    let t = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "not within 30 s: {}",
+            report()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A fresh temporary directory.
 pub fn tmp() -> TempDir {
     tempfile::Builder::new()

@@ -29,7 +29,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use unlade_tests::containerd::{
-    on_disk, tail, write_plain_http_hosts, Containerd, Options, Version,
+    blobs_kept, on_disk, tail, write_plain_http_hosts, Containerd, Options, Version,
 };
 use unlade_tests::registry::{demo_layers, demo_layout, demo_registry, Proxy, RegAuth, Registry};
 use unlade_tests::*;
@@ -184,20 +184,15 @@ fn each_version(version: Version) {
     // (after the pull was answered), so `ctr images check` says complete
     // and export works; unlade keeps no second copy.
     c.wait_complete("k8s.io", &reference);
-    let kept = |l: &String| {
-        root.join("content/blobs/sha256")
-            .join(l.trim_start_matches("sha256:"))
-            .exists()
-    };
-    let t1 = Instant::now();
-    while layers.iter().any(kept) {
-        assert!(
-            t1.elapsed().as_secs() < 30,
-            "{version:?}: unlade kept a handed-off blob\n{}",
-            c.unlade.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until(
+        || blobs_kept(&root, layers.iter().map(String::as_str)) == 0,
+        || {
+            format!(
+                "{version:?}: unlade kept a handed-off blob\n{}",
+                c.unlade.log()
+            )
+        },
+    );
     // containerd's garbage collection keeps them: the image's manifest
     // references them (a lease deleted with --sync runs a collection).
     let lease = k8s(&["leases", "create"]);

@@ -24,7 +24,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use unlade_tests::containerd::{write_plain_http_hosts, Containerd, Options, Version};
+use unlade_tests::containerd::{blobs_kept, write_plain_http_hosts, Containerd, Options, Version};
 use unlade_tests::registry::{demo_layer_blobs, demo_registry, Proxy};
 use unlade_tests::*;
 
@@ -110,14 +110,7 @@ fn start(
 
 /// The layer blobs of `layers` that unlade's store at `root` holds.
 fn kept(root: &Path, layers: &[(String, u64)]) -> usize {
-    layers
-        .iter()
-        .filter(|l| {
-            root.join("content/blobs/sha256")
-                .join(l.0.trim_start_matches("sha256:"))
-                .exists()
-        })
-        .count()
+    blobs_kept(root, layers.iter().map(|l| l.0.as_str()))
 }
 
 #[test]
@@ -141,14 +134,11 @@ fn metrics_and_logs_tell_what_a_pull_did() {
         &["--metrics-address", "127.0.0.1:0", "--log-format", "json"],
         true,
     );
-    let t0 = std::time::Instant::now();
-    let serving = loop {
-        let found = named(&c.unlade.log(), "serving metrics");
-        if !found.is_empty() || t0.elapsed() > Duration::from_secs(30) {
-            break found;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_until(
+        || !named(&c.unlade.log(), "serving metrics").is_empty(),
+        || c.unlade.log(),
+    );
+    let serving = named(&c.unlade.log(), "serving metrics");
     assert_eq!(serving.len(), 1, "{}", c.unlade.log());
     let addr = serving[0]["fields"]["address"]
         .as_str()
@@ -222,19 +212,19 @@ fn metrics_and_logs_tell_what_a_pull_did() {
     );
 
     // The blobs go to containerd after the pull was answered: counted.
-    let t0 = std::time::Instant::now();
-    let m = loop {
-        let m = scrape(&addr);
-        let handed = m.get("unlade_blob_handoffs_total{result=\"handed_off\"}") == Some(&n);
-        // Removed from unlade's store once no unpack runs.
-        let removed = m
-            .get("unlade_content_bytes")
-            .is_some_and(|b| *b < blob_bytes as f64);
-        if (handed && removed) || t0.elapsed() > Duration::from_secs(30) {
-            break m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    wait_until(
+        || {
+            let m = scrape(&addr);
+            let handed = m.get("unlade_blob_handoffs_total{result=\"handed_off\"}") == Some(&n);
+            // Removed from unlade's store once no unpack runs.
+            let removed = m
+                .get("unlade_content_bytes")
+                .is_some_and(|b| *b < blob_bytes as f64);
+            handed && removed
+        },
+        || format!("{:#?}", scrape(&addr)),
+    );
+    let m = scrape(&addr);
     assert_eq!(
         value(&m, "unlade_blob_handoffs_total{result=\"handed_off\"}"),
         n,
@@ -352,11 +342,7 @@ fn discarded_blobs_go_nowhere() {
     let reference = format!("{}/demo:latest", proxy.addr);
     c.cri_pull_ok(&reference, 1);
     let layers = demo_layer_blobs(&reg);
-    let t0 = std::time::Instant::now();
-    while kept(&root, &layers) > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", c.unlade.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(|| kept(&root, &layers) == 0, || c.unlade.log());
     let check = c.ctr_ok(&["-n", "k8s.io", "images", "check"]);
     let line = check
         .lines()
@@ -435,17 +421,11 @@ fn a_containerd_gone_or_silent_costs_the_hand_off_only() {
                         .map(|(_, a)| a.trim().to_string())
                 })
                 .expect("the metrics address");
-            let t1 = std::time::Instant::now();
             let failed = "unlade_blob_handoffs_total{result=\"failed\"}";
-            while scrape(&addr).get(failed) != Some(&(layers.len() as f64)) {
-                assert!(
-                    t1.elapsed() < Duration::from_secs(30),
-                    "{:#?}\n{}",
-                    scrape(&addr),
-                    c.unlade.log()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            wait_until(
+                || scrape(&addr).get(failed) == Some(&(layers.len() as f64)),
+                || format!("{:#?}\n{}", scrape(&addr), c.unlade.log()),
+            );
             let log = c.unlade.log();
             assert_eq!(
                 log.lines()
