@@ -10,6 +10,9 @@
 //! - its logs as JSON (`--log-format json`): one object a line, the pull's
 //!   one summary event with the same numbers, the fallback's event with
 //!   its reason;
+//! - a client whose Prepare labels lie (a "layer" the manifest does not
+//!   list, a manifest containerd does not have) gets no blob handed off:
+//!   each refusal counted and logged, containerd's store unchanged;
 //! - `--blobs discard`: the layer blobs go nowhere once containerd adopted
 //!   their snapshots (unlade's store keeps none, containerd's has none);
 //! - a containerd socket that refuses the hand-off or never answers it
@@ -22,10 +25,12 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use unlade_tests::containerd::{blobs_kept, write_plain_http_hosts, Containerd, Options, Version};
-use unlade_tests::registry::{demo_layer_blobs, demo_registry, Proxy};
+use unlade_tests::registry::{demo_chains, demo_layer_blobs, demo_registry, Proxy};
+use unlade_tests::snapclient::{code, labels, Client};
 use unlade_tests::*;
 
 /// The server's log as JSON objects, one a line; every line must be one.
@@ -235,6 +240,75 @@ fn metrics_and_logs_tell_what_a_pull_did() {
         blob_bytes as f64
     );
     assert!(value(&m, "unlade_content_bytes") < blob_bytes as f64);
+
+    // A client that lies in a Prepare's labels, on unlade's own socket:
+    // the layer exists, so the Prepare is adopted as before, but what the
+    // labels name is not handed off. A "layer" that the manifest does not
+    // list as one (its config), and a manifest containerd does not have:
+    // each refused, counted and logged with what and why; containerd's
+    // store as it was.
+    let raw = sh(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/demo:latest", reg.addr)))
+    .stdout;
+    let manifest = sha256(&raw);
+    let doc: serde_json::Value = serde_json::from_slice(&raw).expect("manifest");
+    let config = doc["config"]["digest"]
+        .as_str()
+        .expect("config")
+        .to_string();
+    let bogus = sha256(b"no such manifest");
+    let content_before = c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]);
+    let client = Client::connect(&c.unlade.sock);
+    let chains = demo_chains();
+    for (i, (layer, man)) in [(&config, &manifest), (&layers[0].0, &bogus)]
+        .into_iter()
+        .enumerate()
+    {
+        let e = client
+            .prepare(
+                &format!("k8s.io/{}/extract-lie", 9000 + i),
+                "",
+                labels(&[
+                    ("containerd.io/snapshot.ref", &chains[0]),
+                    ("containerd.io/snapshot/cri.image-ref", &reference),
+                    ("containerd.io/snapshot/cri.manifest-digest", man),
+                    ("containerd.io/snapshot/cri.layer-digest", layer),
+                ]),
+            )
+            .expect_err("the layer exists");
+        assert_eq!(e.code, code::ALREADY_EXISTS, "{e:?}");
+    }
+    let failed = "unlade_blob_handoffs_total{result=\"failed\"}";
+    wait_until(
+        || scrape(&addr).get(failed) == Some(&2.0),
+        || format!("{:#?}\n{}", scrape(&addr), c.unlade.log()),
+    );
+    let refusals = named(
+        &c.unlade.log(),
+        "blob not handed to containerd; unlade keeps it",
+    );
+    let whys: Vec<&str> = refusals
+        .iter()
+        .map(|e| e["fields"]["why"].as_str().expect("why"))
+        .collect();
+    assert_eq!(
+        whys,
+        [
+            format!("manifest {manifest} does not reference {config}"),
+            format!("containerd has no manifest {bogus} in k8s.io"),
+        ],
+        "{refusals:?}"
+    );
+    let m = scrape(&addr);
+    assert_eq!(
+        value(&m, "unlade_blob_handoffs_total{result=\"handed_off\"}"),
+        n
+    );
+    assert_eq!(
+        c.ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"]),
+        content_before
+    );
 
     // The pull's one summary event says the same.
     let log = c.unlade.log();
