@@ -933,12 +933,18 @@ pub fn demo_layers(reg: &Registry) -> Vec<String> {
     demo_layer_blobs(reg).into_iter().map(|l| l.0).collect()
 }
 
+/// The demo image's manifest as `reg` serves it, byte for byte (its
+/// digest is the one containerd records).
+pub fn demo_manifest(reg: &Registry) -> Vec<u8> {
+    sh(Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{}/demo:latest", reg.addr)))
+    .stdout
+}
+
 /// The demo image's layer blobs in `reg`, bottom first: (digest, size).
 pub fn demo_layer_blobs(reg: &Registry) -> Vec<(String, u64)> {
-    let out = sh(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo:latest", reg.addr)));
-    let man: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest");
+    let man: serde_json::Value = serde_json::from_slice(&demo_manifest(reg)).expect("manifest");
     man["layers"]
         .as_array()
         .expect("layers")

@@ -25,11 +25,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use unlade_tests::containerd::{blobs_kept, write_plain_http_hosts, Containerd, Options, Version};
-use unlade_tests::registry::{demo_chains, demo_layer_blobs, demo_registry, Proxy};
+use unlade_tests::registry::{demo_chains, demo_layer_blobs, demo_manifest, demo_registry, Proxy};
 use unlade_tests::snapclient::{code, labels, Client};
 use unlade_tests::*;
 
@@ -247,10 +246,7 @@ fn metrics_and_logs_tell_what_a_pull_did() {
     // list as one (its config), and a manifest containerd does not have:
     // each refused, counted and logged with what and why; containerd's
     // store as it was.
-    let raw = sh(Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{}/demo:latest", reg.addr)))
-    .stdout;
+    let raw = demo_manifest(&reg);
     let manifest = sha256(&raw);
     let doc: serde_json::Value = serde_json::from_slice(&raw).expect("manifest");
     let config = doc["config"]["digest"]
