@@ -457,7 +457,7 @@ impl Worker {
         let (ends_tx, mut ends_rx) = tokio::sync::mpsc::channel::<u64>(WINDOW);
         let sending = async move {
             let mut offset = 0u64;
-            let sent = loop {
+            let result = loop {
                 let mut data = vec![0u8; CHUNK];
                 let n = step("reading the blob", read_full(&mut file, &mut data))
                     .await?
@@ -484,7 +484,7 @@ impl Worker {
             };
             // No more ends: the answers are drained, then the stream's end.
             drop(ends_tx);
-            sent
+            result
         };
         let answering = async move {
             while let Some(end) = ends_rx.recv().await {
